@@ -1,0 +1,220 @@
+"""``fastprompt.prompt_concat``: the public functional op, as torch custom ops with autograd.
+
+Custom ops in the ``fastprompt`` namespace (``torch.ops.fastprompt.*``):
+
+- ``prompt_concat(input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, check_bounds)``
+  -> [B, T+L, D]
+- ``prompt_concat_prompt_grad(grad_out, prompt_indices, batch, num_prompt_rows, dtype)`` -> [P, D]
+- ``prompt_concat_word_grad(grad_out, input_ids, num_prompt, num_word_rows, embed_scale, padding_idx,
+  dtype)`` -> [V, D]
+
+Each has a fake kernel (so ``torch.compile(fullgraph=True)`` traces it without a graph break) and the
+forward op has autograd registered. Inside the real kernels the backend is picked per call
+(``backend_for``): the Triton kernel on CUDA, the same kernel under ``TRITON_INTERPRET=1``, or the
+pure-PyTorch path. Value checks (ids in range) also live inside, where compile does not trace them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_path
+from .backend import backend_for
+from .checks import bounds_check_requested, check_index_bounds, check_metadata
+
+
+def _kernels():
+    """Import the Triton launchers lazily: the torch path must work without triton."""
+    from fastprompt import kernels
+
+    return kernels
+
+
+def _num_prompt(prompt_weight: torch.Tensor, prompt_indices: torch.Tensor | None) -> int:
+    return prompt_weight.shape[0] if prompt_indices is None else prompt_indices.shape[-1]
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+
+@torch.library.custom_op("fastprompt::prompt_concat", mutates_args=())
+def _prompt_concat_op(
+    input_ids: torch.Tensor,
+    word_weight: torch.Tensor,
+    prompt_weight: torch.Tensor,
+    prompt_indices: torch.Tensor | None,
+    embed_scale: float | None,
+    padding_idx: int | None,
+    check_bounds: bool | None,
+) -> torch.Tensor:
+    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
+    if bounds_check_requested(input_ids.device, check_bounds):
+        check_index_bounds(input_ids, word_weight, prompt_weight, prompt_indices)
+    if backend_for(input_ids.device) == "torch":
+        return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, embed_scale)
+    return _kernels().prompt_concat_forward(
+        input_ids, word_weight, prompt_weight, prompt_indices, embed_scale
+    )
+
+
+@_prompt_concat_op.register_fake
+def _prompt_concat_fake(
+    input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, padding_idx, check_bounds
+):
+    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
+    batch, seq_len = input_ids.shape
+    num_prompt = _num_prompt(prompt_weight, prompt_indices)
+    return word_weight.new_empty(batch, num_prompt + seq_len, word_weight.shape[1])
+
+
+# -------------------------------------------------------------------------------------------- backward
+
+
+@torch.library.custom_op("fastprompt::prompt_concat_prompt_grad", mutates_args=())
+def _prompt_grad_op(
+    grad_out: torch.Tensor,
+    prompt_indices: torch.Tensor | None,
+    num_prompt_rows: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    if backend_for(grad_out.device) == "torch":
+        return torch_path.prompt_grad(grad_out, prompt_indices, num_prompt_rows, dtype)
+    batch = grad_out.shape[0]
+    if prompt_indices is None:
+        index = torch.arange(num_prompt_rows, device=grad_out.device).expand(batch, -1)
+    elif prompt_indices.dim() == 1:
+        index = prompt_indices.expand(batch, -1)
+    else:
+        index = prompt_indices
+    return _kernels().segment_rows_sum(grad_out, 0, index, num_prompt_rows, dtype)
+
+
+@_prompt_grad_op.register_fake
+def _prompt_grad_fake(grad_out, prompt_indices, num_prompt_rows, dtype):
+    return grad_out.new_empty(num_prompt_rows, grad_out.shape[2], dtype=dtype)
+
+
+@torch.library.custom_op("fastprompt::prompt_concat_word_grad", mutates_args=())
+def _word_grad_op(
+    grad_out: torch.Tensor,
+    input_ids: torch.Tensor,
+    num_prompt: int,
+    num_word_rows: int,
+    embed_scale: float | None,
+    padding_idx: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    if backend_for(grad_out.device) == "torch":
+        return torch_path.word_grad(
+            grad_out, input_ids, num_prompt, num_word_rows, embed_scale, padding_idx, dtype
+        )
+    return _kernels().segment_rows_sum(
+        grad_out, num_prompt, input_ids, num_word_rows, dtype, scale=embed_scale, zero_row=padding_idx
+    )
+
+
+@_word_grad_op.register_fake
+def _word_grad_fake(grad_out, input_ids, num_prompt, num_word_rows, embed_scale, padding_idx, dtype):
+    return grad_out.new_empty(num_word_rows, grad_out.shape[2], dtype=dtype)
+
+
+# -------------------------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, padding_idx, _ = inputs
+    ctx.save_for_backward(input_ids, prompt_indices)
+    ctx.num_word_rows = word_weight.shape[0]
+    ctx.word_dtype = word_weight.dtype
+    ctx.num_prompt_rows = prompt_weight.shape[0]
+    ctx.prompt_dtype = prompt_weight.dtype
+    ctx.num_prompt = _num_prompt(prompt_weight, prompt_indices)
+    ctx.embed_scale = embed_scale
+    ctx.padding_idx = None if padding_idx is None else padding_idx % word_weight.shape[0]
+
+
+def _backward(ctx, grad_out):
+    input_ids, prompt_indices = ctx.saved_tensors
+    grad_word = grad_prompt = None
+    if ctx.needs_input_grad[2]:
+        grad_prompt = _prompt_grad_op(grad_out, prompt_indices, ctx.num_prompt_rows, ctx.prompt_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_word = _word_grad_op(
+            grad_out,
+            input_ids,
+            ctx.num_prompt,
+            ctx.num_word_rows,
+            ctx.embed_scale,
+            ctx.padding_idx,
+            ctx.word_dtype,
+        )
+    return None, grad_word, grad_prompt, None, None, None, None
+
+
+_prompt_concat_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def _scale_as_float(embed_scale) -> float | None:
+    if embed_scale is None:
+        return None
+    if isinstance(embed_scale, torch.Tensor):
+        if embed_scale.numel() != 1:
+            raise ValueError(
+                f"embed_scale must be a number or a one-element tensor, got shape {tuple(embed_scale.shape)}"
+            )
+        return float(embed_scale.detach().float().cpu())
+    if isinstance(embed_scale, bool) or not isinstance(embed_scale, (int, float)):
+        raise TypeError(f"embed_scale must be None, a float or a one-element tensor, got {embed_scale!r}")
+    return float(embed_scale)
+
+
+def prompt_concat(
+    input_ids: torch.Tensor,
+    word_weight: torch.Tensor,
+    prompt_weight: torch.Tensor,
+    prompt_indices: torch.Tensor | None = None,
+    *,
+    embed_scale: float | torch.Tensor | None = None,
+    padding_idx: int | None = None,
+    check_bounds: bool | None = None,
+) -> torch.Tensor:
+    """Prompt rows then token rows, in one pass: what PEFT builds with ``torch.cat``.
+
+    ``out[b, t] = prompt_weight[prompt_indices[b, t]].to(word_weight.dtype)`` for t < T and
+    ``out[b, T + l] = word_weight[input_ids[b, l]] * embed_scale`` (computed in float32, rounded once
+    to ``word_weight.dtype``, which is what ``emb * scale`` does in PyTorch).
+
+    Args:
+        input_ids: [B, L] int64 or int32 token ids into ``word_weight``.
+        word_weight: [V, D] float32, float16 or bfloat16: the model's word-embedding table.
+        prompt_weight: [P, D] float32, float16 or bfloat16: the virtual-token table.
+        prompt_indices: None (all P rows in order, T = P), a [T] tensor shared by every batch row,
+            or a [B, T] tensor, one prompt selection per batch row. int64 or int32.
+        embed_scale: multiplies the token rows only (scaled word embeddings of Gemma, BART, ...).
+            A float, or a one-element tensor (read once on the host: pass a float to avoid a sync).
+        padding_idx: the ``word_weight`` row that gets zero gradient, like ``nn.Embedding``.
+        check_bounds: on CUDA, check that every id is in range before the launch (a device sync).
+            Default: ``FASTPROMPT_CHECK_BOUNDS=1``. Off CUDA the check always runs.
+
+    Returns:
+        [B, T+L, D] tensor in ``word_weight.dtype``, differentiable w.r.t. both tables. The word
+        gradient is only computed when ``word_weight.requires_grad``.
+
+    Raises:
+        IndexError: an id outside its table (CPU always; CUDA when checked). Unchecked on CUDA, an
+            out-of-range id is never dereferenced: its output row is NaN.
+        TypeError / ValueError: wrong dtypes, ranks, shapes or devices.
+    """
+    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
+    return _prompt_concat_op(
+        input_ids,
+        word_weight,
+        prompt_weight,
+        prompt_indices,
+        _scale_as_float(embed_scale),
+        padding_idx,
+        check_bounds,
+    )
