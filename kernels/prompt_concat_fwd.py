@@ -75,9 +75,9 @@ def _prompt_concat_fwd_kernel(
     elif PROMPT_MODE == 1:
         prompt_row = tl.load(pidx_ptr + s * stride_pidx_t, mask=is_prompt, other=0).to(tl.int64)
     else:
-        prompt_row = tl.load(
-            pidx_ptr + b * stride_pidx_b + s * stride_pidx_t, mask=is_prompt, other=0
-        ).to(tl.int64)
+        prompt_row = tl.load(pidx_ptr + b * stride_pidx_b + s * stride_pidx_t, mask=is_prompt, other=0).to(
+            tl.int64
+        )
     token_col = tl.where(is_token, s - num_prompt, 0)
     word_row = tl.load(ids_ptr + b * stride_ids_b + token_col * stride_ids_l, mask=is_token, other=0).to(
         tl.int64

@@ -1,0 +1,70 @@
+"""Offsets are 64-bit: B*(T+L)*D and V*D past 2**31 must address the right elements.
+
+Two proofs that allocate no 2**31-element buffer in RAM:
+- the address helper every kernel uses, run by the interpreter on row indices past 2**31;
+- the real forward kernel reading a table row that sits 2**31 elements from the table's start
+  (a strided view into a lazily allocated, untouched buffer: only the pages read are mapped).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from fastprompt.kernels.address import row_offset  # noqa: E402
+
+
+@triton.jit
+def _offsets_kernel(rows_ptr, out_ptr, stride, N: tl.constexpr):
+    i = tl.arange(0, N)
+    rows = tl.load(rows_ptr + i)  # int32 rows, as a program id or arange would give
+    tl.store(out_ptr + i, row_offset(rows, stride))
+
+
+@triton.jit
+def _program_offset_kernel(out_ptr, stride):
+    # A program id times a stride, as the kernels compute an output row's offset.
+    pid = tl.program_id(0)
+    tl.store(out_ptr + pid, row_offset(pid, stride))
+
+
+def test_row_offset_is_int64_past_2_31():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    rows = torch.tensor([0, 1, 65_536, 2**31 - 1], dtype=torch.int32)
+    stride = 1_000_003  # rows * stride overflows int32 for all but the first two
+    out = torch.empty(4, dtype=torch.int64)
+    _offsets_kernel[(1,)](rows, out, stride, N=4)
+    assert out.tolist() == [r * stride for r in rows.tolist()]
+    assert out[-1].item() > 2**31
+
+
+def test_program_id_offset_is_int64():
+    out = torch.empty(3, dtype=torch.int64)
+    stride = 2**30 + 7  # program 2 * stride > 2**31
+    _program_offset_kernel[(3,)](out, stride)
+    assert out.tolist() == [0, stride, 2 * stride]
+
+
+def test_forward_kernel_reads_a_row_past_2_31_elements():
+    from fastprompt.kernels import prompt_concat_forward
+
+    dim = 8
+    stride = 2**30 + 8  # fits int32, so Triton passes it as i32
+    far = 2 * stride  # element offset of row 2: past int32
+    try:
+        storage = torch.empty(far + dim, dtype=torch.float16)  # ~4 GiB of untouched virtual memory
+    except RuntimeError as err:  # pragma: no cover - depends on the machine's overcommit policy
+        pytest.skip(f"cannot reserve 4 GiB of virtual memory here: {err}")
+    near_row = torch.arange(dim, dtype=torch.float16)
+    far_row = -torch.arange(dim, dtype=torch.float16) - 1
+    storage[:dim] = near_row
+    storage[far : far + dim] = far_row
+    table = storage.as_strided((3, dim), (stride, 1))  # row 2 is 2**31 + 16 elements in
+    ids = torch.tensor([[2, 0, 2]], dtype=torch.int32)  # int32 ids: no int64 for free
+    prompt = torch.randn(2, dim, dtype=torch.float16)
+    out = prompt_concat_forward(ids, table, prompt, None, None)
+    torch.testing.assert_close(out[0, 2:], torch.stack([far_row, near_row, far_row]), atol=0, rtol=0)
