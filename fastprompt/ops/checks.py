@@ -99,14 +99,16 @@ def bounds_check_requested(device: torch.device, check_bounds: bool | None) -> b
 def _check_ids_in_range(name: str, ids: torch.Tensor, rows: int, table: str) -> None:
     if ids.numel() == 0:
         return
+    low, high = torch.aminmax(ids)  # one pass; the position is only looked up on failure
+    if int(low) >= 0 and int(high) < rows:
+        return
     bad = (ids < 0) | (ids >= rows)
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0])
-        value = int(ids[position])
-        raise IndexError(
-            f"{name} holds {value} at position {position}, out of range for {table} with {rows} rows: "
-            f"every id must be in [0, {rows})"
-        )
+    position = tuple(int(i) for i in bad.nonzero()[0])
+    value = int(ids[position])
+    raise IndexError(
+        f"{name} holds {value} at position {position}, out of range for {table} with {rows} rows: "
+        f"every id must be in [0, {rows})"
+    )
 
 
 def check_index_bounds(

@@ -208,7 +208,6 @@ def prompt_concat(
             out-of-range id is never dereferenced: its output row is NaN.
         TypeError / ValueError: wrong dtypes, ranks, shapes or devices.
     """
-    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
     return _prompt_concat_op(
         input_ids,
         word_weight,
