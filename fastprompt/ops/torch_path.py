@@ -95,16 +95,18 @@ def word_grad(
 ) -> torch.Tensor:
     """Gradient of ``word_weight``: [V, D] in ``dtype``, from grad_out[:, T:] (times ``embed_scale``).
 
-    Accumulates in float32; the ``padding_idx`` row gets zero gradient, like ``nn.Embedding``.
+    Accumulates in float32 with ``index_add_`` (a fixed order on CPU: bit-identical from run to run;
+    on CUDA this fallback uses atomics, the Triton backend does not). The ``padding_idx`` row gets zero
+    gradient, like ``nn.Embedding``.
     """
     batch, seq_len = input_ids.shape
     dim = grad_out.shape[2]
     grad = torch.zeros(num_word_rows, dim, dtype=torch.float32, device=grad_out.device)
-    if batch > 0 and seq_len > 0:
-        token_part = grad_out[:, num_prompt:].reshape(-1, dim).float()
-        if embed_scale is not None:
-            token_part = token_part * embed_scale
-        grad.index_put_((input_ids.reshape(-1).long(),), token_part, accumulate=True)
+    ids = input_ids.long()
+    alpha = 1.0 if embed_scale is None else embed_scale
+    for b in range(batch if seq_len > 0 else 0):
+        # One batch row at a time: at most an [L, D] float32 temporary (only for half-precision grads).
+        grad.index_add_(0, ids[b], grad_out[b, num_prompt:].float(), alpha=alpha)
     if padding_idx is not None:
         grad[padding_idx] = 0
     return grad.to(dtype)
