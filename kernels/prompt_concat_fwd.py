@@ -128,11 +128,14 @@ def prompt_concat_forward(
     prompt_weight: torch.Tensor,
     prompt_indices: torch.Tensor | None,
     embed_scale: float | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel once. Returns a new contiguous [B, T+L, D] in ``word_weight.dtype``.
 
     Shapes and dtypes as in ``_prompt_concat_fwd_kernel``; any strides. Arguments are assumed checked
     (``fastprompt.ops.checks``); out-of-range ids yield NaN rows, never an out-of-bounds read.
+    ``out``: write into this [B, T+L, D] tensor instead (unit stride on D, any other strides); the op
+    never passes it, the int64-offset test does.
     """
     batch, seq_len = input_ids.shape
     num_word_rows, dim = word_weight.shape
@@ -146,7 +149,17 @@ def prompt_concat_forward(
         mode, num_prompt = PROMPT_PER_BATCH, prompt_indices.shape[1]
         pidx, (stride_pidx_b, stride_pidx_t) = prompt_indices, prompt_indices.stride()
     seq_out = num_prompt + seq_len
-    out = torch.empty(batch, seq_out, dim, dtype=word_weight.dtype, device=word_weight.device)
+    if out is None:
+        out = torch.empty(batch, seq_out, dim, dtype=word_weight.dtype, device=word_weight.device)
+    elif (
+        out.shape != (batch, seq_out, dim)
+        or out.dtype != word_weight.dtype
+        or (dim > 1 and out.stride(2) != 1)
+    ):
+        raise ValueError(
+            f"out must be [{batch}, {seq_out}, {dim}] {word_weight.dtype} with unit stride on D, got "
+            f"{tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
     total_rows = batch * seq_out
     if total_rows == 0 or dim == 0:
         return out

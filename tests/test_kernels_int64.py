@@ -1,9 +1,10 @@
 """Offsets are 64-bit: B*(T+L)*D and V*D past 2**31 must address the right elements.
 
-Two proofs that allocate no 2**31-element buffer in RAM:
+Proofs that allocate no 2**31-element buffer in RAM:
 - the address helper every kernel uses, run by the interpreter on row indices past 2**31;
-- the real forward kernel reading a table row that sits 2**31 elements from the table's start
-  (a strided view into a lazily allocated, untouched buffer: only the pages read are mapped).
+- the real forward kernel reading a table row, and writing an output row, that sit more than 2**31
+  elements from their tensor's start (strided views into a lazily allocated buffer: only the pages
+  touched are mapped). With 32-bit offsets these read or write the wrong place, or crash.
 """
 
 from __future__ import annotations
@@ -68,3 +69,23 @@ def test_forward_kernel_reads_a_row_past_2_31_elements():
     prompt = torch.randn(2, dim, dtype=torch.float16)
     out = prompt_concat_forward(ids, table, prompt, None, None)
     torch.testing.assert_close(out[0, 2:], torch.stack([far_row, near_row, far_row]), atol=0, rtol=0)
+
+
+def test_forward_kernel_writes_a_row_past_2_31_elements():
+    from fastprompt.kernels import prompt_concat_forward
+
+    dim, seq_out = 8, 3
+    stride_b = 2**30 + 8  # fits int32; batch row 2 starts 2**31 + 16 elements in
+    try:
+        storage = torch.empty(2 * stride_b + seq_out * dim, dtype=torch.float16)
+    except RuntimeError as err:  # pragma: no cover - depends on the machine's overcommit policy
+        pytest.skip(f"cannot reserve 4 GiB of virtual memory here: {err}")
+    out = storage.as_strided((3, seq_out, dim), (stride_b, dim, 1))
+    word = torch.randn(5, dim, dtype=torch.float16)
+    prompt = torch.randn(2, dim, dtype=torch.float16)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 0]], dtype=torch.int32)
+    pidx = torch.tensor([1], dtype=torch.int32)
+    out.fill_(float("nan"))
+    prompt_concat_forward(ids, word, prompt, pidx, None, out=out)
+    expected = torch.cat((prompt[pidx].expand(3, -1, -1), word[ids.long()]), dim=1)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
