@@ -14,7 +14,10 @@ forward op has autograd registered. Inside the real kernels the backend is picke
 pure-PyTorch path. Value checks (ids in range) also live inside, where compile does not trace them.
 """
 
-from __future__ import annotations
+# ruff: noqa: UP007, UP035, UP045
+# No `from __future__ import annotations` here: torch.library.custom_op reads these annotations at
+# run time to infer the op schemas, and older torch releases need real types (typing.Optional).
+from typing import Optional, Union
 
 import torch
 
@@ -30,7 +33,7 @@ def _kernels():
     return kernels
 
 
-def _num_prompt(prompt_weight: torch.Tensor, prompt_indices: torch.Tensor | None) -> int:
+def _num_prompt(prompt_weight: torch.Tensor, prompt_indices: Optional[torch.Tensor]) -> int:
     return prompt_weight.shape[0] if prompt_indices is None else prompt_indices.shape[-1]
 
 
@@ -42,10 +45,10 @@ def _prompt_concat_op(
     input_ids: torch.Tensor,
     word_weight: torch.Tensor,
     prompt_weight: torch.Tensor,
-    prompt_indices: torch.Tensor | None,
-    embed_scale: float | None,
-    padding_idx: int | None,
-    check_bounds: bool | None,
+    prompt_indices: Optional[torch.Tensor],
+    embed_scale: Optional[float],
+    padding_idx: Optional[int],
+    check_bounds: Optional[bool],
 ) -> torch.Tensor:
     check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
     if bounds_check_requested(input_ids.device, check_bounds):
@@ -73,7 +76,7 @@ def _prompt_concat_fake(
 @torch.library.custom_op("fastprompt::prompt_concat_prompt_grad", mutates_args=())
 def _prompt_grad_op(
     grad_out: torch.Tensor,
-    prompt_indices: torch.Tensor | None,
+    prompt_indices: Optional[torch.Tensor],
     num_prompt_rows: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -100,8 +103,8 @@ def _word_grad_op(
     input_ids: torch.Tensor,
     num_prompt: int,
     num_word_rows: int,
-    embed_scale: float | None,
-    padding_idx: int | None,
+    embed_scale: Optional[float],
+    padding_idx: Optional[int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
     if backend_for(grad_out.device) == "torch":
@@ -157,7 +160,7 @@ _prompt_concat_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------ public API
 
 
-def _scale_as_float(embed_scale) -> float | None:
+def _scale_as_float(embed_scale) -> Optional[float]:
     if embed_scale is None:
         return None
     if isinstance(embed_scale, torch.Tensor):
@@ -175,11 +178,11 @@ def prompt_concat(
     input_ids: torch.Tensor,
     word_weight: torch.Tensor,
     prompt_weight: torch.Tensor,
-    prompt_indices: torch.Tensor | None = None,
+    prompt_indices: Optional[torch.Tensor] = None,
     *,
-    embed_scale: float | torch.Tensor | None = None,
-    padding_idx: int | None = None,
-    check_bounds: bool | None = None,
+    embed_scale: Optional[Union[float, torch.Tensor]] = None,
+    padding_idx: Optional[int] = None,
+    check_bounds: Optional[bool] = None,
 ) -> torch.Tensor:
     """Prompt rows then token rows, in one pass: what PEFT builds with ``torch.cat``.
 
@@ -208,6 +211,8 @@ def prompt_concat(
             out-of-range id is never dereferenced: its output row is NaN.
         TypeError / ValueError: wrong dtypes, ranks, shapes or devices.
     """
+    # Checked here too, before dispatch: the dispatcher's own errors (e.g. for a list) name no argument.
+    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
     return _prompt_concat_op(
         input_ids,
         word_weight,
