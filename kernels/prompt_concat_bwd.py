@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .address import row_offset
+from .scale import scale_arguments
 
 
 @triton.jit
@@ -27,12 +28,13 @@ def _segment_rows_sum_kernel(
     col_start,
     dim,
     scale,
+    scale_ptr,
     zero_row,
     stride_out_r,
     stride_grad_b,
     stride_grad_s,
     stride_grad_d,
-    HAS_SCALE: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -42,14 +44,15 @@ def _segment_rows_sum_kernel(
     perm_ptr: [N] int64, positions k = b * cols + c of the flattened indices, sorted by index value.
     seg_ptr:  [R + 1] int64, row r's entries are perm[seg[r]:seg[r+1]].
     cols:     columns per batch row in the indexed region (T or L); col_start: its first column.
-    scale:    float32 multiplier applied to the sum (when HAS_SCALE); zero_row: a row forced to 0
-              (padding_idx), or -1.
+    scale:    float32 multiplier applied to the sum (SCALE_MODE 1); scale_ptr: [1] float tensor
+              holding it instead (SCALE_MODE 2). zero_row: a row forced to 0 (padding_idx), or -1.
     """
     r = tl.program_id(0).to(tl.int64)
     cols_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = cols_d < dim
     start = tl.load(seg_ptr + r)
     end = tl.load(seg_ptr + r + 1)
+    end = tl.where(r == zero_row, start, end)  # the padding row's sum is never needed: skip it
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -64,8 +67,10 @@ def _segment_rows_sum_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(g, axis=0)
-    if HAS_SCALE:
+    if SCALE_MODE == 1:
         acc = acc * scale
+    elif SCALE_MODE == 2:
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
     keep = (tl.zeros([BLOCK_D], dtype=tl.int64) + r) != zero_row
     acc = tl.where(keep, acc, 0.0)
     tl.store(out_ptr + row_offset(r, stride_out_r) + cols_d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
@@ -77,7 +82,7 @@ def segment_rows_sum(
     index: torch.Tensor,
     num_rows: int,
     out_dtype: torch.dtype,
-    scale: float | None = None,
+    scale: float | torch.Tensor | None = None,
     zero_row: int | None = None,
 ) -> torch.Tensor:
     """Return ``[num_rows, D]`` in ``out_dtype``: row r = scale * sum of grad_out[b, col_start + c]
@@ -102,6 +107,7 @@ def segment_rows_sum(
     block_d = min(triton.next_power_of_2(dim), 4096 if interpret else 512)
     block_k = 32 if interpret else 16
     grid = (num_rows, triton.cdiv(dim, block_d))
+    scale_mode, scale_float, scale_tensor = scale_arguments(scale, grad_out)
     _segment_rows_sum_kernel[grid](
         out,
         grad_out,
@@ -110,13 +116,14 @@ def segment_rows_sum(
         max(cols, 1),
         col_start,
         dim,
-        1.0 if scale is None else float(scale),
+        scale_float,
+        scale_tensor,
         -1 if zero_row is None else int(zero_row),
         out.stride(0),
         grad_out.stride(0),
         grad_out.stride(1),
         grad_out.stride(2),
-        HAS_SCALE=scale is not None,
+        SCALE_MODE=scale_mode,
         BLOCK_K=block_k,
         BLOCK_D=block_d,
         num_warps=4,

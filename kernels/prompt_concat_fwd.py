@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .address import row_offset
+from .scale import scale_arguments
 
 # Index modes for the prompt rows (constexpr): all rows in order, one [T] list, one [B, T] list.
 PROMPT_ALL = 0
@@ -36,6 +37,7 @@ def _prompt_concat_fwd_kernel(
     num_word_rows,
     num_prompt_rows,
     embed_scale,
+    scale_ptr,
     stride_out_b,
     stride_out_s,
     stride_ids_b,
@@ -47,7 +49,7 @@ def _prompt_concat_fwd_kernel(
     stride_pidx_b,
     stride_pidx_t,
     PROMPT_MODE: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -59,7 +61,8 @@ def _prompt_concat_fwd_kernel(
     pidx_ptr:   [T] or [B, T] int64/int32 prompt indices (unused when PROMPT_MODE == PROMPT_ALL).
     total_rows: B * (T+L);  seq_out: T+L;  num_prompt: T;  dim: D.
     num_word_rows, num_prompt_rows: V and P, the bounds for the masked loads.
-    embed_scale: float32 multiplier for token rows (used when HAS_SCALE).
+    embed_scale: float32 multiplier for token rows (SCALE_MODE == SCALE_FLOAT).
+    scale_ptr:  [1] float tensor holding the multiplier (SCALE_MODE == SCALE_TENSOR), read on device.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # [BLOCK_R] flat output rows, int64
@@ -89,8 +92,12 @@ def _prompt_concat_fwd_kernel(
     prompt_base = row_offset(prompt_row, stride_prompt_p)
     word_base = row_offset(word_row, stride_word_v)
     out_base = row_offset(b, stride_out_b) + row_offset(s, stride_out_s)
+    if SCALE_MODE == 1:
+        scale = embed_scale
+    elif SCALE_MODE == 2:
+        scale = tl.load(scale_ptr).to(tl.float32)
     for d0 in range(0, dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column stride can be large too
         col_ok = cols < dim
         p = tl.load(
             prompt_ptr + prompt_base[:, None] + cols[None, :] * stride_prompt_d,
@@ -102,8 +109,8 @@ def _prompt_concat_fwd_kernel(
             mask=word_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        if HAS_SCALE:
-            w = w * embed_scale
+        if SCALE_MODE != 0:
+            w = w * scale
         val = tl.where(is_prompt[:, None], p, w)
         val = tl.where(bad_row[:, None], float("nan"), val)
         tl.store(
@@ -127,13 +134,15 @@ def prompt_concat_forward(
     word_weight: torch.Tensor,
     prompt_weight: torch.Tensor,
     prompt_indices: torch.Tensor | None,
-    embed_scale: float | None,
+    embed_scale: float | torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel once. Returns a new contiguous [B, T+L, D] in ``word_weight.dtype``.
 
     Shapes and dtypes as in ``_prompt_concat_fwd_kernel``; any strides. Arguments are assumed checked
     (``fastprompt.ops.checks``); out-of-range ids yield NaN rows, never an out-of-bounds read.
+    ``embed_scale``: None, a float, or a one-element float tensor on the tables' device (read by the
+    kernel, no host sync); token rows are ``round(float32(row) * float32(scale))``.
     ``out``: write into this [B, T+L, D] tensor instead (unit stride on D, any other strides); the op
     never passes it, the int64-offset test does.
     """
@@ -166,6 +175,7 @@ def prompt_concat_forward(
     interpret = out.device.type == "cpu"
     block_r, block_d, num_warps = _blocks(dim, interpret)
     grid = (triton.cdiv(total_rows, block_r),)
+    scale_mode, scale_float, scale_tensor = scale_arguments(embed_scale, word_weight)
     _prompt_concat_fwd_kernel[grid](
         out,
         input_ids,
@@ -178,7 +188,8 @@ def prompt_concat_forward(
         dim,
         num_word_rows,
         prompt_weight.shape[0],
-        1.0 if embed_scale is None else float(embed_scale),
+        scale_float,
+        scale_tensor,
         out.stride(0),
         out.stride(1),
         input_ids.stride(0),
@@ -190,7 +201,7 @@ def prompt_concat_forward(
         stride_pidx_b,
         stride_pidx_t,
         PROMPT_MODE=mode,
-        HAS_SCALE=embed_scale is not None,
+        SCALE_MODE=scale_mode,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         num_warps=num_warps,

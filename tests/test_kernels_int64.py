@@ -89,3 +89,23 @@ def test_forward_kernel_writes_a_row_past_2_31_elements():
     prompt_concat_forward(ids, word, prompt, pidx, None, out=out)
     expected = torch.cat((prompt[pidx].expand(3, -1, -1), word[ids.long()]), dim=1)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_forward_kernel_reads_columns_past_2_31_elements():
+    """A column-major table whose D stride fits int32 but whose column offsets do not."""
+    from fastprompt.kernels import prompt_concat_forward
+
+    dim, col_stride = 3, 2**30 + 8  # column 2 of a row starts 2**31 + 16 elements in
+    try:
+        storage = torch.empty(2 * col_stride + 2, dtype=torch.float16)
+    except RuntimeError as err:  # pragma: no cover - depends on the machine's overcommit policy
+        pytest.skip(f"cannot reserve 4 GiB of virtual memory here: {err}")
+    table = storage.as_strided((2, dim), (1, col_stride))  # [V=2, D=3], column-major
+    for row in range(2):
+        for col in range(dim):
+            storage[row + col * col_stride] = 10 * row + col + 1
+    out = prompt_concat_forward(
+        torch.tensor([[1, 0]]), table, torch.zeros(1, dim, dtype=torch.float16), None, None
+    )
+    expected = torch.tensor([[0, 0, 0], [11, 12, 13], [1, 2, 3]], dtype=torch.float16)
+    torch.testing.assert_close(out[0], expected, atol=0, rtol=0)

@@ -175,3 +175,37 @@ def test_backends_agree():
         finally:
             os.environ["FASTPROMPT_BACKEND"] = "torch"
     torch.testing.assert_close(results["torch"], results["triton"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_is_bit_exact_with_pytorch_multiply(backend, dtype):
+    """A float scale gives ``emb * float``; a tensor scale ``emb * tensor`` (Gemma3: scale rounded to
+    the weight dtype first, BART: a Python float), both as PyTorch computes them."""
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, V, (B, L), generator=gen)
+    word, prompt = torch.randn(V, 64, generator=gen).to(dtype), torch.randn(P, 64, generator=gen)
+    float_scale = 2048**0.5
+    gemma_scale = torch.tensor(float_scale).to(dtype)  # Gemma3: embed_scale.to(weight.dtype)
+    exact = dtype == torch.float32 or backend == "torch"  # the interpreter truncates fp32 -> bf16/fp16
+    for scale, expected in [
+        (float_scale, torch.nn.functional.embedding(ids, word) * float_scale),
+        (gemma_scale, torch.nn.functional.embedding(ids, word) * gemma_scale),
+    ]:
+        out = fastprompt.prompt_concat(ids, word, prompt, embed_scale=scale)[:, P:]
+        if exact:
+            assert torch.equal(out, expected)
+        else:
+            torch.testing.assert_close(out, expected, **tolerance(dtype))
+
+
+def test_tensor_scale_gradient(backend):
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, V, (B, L), generator=gen)
+    word = torch.randn(V, D, generator=gen).requires_grad_()
+    prompt = torch.randn(P, D, generator=gen).requires_grad_()
+    out = fastprompt.prompt_concat(ids, word, prompt, embed_scale=torch.tensor(0.75))
+    grad_out = torch.randn(out.shape, generator=gen)
+    out.backward(grad_out)
+    ref_word, ref_prompt = reference_grads(grad_out, ids, V, P, None, 0.75, None)
+    assert_close_to_reference(word.grad, ref_word, tolerance(torch.float32), scale=B * L)
+    assert_close_to_reference(prompt.grad, ref_prompt, tolerance(torch.float32), scale=B)

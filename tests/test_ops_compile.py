@@ -11,17 +11,19 @@ import fastprompt
 def _samples():
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 9, (2, 5), generator=gen)
-    for word_dtype, prompt_dtype, pidx, scale in [
-        (torch.float32, torch.float32, None, None),
-        (torch.bfloat16, torch.float32, torch.tensor([1, 0, 1]), 2.0),
-        (torch.float16, torch.float16, torch.randint(0, 4, (2, 3), generator=gen), None),
+    for word_dtype, prompt_dtype, pidx, scale, scale_tensor in [
+        (torch.float32, torch.float32, None, None, None),
+        (torch.bfloat16, torch.float32, torch.tensor([1, 0, 1]), 2.0, None),
+        (torch.float16, torch.float16, torch.randint(0, 4, (2, 3), generator=gen), None, torch.tensor(1.5)),
     ]:
         word = torch.randn(9, 6, generator=gen).to(word_dtype).requires_grad_()
         prompt = torch.randn(4, 6, generator=gen).to(prompt_dtype).requires_grad_()
-        yield (ids, word, prompt, pidx, scale, 0, None)
+        yield (ids, word, prompt, pidx, scale, scale_tensor, 0, None)
 
 
-@pytest.mark.parametrize("sample", list(_samples()), ids=["fp32", "bf16-shared", "fp16-per-batch"])
+@pytest.mark.parametrize(
+    "sample", list(_samples()), ids=["fp32", "bf16-shared", "fp16-per-batch-tensor-scale"]
+)
 def test_opcheck(backend, sample):
     torch.library.opcheck(torch.ops.fastprompt.prompt_concat.default, sample)
 
@@ -34,7 +36,11 @@ def test_opcheck_backward_ops(backend):
         (grad, torch.tensor([2, 0, 2]), 4, torch.float32),
     )
     torch.library.opcheck(
-        torch.ops.fastprompt.prompt_concat_word_grad.default, (grad, ids, 3, 9, 1.5, 4, torch.bfloat16)
+        torch.ops.fastprompt.prompt_concat_word_grad.default, (grad, ids, 3, 9, 1.5, None, 4, torch.bfloat16)
+    )
+    torch.library.opcheck(
+        torch.ops.fastprompt.prompt_concat_word_grad.default,
+        (grad, ids, 3, 9, None, torch.tensor(0.5), None, torch.float32),
     )
 
 
@@ -63,6 +69,21 @@ def test_compile_fullgraph_forward_and_backward(monkeypatch, backend_name, compi
         grads.append((loss.detach(), word.grad, prompt.grad))
     for eager, compiled in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_tensor_scale_compiles_without_graph_break(backend):
+    """A tensor scale (Gemma3's buffer) is read on device: no .item(), no graph break."""
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda ids, w, p, s: fastprompt.prompt_concat(ids, w, p, embed_scale=s),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    ids, word, prompt = torch.randint(0, 9, (2, 3)), torch.randn(9, 6), torch.randn(4, 6)
+    scale = torch.tensor(2.5)
+    torch.testing.assert_close(
+        fn(ids, word, prompt, scale), fastprompt.prompt_concat(ids, word, prompt, embed_scale=2.5)
+    )
 
 
 def test_bounds_check_runs_inside_compiled_graph(backend):

@@ -92,8 +92,12 @@ def test_bad_arguments(backend, overrides, error, pattern):
     [
         (dict(padding_idx=V), ValueError, r"padding_idx=11 must be None or an int in \[-11, 11\)"),
         (dict(padding_idx=1.0), ValueError, "padding_idx=1.0"),
+        (dict(padding_idx=True), ValueError, "padding_idx=True"),
+        (dict(padding_idx=torch.tensor(1)), ValueError, "padding_idx=tensor"),
+        (dict(embed_scale=torch.tensor(2)), ValueError, "one-element floating-point tensor.*int64"),
+        (dict(embed_scale=torch.tensor(2.0, device="meta")), ValueError, "embed_scale on meta"),
         (dict(embed_scale="2"), TypeError, "embed_scale must be None, a float"),
-        (dict(embed_scale=torch.ones(2)), ValueError, "one-element tensor"),
+        (dict(embed_scale=torch.ones(2)), ValueError, r"one-element floating-point tensor.*shape \(2,\)"),
     ],
 )
 def test_bad_keyword_arguments(kwargs, error, pattern):
@@ -110,14 +114,22 @@ def test_negative_padding_idx_counts_from_the_end(backend):
 
 def test_scale_tensor_is_accepted(backend):
     args = _args()
-    out = fastprompt.prompt_concat(**args, embed_scale=torch.tensor(2.0))
-    torch.testing.assert_close(out[:, P:], args["word_weight"][args["input_ids"]] * 2.0)
+    for scale in (torch.tensor(2.0), torch.tensor([2.0]), torch.tensor([[2.0]], dtype=torch.float64)):
+        out = fastprompt.prompt_concat(**args, embed_scale=scale)
+        torch.testing.assert_close(out[:, P:], args["word_weight"][args["input_ids"]] * 2.0)
 
 
 def test_torch_ops_entry_point_checks_too():
     with pytest.raises(ValueError, match="same embedding size D"):
         torch.ops.fastprompt.prompt_concat(
-            torch.zeros(1, 1, dtype=torch.long), torch.randn(3, 4), torch.randn(2, 5), None, None, None, None
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.randn(3, 4),
+            torch.randn(2, 5),
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 

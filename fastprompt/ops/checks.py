@@ -53,6 +53,7 @@ def check_metadata(
     prompt_weight: torch.Tensor,
     prompt_indices: torch.Tensor | None,
     padding_idx: int | None = None,
+    embed_scale_tensor: torch.Tensor | None = None,
 ) -> None:
     """Raise TypeError/ValueError for arguments ``prompt_concat`` cannot take. Reads no values."""
     _check_index_tensor("input_ids", input_ids, (2,), "a 2-D tensor [B, L] of token ids")
@@ -74,13 +75,16 @@ def check_metadata(
                 f"input_ids has B={input_ids.shape[0]} rows, so expected [{input_ids.shape[0]}, T]"
             )
         tensors["prompt_indices"] = prompt_indices
+    if embed_scale_tensor is not None:
+        tensors["embed_scale"] = embed_scale_tensor
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"prompt_concat needs all tensors on one device, got {listed}")
     if padding_idx is not None:
         vocab = word_weight.shape[0]
-        if not isinstance(padding_idx, int) or not -vocab <= padding_idx < vocab:
+        is_int = isinstance(padding_idx, int) and not isinstance(padding_idx, bool)
+        if not is_int or not -vocab <= padding_idx < vocab:
             raise ValueError(
                 f"padding_idx={padding_idx!r} must be None or an int in [-{vocab}, {vocab}) "
                 f"(word_weight has {vocab} rows)"

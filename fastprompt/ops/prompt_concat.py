@@ -2,11 +2,14 @@
 
 Custom ops in the ``fastprompt`` namespace (``torch.ops.fastprompt.*``):
 
-- ``prompt_concat(input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, check_bounds)``
-  -> [B, T+L, D]
+- ``prompt_concat(input_ids, word_weight, prompt_weight, prompt_indices, embed_scale,
+  embed_scale_tensor, padding_idx, check_bounds)`` -> [B, T+L, D]
 - ``prompt_concat_prompt_grad(grad_out, prompt_indices, batch, num_prompt_rows, dtype)`` -> [P, D]
-- ``prompt_concat_word_grad(grad_out, input_ids, num_prompt, num_word_rows, embed_scale, padding_idx,
-  dtype)`` -> [V, D]
+- ``prompt_concat_word_grad(grad_out, input_ids, num_prompt, num_word_rows, embed_scale,
+  embed_scale_tensor, padding_idx, dtype)`` -> [V, D]
+
+A scale is either a float (``embed_scale``) or a 0-dim float tensor on the tables' device
+(``embed_scale_tensor``, read on device: no host sync, compile- and CUDA-graph-safe), never both.
 
 Each has a fake kernel (so ``torch.compile(fullgraph=True)`` traces it without a graph break) and the
 forward op has autograd registered. Inside the real kernels the backend is picked per call
@@ -33,6 +36,11 @@ def _kernels():
     return kernels
 
 
+def _scale(embed_scale, embed_scale_tensor):
+    """The one scale the kernels take: None, a float, or a 0-dim tensor."""
+    return embed_scale_tensor if embed_scale_tensor is not None else embed_scale
+
+
 def _num_prompt(prompt_weight: torch.Tensor, prompt_indices: Optional[torch.Tensor]) -> int:
     return prompt_weight.shape[0] if prompt_indices is None else prompt_indices.shape[-1]
 
@@ -47,24 +55,31 @@ def _prompt_concat_op(
     prompt_weight: torch.Tensor,
     prompt_indices: Optional[torch.Tensor],
     embed_scale: Optional[float],
+    embed_scale_tensor: Optional[torch.Tensor],
     padding_idx: Optional[int],
     check_bounds: Optional[bool],
 ) -> torch.Tensor:
-    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
+    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx, embed_scale_tensor)
     if bounds_check_requested(input_ids.device, check_bounds):
         check_index_bounds(input_ids, word_weight, prompt_weight, prompt_indices)
+    scale = _scale(embed_scale, embed_scale_tensor)
     if backend_for(input_ids.device) == "torch":
-        return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, embed_scale)
-    return _kernels().prompt_concat_forward(
-        input_ids, word_weight, prompt_weight, prompt_indices, embed_scale
-    )
+        return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
+    return _kernels().prompt_concat_forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
 
 
 @_prompt_concat_op.register_fake
 def _prompt_concat_fake(
-    input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, padding_idx, check_bounds
+    input_ids,
+    word_weight,
+    prompt_weight,
+    prompt_indices,
+    embed_scale,
+    embed_scale_tensor,
+    padding_idx,
+    check_bounds,
 ):
-    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
+    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx, embed_scale_tensor)
     batch, seq_len = input_ids.shape
     num_prompt = _num_prompt(prompt_weight, prompt_indices)
     return word_weight.new_empty(batch, num_prompt + seq_len, word_weight.shape[1])
@@ -104,20 +119,22 @@ def _word_grad_op(
     num_prompt: int,
     num_word_rows: int,
     embed_scale: Optional[float],
+    embed_scale_tensor: Optional[torch.Tensor],
     padding_idx: Optional[int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
+    scale = _scale(embed_scale, embed_scale_tensor)
     if backend_for(grad_out.device) == "torch":
-        return torch_path.word_grad(
-            grad_out, input_ids, num_prompt, num_word_rows, embed_scale, padding_idx, dtype
-        )
+        return torch_path.word_grad(grad_out, input_ids, num_prompt, num_word_rows, scale, padding_idx, dtype)
     return _kernels().segment_rows_sum(
-        grad_out, num_prompt, input_ids, num_word_rows, dtype, scale=embed_scale, zero_row=padding_idx
+        grad_out, num_prompt, input_ids, num_word_rows, dtype, scale=scale, zero_row=padding_idx
     )
 
 
 @_word_grad_op.register_fake
-def _word_grad_fake(grad_out, input_ids, num_prompt, num_word_rows, embed_scale, padding_idx, dtype):
+def _word_grad_fake(
+    grad_out, input_ids, num_prompt, num_word_rows, embed_scale, embed_scale_tensor, padding_idx, dtype
+):
     return grad_out.new_empty(num_word_rows, grad_out.shape[2], dtype=dtype)
 
 
@@ -125,8 +142,8 @@ def _word_grad_fake(grad_out, input_ids, num_prompt, num_word_rows, embed_scale,
 
 
 def _setup_context(ctx, inputs, output):
-    input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, padding_idx, _ = inputs
-    ctx.save_for_backward(input_ids, prompt_indices)
+    input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, scale_tensor, padding_idx, _ = inputs
+    ctx.save_for_backward(input_ids, prompt_indices, scale_tensor)
     ctx.num_word_rows = word_weight.shape[0]
     ctx.word_dtype = word_weight.dtype
     ctx.num_prompt_rows = prompt_weight.shape[0]
@@ -137,7 +154,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    input_ids, prompt_indices = ctx.saved_tensors
+    input_ids, prompt_indices, scale_tensor = ctx.saved_tensors
     grad_word = grad_prompt = None
     if ctx.needs_input_grad[2]:
         grad_prompt = _prompt_grad_op(grad_out, prompt_indices, ctx.num_prompt_rows, ctx.prompt_dtype)
@@ -148,10 +165,11 @@ def _backward(ctx, grad_out):
             ctx.num_prompt,
             ctx.num_word_rows,
             ctx.embed_scale,
+            scale_tensor,
             ctx.padding_idx,
             ctx.word_dtype,
         )
-    return None, grad_word, grad_prompt, None, None, None, None
+    return None, grad_word, grad_prompt, None, None, None, None, None
 
 
 _prompt_concat_op.register_autograd(_backward, setup_context=_setup_context)
@@ -160,18 +178,20 @@ _prompt_concat_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------ public API
 
 
-def _scale_as_float(embed_scale) -> Optional[float]:
+def _split_scale(embed_scale) -> tuple[Optional[float], Optional[torch.Tensor]]:
+    """(float scale, 0-dim tensor scale) for the op schema; at most one is not None."""
     if embed_scale is None:
-        return None
+        return None, None
     if isinstance(embed_scale, torch.Tensor):
-        if embed_scale.numel() != 1:
+        if embed_scale.numel() != 1 or not embed_scale.is_floating_point():
             raise ValueError(
-                f"embed_scale must be a number or a one-element tensor, got shape {tuple(embed_scale.shape)}"
+                "embed_scale must be a number or a one-element floating-point tensor, got a "
+                f"{embed_scale.dtype} tensor of shape {tuple(embed_scale.shape)}"
             )
-        return float(embed_scale.detach().float().cpu())
+        return None, embed_scale.detach().reshape(())
     if isinstance(embed_scale, bool) or not isinstance(embed_scale, (int, float)):
         raise TypeError(f"embed_scale must be None, a float or a one-element tensor, got {embed_scale!r}")
-    return float(embed_scale)
+    return float(embed_scale), None
 
 
 def prompt_concat(
@@ -187,8 +207,8 @@ def prompt_concat(
     """Prompt rows then token rows, in one pass: what PEFT builds with ``torch.cat``.
 
     ``out[b, t] = prompt_weight[prompt_indices[b, t]].to(word_weight.dtype)`` for t < T and
-    ``out[b, T + l] = word_weight[input_ids[b, l]] * embed_scale`` (computed in float32, rounded once
-    to ``word_weight.dtype``, which is what ``emb * scale`` does in PyTorch).
+    ``out[b, T + l] = word_weight[input_ids[b, l]] * embed_scale``, bit for bit what PyTorch's
+    ``emb * embed_scale`` gives for a float or a 0-dim tensor (float32 math, one rounding).
 
     Args:
         input_ids: [B, L] int64 or int32 token ids into ``word_weight``.
@@ -197,7 +217,9 @@ def prompt_concat(
         prompt_indices: None (all P rows in order, T = P), a [T] tensor shared by every batch row,
             or a [B, T] tensor, one prompt selection per batch row. int64 or int32.
         embed_scale: multiplies the token rows only (scaled word embeddings of Gemma, BART, ...).
-            A float, or a one-element tensor (read once on the host: pass a float to avoid a sync).
+            A float, or a one-element float tensor on the tables' device, read on device (no host
+            sync). It is used at its own precision: to reproduce Gemma3's
+            ``emb * self.embed_scale.to(self.weight.dtype)``, pass ``embed_scale.to(word_weight.dtype)``.
         padding_idx: the ``word_weight`` row that gets zero gradient, like ``nn.Embedding``.
         check_bounds: on CUDA, check that every id is in range before the launch (a device sync).
             Default: ``FASTPROMPT_CHECK_BOUNDS=1``. Off CUDA the check always runs.
@@ -211,14 +233,16 @@ def prompt_concat(
             out-of-range id is never dereferenced: its output row is NaN.
         TypeError / ValueError: wrong dtypes, ranks, shapes or devices.
     """
+    scale_float, scale_tensor = _split_scale(embed_scale)
     # Checked here too, before dispatch: the dispatcher's own errors (e.g. for a list) name no argument.
-    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx)
+    check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx, scale_tensor)
     return _prompt_concat_op(
         input_ids,
         word_weight,
         prompt_weight,
         prompt_indices,
-        _scale_as_float(embed_scale),
+        scale_float,
+        scale_tensor,
         padding_idx,
         check_bounds,
     )

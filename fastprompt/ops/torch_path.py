@@ -22,7 +22,7 @@ def forward(
     word_weight: torch.Tensor,
     prompt_weight: torch.Tensor,
     prompt_indices: torch.Tensor | None,
-    embed_scale: float | None,
+    embed_scale: float | torch.Tensor | None,
 ) -> torch.Tensor:
     """Return ``[B, T+L, D]`` in ``word_weight.dtype``.
 
@@ -31,7 +31,8 @@ def forward(
         word_weight: [V, D] float32/float16/bfloat16, any strides.
         prompt_weight: [P, D] float32/float16/bfloat16, any strides.
         prompt_indices: None (all P rows), [T] or [B, T] int64/int32 into ``prompt_weight``.
-        embed_scale: multiplies the token rows (in the output dtype, as scaled-embedding modules do).
+        embed_scale: None, a float, or a 0-dim float tensor on the tables' device: token rows are
+            ``row * embed_scale`` exactly as PyTorch computes it (float32 math, one rounding).
     """
     batch, seq_len = input_ids.shape
     dim = word_weight.shape[1]
@@ -51,10 +52,11 @@ def forward(
                 torch.index_select(prompt_weight, 0, indices[b], out=out[b, :num_prompt])
             else:
                 out[b, :num_prompt].copy_(prompt_weight.index_select(0, indices[b]))
-        if seq_len > 0:
+        if seq_len > 0 and embed_scale is None:
             torch.index_select(word_weight, 0, ids[b], out=out[b, num_prompt:])
-    if embed_scale is not None and seq_len > 0:
-        out[:, num_prompt:].mul_(embed_scale)
+        elif seq_len > 0:
+            # Scaled: an [L, D] temporary per batch row, so the output is still written once.
+            torch.mul(word_weight.index_select(0, ids[b]), embed_scale, out=out[b, num_prompt:])
     return out
 
 
@@ -89,7 +91,7 @@ def word_grad(
     input_ids: torch.Tensor,
     num_prompt: int,
     num_word_rows: int,
-    embed_scale: float | None,
+    embed_scale: float | torch.Tensor | None,
     padding_idx: int | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -103,10 +105,14 @@ def word_grad(
     dim = grad_out.shape[2]
     grad = torch.zeros(num_word_rows, dim, dtype=torch.float32, device=grad_out.device)
     ids = input_ids.long()
-    alpha = 1.0 if embed_scale is None else embed_scale
+    tensor_scale = isinstance(embed_scale, torch.Tensor)
+    alpha = 1.0 if embed_scale is None or tensor_scale else embed_scale
     for b in range(batch if seq_len > 0 else 0):
-        # One batch row at a time: at most an [L, D] float32 temporary (only for half-precision grads).
-        grad.index_add_(0, ids[b], grad_out[b, num_prompt:].float(), alpha=alpha)
+        # One batch row at a time: at most an [L, D] float32 temporary (none for an fp32 grad).
+        rows = grad_out[b, num_prompt:].float()
+        if tensor_scale:
+            rows = rows * embed_scale.float()
+        grad.index_add_(0, ids[b], rows, alpha=alpha)
     if padding_idx is not None:
         grad[padding_idx] = 0
     return grad.to(dtype)
