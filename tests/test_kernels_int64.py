@@ -109,3 +109,20 @@ def test_forward_kernel_reads_columns_past_2_31_elements():
     )
     expected = torch.tensor([[0, 0, 0], [11, 12, 13], [1, 2, 3]], dtype=torch.float16)
     torch.testing.assert_close(out[0], expected, atol=0, rtol=0)
+
+
+def test_backward_kernel_reads_gradient_rows_past_2_31_elements():
+    from fastprompt.kernels import segment_rows_sum
+
+    dim, seq = 4, 2
+    stride_b = 2**30 + 8  # batch row 2 of the upstream gradient starts 2**31 + 16 elements in
+    try:
+        storage = torch.empty(2 * stride_b + seq * dim, dtype=torch.float16)
+    except RuntimeError as err:  # pragma: no cover - depends on the machine's overcommit policy
+        pytest.skip(f"cannot reserve 4 GiB of virtual memory here: {err}")
+    grad = storage.as_strided((3, seq, dim), (stride_b, dim, 1))
+    grad.copy_(torch.arange(3 * seq * dim, dtype=torch.float16).reshape(3, seq, dim))
+    index = torch.tensor([[0], [1], [1]], dtype=torch.int32)  # column 1 of each batch row
+    out = segment_rows_sum(grad, 1, index, 2, torch.float32)
+    expected = torch.stack((grad[0, 1], grad[1, 1] + grad[2, 1])).float()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
