@@ -1,7 +1,21 @@
 """fastprompt: fast prompt tuning, a drop-in for PEFT's prompt tuning through one fused op."""
 
+from .config import PromptTuningConfig, PromptTuningInit
+from .embedding import PromptEmbedding
+from .integrations import accelerate, get_peft_model, patch_peft, unpatch_peft
 from .ops import backend_for, prompt_concat
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backend_for", "prompt_concat"]
+__all__ = [
+    "__version__",
+    "PromptEmbedding",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "accelerate",
+    "backend_for",
+    "get_peft_model",
+    "patch_peft",
+    "prompt_concat",
+    "unpatch_peft",
+]

@@ -1,0 +1,19 @@
+"""Integrations. PEFT: ``accelerate``, ``get_peft_model``, ``patch_peft``, ``unpatch_peft``.
+
+Nothing here imports PEFT until a function that needs it is called.
+"""
+
+from .adapter_files import AdapterFileError
+from .peft_methods import is_patched
+from .peft_patch import accelerate, get_peft_model, patch_peft, unpatch_peft
+from .prompted_embeds import CALLS
+
+__all__ = [
+    "CALLS",
+    "AdapterFileError",
+    "accelerate",
+    "get_peft_model",
+    "is_patched",
+    "patch_peft",
+    "unpatch_peft",
+]

@@ -1,0 +1,135 @@
+"""Checks of prompt-tuning adapter files before PEFT loads them, so a bad file leaves the model as it was.
+
+PEFT adds the adapter (random weights) before it reads the weights file, and ``from_pretrained`` freezes
+the base model before that; a truncated file, a missing ``prompt_embeddings`` key or a wrong shape then
+surfaces as a low-level error with the model already changed. :func:`check_prompt_adapter_files` reads
+the local ``adapter_config.json`` and the weights file's header first and raises
+:class:`AdapterFileError` with what is wrong and where.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PROMPT_KEY = "prompt_embeddings"
+
+
+class AdapterFileError(ValueError, KeyError, RuntimeError):
+    """A prompt-tuning adapter file that cannot be loaded (corrupt, truncated, missing key, wrong shape).
+
+    A ValueError; also a KeyError and a RuntimeError, the types PEFT raises for these cases, so existing
+    ``except`` clauses keep working.
+    """
+
+    __str__ = BaseException.__str__
+
+
+def _adapter_dir(model_id, subfolder: str | None) -> str | None:
+    path = os.path.join(model_id, subfolder) if subfolder else model_id
+    return path if os.path.isdir(path) else None
+
+
+def read_prompt_config(model_id, subfolder: str | None = None) -> dict | None:
+    """The local adapter_config.json as a dict if it is a PROMPT_TUNING adapter, else None."""
+    path = _adapter_dir(model_id, subfolder)
+    if path is None or not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return None
+    try:
+        with open(os.path.join(path, CONFIG_NAME)) as file:
+            config = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"Cannot read {os.path.join(path, CONFIG_NAME)}: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
+        return None
+    return config
+
+
+def _stored_shape(path: str) -> tuple[str, tuple[int, ...]]:
+    """(file, shape of ``prompt_embeddings``) from the safetensors header or the pickle."""
+    safetensors_file = os.path.join(path, SAFETENSORS_NAME)
+    bin_file = os.path.join(path, BIN_NAME)
+    if os.path.isfile(safetensors_file):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(safetensors_file, framework="pt") as file:
+                if PROMPT_KEY not in file.keys():
+                    raise AdapterFileError(
+                        f"{safetensors_file} has no '{PROMPT_KEY}' tensor (keys: {sorted(file.keys())}): "
+                        "it is not a prompt-tuning adapter's weights file."
+                    )
+                shape = tuple(file.get_slice(PROMPT_KEY).get_shape())
+                file.get_tensor(PROMPT_KEY)  # reads the data: catches truncation past the header
+        except AdapterFileError:
+            raise
+        except Exception as exc:
+            raise AdapterFileError(
+                f"{safetensors_file} is not a readable safetensors file (corrupt or truncated): {exc}"
+            ) from exc
+        return safetensors_file, shape
+    if os.path.isfile(bin_file):
+        import torch
+
+        try:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterFileError(f"{bin_file} cannot be read (corrupt or truncated): {exc}") from exc
+        if not isinstance(state, dict) or PROMPT_KEY not in state:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise AdapterFileError(f"{bin_file} has no '{PROMPT_KEY}' tensor (keys: {keys}).")
+        return bin_file, tuple(state[PROMPT_KEY].shape)
+    raise AdapterFileError(
+        f"No adapter weights in {path}: expected {SAFETENSORS_NAME} (or {BIN_NAME}) next to {CONFIG_NAME}."
+    )
+
+
+def expected_rows(config: dict) -> int | None:
+    """N * S of a prompt-tuning config dict (S defaults as PEFT: 2 for SEQ_2_SEQ_LM, else 1)."""
+    num_virtual_tokens = config.get("num_virtual_tokens")
+    if not isinstance(num_virtual_tokens, int):
+        return None
+    submodules = config.get("num_transformer_submodules")
+    if submodules is None:
+        submodules = 2 if config.get("task_type") == "SEQ_2_SEQ_LM" else 1
+    return num_virtual_tokens * submodules
+
+
+def check_prompt_adapter_files(
+    model_id, subfolder: str | None = None, model_dim: int | None = None, existing_shape: tuple | None = None
+) -> None:
+    """Raise :class:`AdapterFileError` if the local prompt-tuning adapter at ``model_id`` cannot load.
+
+    Args:
+        model_id: a local directory (anything else, e.g. a Hub id, is left to PEFT).
+        subfolder: as in ``PeftModel.from_pretrained``.
+        model_dim: D, the hidden size of the model it is loaded into (None: not checked).
+        existing_shape: the shape of the adapter's current table when loading into an existing adapter.
+    """
+    config = read_prompt_config(model_id, subfolder)
+    if config is None:
+        return
+    path = _adapter_dir(model_id, subfolder)
+    config_file = os.path.join(path, CONFIG_NAME)
+    token_dim = config.get("token_dim")
+    if model_dim is not None and token_dim is not None and token_dim != model_dim:
+        raise AdapterFileError(
+            f"{config_file} has token_dim={token_dim}, but the model's word embeddings have dimension "
+            f"{model_dim}: this adapter was trained for another model."
+        )
+    weights_file, shape = _stored_shape(path)
+    rows = expected_rows(config)
+    dim = token_dim or model_dim
+    expected = tuple(existing_shape) if existing_shape is not None else (rows, dim)
+    mismatch = len(shape) != 2 or any(
+        want is not None and got != want for got, want in zip(shape, expected, strict=True)
+    )
+    if mismatch:
+        raise AdapterFileError(
+            f"{weights_file}: '{PROMPT_KEY}' has shape {list(shape)}, but the adapter needs "
+            f"[num_virtual_tokens * num_transformer_submodules, token_dim] = {list(expected)} "
+            f"(from {config_file} and the model)."
+        )

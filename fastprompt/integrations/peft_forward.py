@@ -1,0 +1,145 @@
+"""The prompt-tuning branch of each PEFT task model's ``forward``, with ``prompt_concat``.
+
+Each function here re-states what ``PeftModelForXxx.forward`` of PEFT 0.21 does when the active adapter is
+PROMPT_TUNING and ``input_ids`` (not ``inputs_embeds``) is given, the only difference being that
+``inputs_embeds`` comes from :func:`prompted_inputs_embeds`. Everything else is PEFT's: the attention mask
+prefixed with float32 ones, the -100 label prefix (CAUSAL_LM only), token_type_ids prefixed with zeros
+(SEQ_CLS, TOKEN_CLS), dropped with PEFT's warning (CAUSAL_LM, FEATURE_EXTRACTION) or silently
+(QUESTION_ANS), position_ids dropped with PEFT's warning (PEFT's own ``_adjust_prompt_learning_kwargs``
+is called), and the base model called with ``inputs_embeds`` only.
+
+Signature: ``fn(peft_model, args, kwargs)`` where ``args`` holds the named parameters of PEFT's forward
+(bound from the call) and ``kwargs`` its ``**kwargs``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .prompted_embeds import prompted_inputs_embeds
+
+
+def _prefix_mask(attention_mask: torch.Tensor | None, batch_size: int, num_virtual_tokens: int):
+    """PEFT's ``cat(ones(B, N), mask)``: the ones are float32, so the result is float32."""
+    if attention_mask is None:
+        return None
+    prefix = torch.ones(batch_size, num_virtual_tokens).to(attention_mask.device)
+    return torch.cat((prefix, attention_mask), dim=1)
+
+
+def _return_dict(peft_model, return_dict):
+    """PEFT's default for SEQ_CLS / TOKEN_CLS / QUESTION_ANS (``_get_return_dict_transformers_v4``)."""
+    if return_dict is not None:
+        return return_dict
+    from peft import peft_model as peft_model_module
+
+    helper = getattr(peft_model_module, "_get_return_dict_transformers_v4", None)
+    return helper(peft_model.config) if helper is not None else peft_model.config.use_return_dict
+
+
+def _prefixed_token_type_ids(peft_model, kwargs: dict, batch_size: int, num_virtual_tokens: int) -> None:
+    if kwargs.get("token_type_ids", None) is not None:
+        zeros = torch.zeros(batch_size, num_virtual_tokens).to(peft_model.word_embeddings.weight.device)
+        kwargs["token_type_ids"] = torch.cat((zeros, kwargs["token_type_ids"]), dim=1).long()
+
+
+def causal_lm_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForCausalLM.forward``, prompt tuning."""
+    config = peft_model.active_peft_config
+    input_ids, labels = args["input_ids"], args["labels"]
+    batch_size = input_ids.shape[0]
+    n = config.num_virtual_tokens
+    attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
+    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    kwargs.update(
+        attention_mask=attention_mask,
+        labels=labels,
+        output_attentions=args["output_attentions"],
+        output_hidden_states=args["output_hidden_states"],
+        return_dict=args["return_dict"],
+    )
+    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    if labels is not None:
+        prefix_labels = torch.full((batch_size, n), -100).to(labels.device)
+        kwargs["labels"] = torch.cat((prefix_labels, labels), dim=1)
+    return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
+
+
+def _encoder_task_forward(peft_model, args: dict, kwargs: dict, target_keys: tuple[str, ...]):
+    """The prompt-tuning forward shared by PEFT's encoder task classes: mask prefixed with ones,
+    token_type_ids prefixed (or dropped) as PEFT does, the task's targets passed through unshifted."""
+    config = peft_model.active_peft_config
+    return_dict = _return_dict(peft_model, args["return_dict"])
+    input_ids = args["input_ids"]
+    batch_size = input_ids.shape[0]
+    n = config.num_virtual_tokens
+    attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
+    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs, remove_token_type_ids=False)
+    kwargs.update(
+        attention_mask=attention_mask,
+        output_attentions=args["output_attentions"],
+        output_hidden_states=args["output_hidden_states"],
+        return_dict=return_dict,
+        **{key: args[key] for key in target_keys},
+    )
+    _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)
+    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
+
+
+def _classification_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForSequenceClassification`` / ``ForTokenClassification.forward``, prompt tuning."""
+    return _encoder_task_forward(peft_model, args, kwargs, ("labels",))
+
+
+seq_cls_forward = _classification_forward
+token_cls_forward = _classification_forward
+
+
+def question_answering_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForQuestionAnswering.forward``, prompt tuning: start/end positions not shifted."""
+    return _encoder_task_forward(peft_model, args, kwargs, ("start_positions", "end_positions"))
+
+
+def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForFeatureExtraction.forward``, prompt tuning."""
+    config = peft_model.active_peft_config
+    input_ids = args["input_ids"]
+    batch_size = input_ids.shape[0]
+    n = config.num_virtual_tokens
+    attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
+    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    kwargs.update(
+        attention_mask=attention_mask,
+        output_attentions=args["output_attentions"],
+        output_hidden_states=args["output_hidden_states"],
+        return_dict=args["return_dict"],
+    )
+    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
+
+
+def seq2seq_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForSeq2SeqLM.forward``, prompt tuning: the encoder gets N of the 2N prompt rows."""
+    config = peft_model.active_peft_config
+    input_ids, attention_mask = args["input_ids"], args["attention_mask"]
+    batch_size = input_ids.shape[0]
+    n = config.num_virtual_tokens
+    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    kwargs.update(
+        attention_mask=attention_mask,
+        decoder_attention_mask=args["decoder_attention_mask"],
+        labels=args["labels"],
+        output_attentions=args["output_attentions"],
+        output_hidden_states=args["output_hidden_states"],
+        return_dict=args["return_dict"],
+    )
+    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = _prefix_mask(attention_mask, batch_size, n)
+    return peft_model.base_model(
+        inputs_embeds=inputs_embeds,
+        decoder_input_ids=args["decoder_input_ids"],
+        decoder_inputs_embeds=args["decoder_inputs_embeds"],
+        **kwargs,
+    )

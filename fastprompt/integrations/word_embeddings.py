@@ -1,0 +1,160 @@
+"""Which word-embedding modules ``prompt_concat`` can replace, and with which arguments.
+
+PEFT calls the model's word-embedding MODULE, so whatever its ``forward`` does is part of the result.
+We fuse only modules whose forward we know exactly:
+
+- ``torch.nn.Embedding`` and subclasses that keep its ``forward`` (``padding_idx`` passed on);
+- the scaled word embeddings of transformers, recognized by the source of their ``forward`` (so new
+  models with the same code are covered too):
+  ``return super().forward(input_ids) * self.embed_scale`` with a Python number (BART, MBart, M2M100, ...)
+  and ``return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)`` with a buffer
+  (Gemma, Gemma2, Gemma3, ...).
+
+Anything else (other forwards, hooks other than transformers' "inputs require grad" hook, accelerate's
+replaced ``forward``, ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``) gets ``None``: the caller then
+calls the module and concatenates, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.nn.modules import module as _module_globals
+
+FUSABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+PLAIN = "plain"
+FLOAT_SCALE = "float_scale"  # * self.embed_scale (a Python number)
+BUFFER_SCALE = "buffer_scale"  # * self.embed_scale.to(self.weight.dtype) (a tensor buffer)
+
+_TEMPLATES = {
+    "return super().forward(input_ids) * self.embed_scale": FLOAT_SCALE,
+    "return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)": BUFFER_SCALE,
+}
+_TEMPLATE_DUMPS = {ast.dump(ast.parse(src).body[0]): kind for src, kind in _TEMPLATES.items()}
+
+# Forward hooks that only set ``output.requires_grad_(True)``: transformers' enable_input_require_grads
+# and PEFT's fallback for models without it. Reproduced on the fused output instead.
+_REQUIRE_GRAD_HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
+@dataclass(frozen=True)
+class LookupSpec:
+    """How to reproduce ``module(input_ids)`` inside ``prompt_concat``.
+
+    Attributes:
+        weight: [V, D] the module's table (float32, float16 or bfloat16).
+        embed_scale: multiplies the token rows (None: no scaling), as a Python float.
+        padding_idx: the row that gets no gradient (``nn.Embedding.padding_idx``).
+        require_grad_hook: the module has the "inputs require grad" hook: the fused output must
+            require grad like the module's output would.
+    """
+
+    weight: torch.Tensor
+    embed_scale: float | None
+    padding_idx: int | None
+    require_grad_hook: bool
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass
+    return None
+
+
+@functools.cache
+def forward_kind(cls: type) -> str | None:
+    """PLAIN, FLOAT_SCALE or BUFFER_SCALE when ``cls.forward`` is one we can fuse, else None."""
+    if not issubclass(cls, torch.nn.Embedding):
+        return None
+    owner = _defining_class(cls, "forward")
+    if owner is torch.nn.Embedding:
+        return PLAIN
+    # The override must call nn.Embedding.forward through super() and only scale the result.
+    parent = owner.__mro__[1]
+    if _defining_class(parent, "forward") is not torch.nn.Embedding:
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(owner.__dict__["forward"])))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    func = tree.body[0]
+    if not isinstance(func, ast.FunctionDef) or func.decorator_list:
+        return None
+    if [a.arg for a in func.args.args] != ["self", "input_ids"] or func.args.vararg or func.args.kwarg:
+        return None
+    body = func.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]  # docstring
+    if len(body) != 1:
+        return None
+    return _TEMPLATE_DUMPS.get(ast.dump(body[0]))
+
+
+_scale_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _buffer_scale(module: torch.nn.Module, weight: torch.Tensor) -> float | None:
+    """``float(module.embed_scale.to(weight.dtype))``, cached: one host read per buffer value."""
+    buffer = getattr(module, "embed_scale", None)
+    if not isinstance(buffer, torch.Tensor) or buffer.numel() != 1 or buffer.is_meta:
+        return None
+    key = (buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device, weight.dtype)
+    cached = _scale_cache.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = float(buffer.detach().to(weight.dtype).float().cpu())
+    _scale_cache[module] = (key, value)
+    return value
+
+
+def _hooks_allow_fusion(module: torch.nn.Module) -> tuple[bool, bool]:
+    """(fusable, has the require-grad hook) given the module's and the global hooks."""
+    if module._forward_pre_hooks or _module_globals._global_forward_pre_hooks:
+        return False, False
+    if _module_globals._global_forward_hooks:
+        return False, False
+    require_grad = False
+    for hook in module._forward_hooks.values():
+        if getattr(hook, "__name__", None) in _REQUIRE_GRAD_HOOK_NAMES:
+            require_grad = True
+        else:
+            return False, False
+    return True, require_grad
+
+
+def lookup_spec(module: torch.nn.Module | None) -> LookupSpec | None:
+    """The fused equivalent of ``module(input_ids)``, or None where the module must be called."""
+    if module is None:
+        return None
+    kind = forward_kind(type(module))
+    if kind is None or "forward" in module.__dict__:
+        return None
+    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+        return None
+    fusable, require_grad = _hooks_allow_fusion(module)
+    if not fusable:
+        return None
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in FUSABLE_DTYPES:
+        return None
+    if weight.is_meta or weight.numel() == 0:  # meta, or ZeRO-3 sharded (the module gathers it)
+        return None
+    scale = None
+    if kind == FLOAT_SCALE:
+        scale = module.embed_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            return None
+        scale = float(scale)
+    elif kind == BUFFER_SCALE:
+        scale = _buffer_scale(module, weight)
+        if scale is None:
+            return None
+    return LookupSpec(weight, scale, module.padding_idx, require_grad)

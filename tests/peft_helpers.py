@@ -1,0 +1,62 @@
+"""Helpers shared by the PEFT integration tests: counting fused-op calls and building model pairs."""
+
+from __future__ import annotations
+
+import copy
+
+import tiny_models
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class FastpromptOps(TorchDispatchMode):
+    """Records every ``torch.ops.fastprompt.*`` call that reaches the dispatcher while active.
+
+    ``ops.forward`` counts ``fastprompt.prompt_concat`` (one per fused concat), ``ops.names`` lists all.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastprompt":
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def forward(self) -> int:
+        return sum(name.startswith("prompt_concat.") for name in self.names)
+
+
+def peft_config(task: str, num_virtual_tokens: int = 3, **kwargs):
+    import peft
+
+    return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens, **kwargs)
+
+
+def model_pair(family: str, task: str, *, num_virtual_tokens: int = 3, dtype=None, seed: int = 0):
+    """(PEFT model, fastprompt model): the same base weights and the same prompt weights (RANDOM init)."""
+    import peft
+
+    import fastprompt
+
+    base = tiny_models.build(family, task, seed=seed, dtype=dtype)
+    torch.manual_seed(seed + 1)
+    reference = peft.get_peft_model(copy.deepcopy(base), peft_config(task, num_virtual_tokens))
+    torch.manual_seed(seed + 1)
+    fast = fastprompt.get_peft_model(copy.deepcopy(base), peft_config(task, num_virtual_tokens))
+    assert torch.equal(
+        reference.prompt_encoder["default"].embedding.weight, fast.prompt_encoder["default"].embedding.weight
+    )
+    # classification heads are new modules_to_save copies: make them identical too
+    fast.load_state_dict(reference.state_dict())
+    return reference.eval(), fast.eval()
+
+
+def main_output(output) -> torch.Tensor:
+    """The first tensor a task model returns (logits, start_logits or last_hidden_state)."""
+    for key in ("logits", "start_logits", "last_hidden_state"):
+        if key in output:
+            return output[key]
+    raise KeyError(list(output.keys()))
