@@ -1,0 +1,82 @@
+"""Set-up of the pytest-benchmark suite (``pytest bench --benchmark-only``).
+
+- ``TRITON_INTERPRET`` is removed before fastprompt is imported: the interpreter costs about 1 ms per
+  program instance and would time Python, not the op. On CPU fastprompt then runs its torch path; on
+  CUDA the compiled Triton kernels. ``FASTPROMPT_BACKEND`` is left as the caller set it (unset: auto).
+- On CPU, glibc keeps freed memory in the process (``keep_freed_memory``): otherwise page faults on
+  fresh outputs dominate and make the times vary tenfold on a virtual machine. The conservative choice
+  for fastprompt (PEFT's extra buffer then costs no faults); ``FASTPROMPT_BENCH_ALLOCATOR=default``
+  measures glibc as it comes.
+- ``device``: CUDA when present, else CPU; the shape set follows it (``SUITE_SHAPES``).
+- ``record``: what every result carries in its ``extra_info`` (bytes that must move, GB/s, peak memory,
+  and on CUDA the fraction of a measured device-to-device copy).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastprompt.benchmarking import bench_device, copy_bandwidth, gbps, keep_freed_memory  # noqa: E402
+
+KEEPS_FREED_MEMORY = (
+    bench_device().type == "cpu"
+    and os.environ.get("FASTPROMPT_BENCH_ALLOCATOR", "keep") != "default"
+    and keep_freed_memory()
+)
+
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated above the level before the call",
+    "cpu": "torch.profiler(profile_memory=True): CPU allocator alloc/free events summed in time order",
+}
+
+
+def pytest_configure(config):
+    """Silence a deprecation torch.compile's own internals raise (not ours to fix)."""
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device under test."""
+    return bench_device()
+
+
+@pytest.fixture(scope="session")
+def copy_gbps(device) -> float | None:
+    """GB/s of a 1 GiB device-to-device copy on CUDA (None on CPU: no ceiling is claimed there)."""
+    if device.type != "cuda":
+        return None
+    return copy_bandwidth(device)
+
+
+@pytest.fixture
+def record(benchmark, device, copy_gbps):
+    """``record(nbytes=..., peak=...)``: fill the result's extra_info after ``benchmark(...)`` ran."""
+
+    def fill(*, nbytes: int | None = None, peak: int | None = None, **more) -> None:
+        info = benchmark.extra_info
+        info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        info["peak_extra_bytes"] = peak
+        info["peak_memory_method"] = MEMORY_METHOD[device.type]
+        if device.type == "cpu":
+            info["threads"] = torch.get_num_threads()
+            info["allocator"] = "glibc keeps freed memory" if KEEPS_FREED_MEMORY else "default"
+        info.update(more)
+        stats = getattr(benchmark, "stats", None)
+        median = stats.stats.median if stats is not None else None
+        if nbytes is not None:
+            info["bytes_moved"] = nbytes
+            if median:
+                info["GB/s"] = round(gbps(nbytes, median), 2)
+                if copy_gbps:
+                    info["copy_GB/s"] = round(copy_gbps, 1)
+                    info["fraction_of_copy"] = round(gbps(nbytes, median) / copy_gbps, 3)
+
+    return fill

@@ -1,0 +1,209 @@
+"""The command line: ``python -m fastprompt bench | check | demo`` (argument parsing and dispatch).
+
+- ``bench``: the compact benchmark grid on whatever device is present (``fastprompt.bench_grid``),
+  printed as a table; ``--json PATH`` and ``--plot PATH.png`` as well.
+- ``check``: parity with the reference and with PEFT on this device (``fastprompt.parity``), one line
+  per check; exit code 1 if any check fails.
+- ``demo``: a short prompt-tuning run with fastprompt (``fastprompt.demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+
+import torch
+
+from .benchmarking import PROVIDERS, keep_freed_memory
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def environment(device: torch.device) -> dict:
+    """What a result depends on: device, library versions, the backend fastprompt picks, threads."""
+    import transformers
+
+    import fastprompt
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        threads = torch.get_num_threads()
+        plural = "s" if threads != 1 else ""
+        device_name = f"{platform.processor() or platform.machine()} CPU, {threads} thread{plural}"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name,
+        "fastprompt": fastprompt.__version__,
+        "fastprompt_backend": fastprompt.backend_for(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+        "python": platform.python_version(),
+    }
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench_grid import progress, run_grid
+    from .report import plot_available, text_table, with_speedups, write_json, write_plot
+    from .tiny_models import load_base_model
+
+    if args.plot and not plot_available():
+        print(
+            "--plot needs matplotlib: pip install 'fastprompt[plot]' (or pip install matplotlib)",
+            file=sys.stderr,
+        )
+        return 2
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown or "peft" not in providers:
+        print(
+            f"--providers must list peft and any of {', '.join(PROVIDERS)}; got {args.providers!r}",
+            file=sys.stderr,
+        )
+        return 2
+    device = _device(args.device)
+    meta = environment(device)
+    if device.type == "cpu":
+        kept = args.allocator == "keep" and keep_freed_memory()
+        meta["allocator"] = "glibc keeps freed memory" if kept else "default"
+    progress(", ".join(f"{k} {v}" for k, v in meta.items() if v))
+    model_name = args.model or "tiny-gpt2"
+    base = None
+    if args.model or not args.no_model:
+        progress(f"loading {model_name}" + ("" if args.model else " (built-in, from a config: no download)"))
+        base = load_base_model(model_name).to(device)
+    results = with_speedups(
+        run_grid(
+            device,
+            base_model=base,
+            model_label=model_name,
+            real_model=args.model is not None,
+            providers=providers,
+            budget_s=args.budget,
+            with_model=not args.no_model,
+        )
+    )
+    meta["model"] = model_name
+    print(f"fastprompt bench: {meta['device']}, backend {meta['fastprompt_backend']}, torch {meta['torch']}")
+    print(text_table(results))
+    print(
+        "median time of one call; GB/s from the bytes that must move (inputs read once, output written once);"
+    )
+    print("peak mem: peak memory allocated during one call above what was allocated before it.")
+    if args.json:
+        write_json(args.json, results, meta)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(args.plot, results, f"fastprompt vs peft on {meta['device']}")
+        print(f"wrote {args.plot}")
+    mismatches = [r for r in results if not r.matches_peft]
+    if mismatches:
+        print(f"{len(mismatches)} result(s) did not match peft: see MISMATCH above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .parity import model_parity, op_parity
+
+    device = _device(args.device)
+    meta = environment(device)
+    print(f"fastprompt check on {meta['device']} (backend {meta['fastprompt_backend']})")
+    checks = op_parity(device)
+    if not args.op_only:
+        checks += model_parity(device)
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.line}", flush=True)
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    first, last = run_demo(args.model, steps=args.steps, device=_device(args.device))
+    return 0 if last < first else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m fastprompt``."""
+    from .tiny_models import TINY_MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastprompt", description="fastprompt: fast prompt tuning, a drop-in for PEFT's."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,demo}")
+
+    bench = sub.add_parser(
+        "bench", help="benchmark peft / compile / fastprompt on this device, print a table"
+    )
+    bench.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
+    bench.add_argument(
+        "--model",
+        metavar="NAME_OR_PATH",
+        help="a causal LM to load with transformers (a local path, or a hub name if online); "
+        "default: the built-in tiny-gpt2, no download",
+    )
+    bench.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, must include peft")
+    bench.add_argument(
+        "--budget",
+        type=float,
+        default=0.4,
+        metavar="SECONDS",
+        help="timing time per provider and workload (default 0.4)",
+    )
+    bench.add_argument(
+        "--allocator",
+        choices=("keep", "default"),
+        default="keep",
+        help="CPU only. keep (default): glibc keeps freed memory, so no call pays page faults for its "
+        "output (steady, and the conservative choice for fastprompt); default: glibc as it comes",
+    )
+    bench.add_argument(
+        "--no-model", action="store_true", help="op-level shapes only, no model-level workloads"
+    )
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--plot", metavar="PATH.png", help="also draw the speedups (needs matplotlib)")
+    bench.set_defaults(run=_bench)
+
+    check = sub.add_parser("check", help="parity with the reference and with PEFT on this device")
+    check.add_argument("--device", help="default: cuda when present, else cpu")
+    check.add_argument("--op-only", action="store_true", help="the op checks only, not the tiny models")
+    check.set_defaults(run=_check)
+
+    demo = sub.add_parser("demo", help="a short prompt-tuning run with fastprompt, loss going down")
+    demo.add_argument("--model", default="tiny-llama", choices=sorted(TINY_MODELS))
+    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--device", help="default: cuda when present, else cpu")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m fastprompt`` with ``argv`` (default: ``sys.argv[1:]``); the exit code."""
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # one line per check or result, not library chatter
+    return args.run(args)
