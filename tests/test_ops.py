@@ -209,3 +209,20 @@ def test_tensor_scale_gradient(backend):
     ref_word, ref_prompt = reference_grads(grad_out, ids, V, P, None, 0.75, None)
     assert_close_to_reference(word.grad, ref_word, tolerance(torch.float32), scale=B * L)
     assert_close_to_reference(prompt.grad, ref_prompt, tolerance(torch.float32), scale=B)
+
+
+@pytest.mark.parametrize("mode", ["all", "shared", "per_batch"])
+@pytest.mark.parametrize("prompt_dtype", [torch.float32, torch.bfloat16])
+def test_long_text_short_prompt(backend, mode, prompt_dtype):
+    """T*8 <= L: the torch path gathers all rows in one call (placeholders at the prompt positions)."""
+    gen = torch.Generator().manual_seed(10)
+    ids = torch.randint(0, V, (B, 60), generator=gen)
+    word = torch.randn(V, D, generator=gen)
+    prompt = torch.randn(P, D, generator=gen).to(prompt_dtype)
+    pidx = _indices(mode, B, P, gen)
+    pidx = None if pidx is None else pidx[..., :3]
+    out, grad_out, word_grad, prompt_grad = _run((ids, word, prompt, pidx, None, None))
+    assert_close_to_reference(out, reference_forward(ids, word, prompt, pidx), tolerance(prompt_dtype))
+    ref_word, ref_prompt = reference_grads(grad_out, ids, V, P, pidx, None, None)
+    assert_close_to_reference(prompt_grad, ref_prompt, tolerance(prompt_dtype), scale=B)
+    assert_close_to_reference(word_grad, ref_word, tolerance(torch.float32), scale=B * 60)
