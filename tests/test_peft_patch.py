@@ -151,6 +151,29 @@ def test_accelerate_after_disable_adapter():
     assert ops.forward == 1
 
 
+def test_patch_covers_existing_models_after_disable_adapter():
+    """A model built, and taken through disable_adapter(), before patch_peft() is covered too; after
+    unpatch_peft() it uses PEFT again, even if disable_adapter() ran while patched."""
+    model = peft.get_peft_model(tiny_models.build("gpt2", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
+    with model.disable_adapter():
+        pass
+    inputs = tiny_models.batch()
+    expected = model(**inputs).logits
+    fastprompt.patch_peft()
+    try:
+        with FastpromptOps() as ops:
+            assert torch.equal(model(**inputs).logits, expected)
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert ops.forward == 2
+        with model.disable_adapter():
+            pass
+    finally:
+        fastprompt.unpatch_peft()
+    with FastpromptOps() as ops:
+        assert torch.equal(model(**inputs).logits, expected)
+    assert ops.names == []
+
+
 def test_accelerated_models_survive_unpatch():
     model = fastprompt.get_peft_model(tiny_models.build("gpt2", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
     fastprompt.patch_peft()

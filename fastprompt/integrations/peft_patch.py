@@ -9,6 +9,7 @@ import order; ``unpatch_peft()`` puts PEFT's original class attributes back, exa
 
 from __future__ import annotations
 
+import gc
 import threading
 
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
@@ -27,6 +28,43 @@ def _peft_classes() -> dict:
 
     names = ["PeftModel", *FORWARDS]
     return {name: getattr(peft_model_module, name) for name in names}
+
+
+_INSTANCE_METHODS = ("forward", "prepare_inputs_for_generation")
+
+
+def _drop_stale_bound_methods(peft_model, stale: dict) -> None:
+    """Drop bound methods that PEFT's ``disable_adapter()`` left in the instance dict.
+
+    ``disable_adapter()`` stores ``self.forward`` (and ``prepare_inputs_for_generation``) back on the
+    instance as bound methods of the class as it was then; once the class's methods change they hide
+    the new ones. ``stale`` maps an attribute name to the functions that count as stale.
+    """
+    if getattr(peft_model, "_adapters_disabled", False):
+        return  # inside disable_adapter(): its own attributes are live
+    for attribute in _INSTANCE_METHODS:
+        bound = peft_model.__dict__.get(attribute)
+        if getattr(bound, "__self__", None) is peft_model and getattr(bound, "__func__", None) in stale.get(
+            attribute, ()
+        ):
+            del peft_model.__dict__[attribute]
+
+
+def _refresh_existing_models(stale: dict) -> None:
+    """Apply :func:`_drop_stale_bound_methods` to every live PEFT model (found through ``gc``)."""
+    from peft import PeftModel
+
+    for obj in gc.get_objects():
+        if isinstance(obj, PeftModel):
+            _drop_stale_bound_methods(obj, stale)
+
+
+def _stale_map(pairs) -> dict:
+    stale: dict = {}
+    for attribute, function in pairs:
+        if attribute in _INSTANCE_METHODS and function is not _MISSING:
+            stale.setdefault(attribute, set()).add(function)
+    return stale
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -52,11 +90,16 @@ def patch_peft() -> None:
                 _patched[(cls, attribute)] = cls.__dict__.get(attribute, _MISSING)
                 setattr(cls, attribute, wrapper)
         set_patched(True)
+        # Existing models that went through disable_adapter() hold PEFT's methods on the instance.
+        _refresh_existing_models(_stale_map((attr, original) for (_, attr), original in _patched.items()))
 
 
 def unpatch_peft() -> None:
     """Put PEFT's original class attributes back, exactly (idempotent)."""
     with _lock:
+        wrappers = _stale_map(
+            (attribute, cls.__dict__.get(attribute, _MISSING)) for cls, attribute in _patched
+        )
         for (cls, attribute), original in _patched.items():
             if original is _MISSING:
                 if attribute in cls.__dict__:
@@ -65,6 +108,7 @@ def unpatch_peft() -> None:
                 setattr(cls, attribute, original)
         _patched.clear()
         set_patched(False)
+        _refresh_existing_models(wrappers)
 
 
 def _fast_class(cls: type) -> type:
@@ -120,15 +164,9 @@ def accelerate(peft_model):
     classes = _peft_classes()
     if not any(issubclass(cls, classes[name]) for name in FORWARDS):
         return peft_model
-    # PEFT's disable_adapter() leaves bound methods of the old class in the instance dict: drop them
-    # so the class's (fast) methods are found again.
-    if not getattr(peft_model, "_adapters_disabled", False):
-        for attribute in ("forward", "prepare_inputs_for_generation"):
-            bound = peft_model.__dict__.get(attribute)
-            if getattr(bound, "__self__", None) is peft_model and getattr(bound, "__func__", None) is getattr(
-                cls, attribute, None
-            ):
-                del peft_model.__dict__[attribute]
+    _drop_stale_bound_methods(
+        peft_model, _stale_map((a, getattr(cls, a, _MISSING)) for a in _INSTANCE_METHODS)
+    )
     peft_model.__class__ = _fast_class(cls)
     return peft_model
 
