@@ -8,8 +8,11 @@
   for fastprompt (PEFT's extra buffer then costs no faults); ``FASTPROMPT_BENCH_ALLOCATOR=default``
   measures glibc as it comes.
 - ``device``: CUDA when present, else CPU; the shape set follows it (``SUITE_SHAPES``).
-- ``record``: what every result carries in its ``extra_info`` (bytes that must move, GB/s, peak memory,
-  and on CUDA the fraction of a measured device-to-device copy).
+- ``measure``: ``measure(fn)`` times ``fn`` with pytest-benchmark; on CUDA every timed call ends with
+  ``torch.cuda.synchronize()``, so a round times the work and not just its asynchronous launch.
+- ``record``: what every result carries in its ``extra_info`` (bytes that must move, GB/s, peak memory;
+  on CUDA also a ``triton.testing.do_bench`` median, L2 cleared before each call, and the fraction of a
+  measured device-to-device copy's bandwidth it reaches, the copy being timed by ``do_bench`` too).
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ os.environ.pop("TRITON_INTERPRET", None)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastprompt.benchmarking import bench_device, copy_bandwidth, gbps, keep_freed_memory  # noqa: E402
+from fastprompt.benchmarking import (  # noqa: E402
+    bench_device,
+    copy_bandwidth,
+    gbps,
+    keep_freed_memory,
+    median_seconds,
+    synchronize,
+)
 
 KEEPS_FREED_MEMORY = (
     bench_device().type == "cpu"
@@ -56,11 +66,39 @@ def copy_gbps(device) -> float | None:
     return copy_bandwidth(device)
 
 
+def synchronized(fn, device: torch.device):
+    """``fn`` itself on CPU; on CUDA ``fn`` followed by a device synchronize, so its time is the work's."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        synchronize(device)
+        return result
+
+    return call
+
+
+@pytest.fixture
+def measure(benchmark, device):
+    """``measure(fn)``: ``benchmark(fn)``, each timed call synchronized with the device on CUDA."""
+
+    def run(fn):
+        synchronize(device)
+        return benchmark(synchronized(fn, device))
+
+    return run
+
+
 @pytest.fixture
 def record(benchmark, device, copy_gbps):
-    """``record(nbytes=..., peak=...)``: fill the result's extra_info after ``benchmark(...)`` ran."""
+    """``record(nbytes=..., peak=..., call=...)``: fill the result's extra_info after ``measure(...)`` ran.
 
-    def fill(*, nbytes: int | None = None, peak: int | None = None, **more) -> None:
+    On CUDA, with ``call`` given, also a ``do_bench`` median of it (the method the copy bandwidth is
+    measured with): ``fraction_of_copy`` comes from that median, like for like.
+    """
+
+    def fill(*, nbytes: int | None = None, peak: int | None = None, call=None, **more) -> None:
         info = benchmark.extra_info
         info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         info["peak_extra_bytes"] = peak
@@ -71,12 +109,18 @@ def record(benchmark, device, copy_gbps):
         info.update(more)
         stats = getattr(benchmark, "stats", None)
         median = stats.stats.median if stats is not None else None
+        if device.type == "cuda":
+            info["timing"] = "pytest-benchmark rounds, each ending with torch.cuda.synchronize()"
         if nbytes is not None:
             info["bytes_moved"] = nbytes
             if median:
                 info["GB/s"] = round(gbps(nbytes, median), 2)
+            if call is not None and device.type == "cuda":
+                seconds = median_seconds(call, device, budget_s=0.2)
+                info["do_bench_median_s"] = seconds
+                info["do_bench_GB/s"] = round(gbps(nbytes, seconds), 2)
                 if copy_gbps:
                     info["copy_GB/s"] = round(copy_gbps, 1)
-                    info["fraction_of_copy"] = round(gbps(nbytes, median) / copy_gbps, 3)
+                    info["fraction_of_copy"] = round(gbps(nbytes, seconds) / copy_gbps, 3)
 
     return fill

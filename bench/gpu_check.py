@@ -1,21 +1,33 @@
 """The GPU check of issue 4: one prepared script, ``python bench/gpu_check.py`` on a CUDA machine.
 
-1. Correctness of ``prompt_concat`` (Triton kernels) for every dtype pair and index mode against a
-   float64 reference, and against PEFT's path (``fastprompt.parity.op_parity``).
-2. ``torch.compile(fullgraph=True)`` of a function calling ``prompt_concat``: forward and backward equal
-   to eager, for each index mode.
-3. The bandwidth of a 1 GiB device-to-device copy: the ceiling a gather can reach.
-4. ``peft`` / ``compile`` / ``fastprompt`` timed with ``triton.testing.do_bench`` (median), forward and
-   forward+backward, on several input sets used in turn (``do_bench`` also clears L2 between calls),
-   over ``SUITE_SHAPES["cuda"]``; and one bare launch of an empty Triton kernel. At B=1, L=128 also
-   the wall time per call over back-to-back calls (the latency a caller sees, launches included).
-5. The targets: forward >= 90% of the copy's bandwidth where >= 256 MB must move; >= 2x ``peft`` and
-   not slower than ``compile``; at B=1, L=128 a call within 1.5x of the empty kernel's launch.
+It is designed to end within about 4 minutes on an H200 (``--budget``, default 190 s of work after
+start-up, and a hard stop 25 s after that); it has not yet run on a GPU, so that is a design target,
+not a measurement. The work is ordered so that what the GPU targets need comes first and the rest
+runs while the budget lasts:
 
-Prints markdown (paste it into bench/RESULTS.md). Exit code 1 if a correctness check fails; the
-targets are reported, not enforced. Written for torch >= 2.4 / triton >= 3.0 (the GPU image has
-torch 2.11, triton 3.6, transformers 5.17). Without CUDA it says so and exits 0. It keeps to a time
-budget (``--budget``, default 210 s): compiled providers of the shapes left when it runs out are skipped.
+1. The bandwidth of a 1 GiB device-to-device copy (the ceiling a gather can reach) and the launch
+   of an empty Triton kernel (the floor of any kernel call).
+2. The target timings, all providers (``peft``, ``compile``, ``fastprompt``): the forward of a shape
+   that moves >= 256 MB (where "not slower than compile" and ">= 90% of copy" apply), and the forward
+   at B=1, L=128 (the launch-overhead target), with its wall time per call back to back.
+3. Correctness of ``prompt_concat`` for every dtype pair and index mode against float64 (and PEFT's
+   path where it applies): ``fastprompt.parity.op_case``, one small shape each (B=3, L=7, D=40), so
+   the cost is the kernels' first compiles, not the data.
+4. ``torch.compile(fullgraph=True)`` of a function calling ``prompt_concat``: forward and backward
+   equal to eager, for each index mode (skipped when under 45 s of the budget is left); then
+   forward and backward captured in one CUDA graph and replayed on new inputs (no host sync allowed).
+5. The rest of ``SUITE_SHAPES["cuda"]``, forward and forward+backward, while the budget lasts (the
+   ``compile`` provider only while 45 s are left: its first compile of a shape takes seconds).
+
+Timings: ``triton.testing.do_bench`` (median), on several input sets used in turn (``do_bench`` also
+clears L2 between calls). The targets: forward >= 90% of the copy's bandwidth where >= 256 MB must
+move; >= 2x ``peft`` and not slower than ``compile``; at B=1, L=128 a call within 1.5x of the empty
+kernel's launch.
+
+Prints markdown (paste it into bench/RESULTS.md), each section as soon as it is done. Exit code 1 if a
+correctness check fails (checks the budget left out are listed as not run); the targets are reported,
+not enforced. Written for torch >= 2.4 / triton >= 3.0 (the GPU image has torch 2.11, triton 3.6,
+transformers 5.17). Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import datetime
 import itertools
 import math
 import os
+import signal
 import sys
 import time
 
@@ -35,12 +48,14 @@ import torch  # noqa: E402
 from fastprompt.benchmarking import (  # noqa: E402
     PROVIDERS,
     SUITE_SHAPES,
+    TARGET_SHAPE,
     bytes_moved,
     copy_bandwidth,
     make_inputs,
     median_seconds,
     op_call,
     peak_extra_bytes,
+    timings_each,
 )
 from fastprompt.report import Result, text_table, with_speedups  # noqa: E402
 
@@ -58,21 +73,58 @@ except ImportError:  # no triton: main() stops before anything needs it
 
 BIG_BYTES = 256 * 10**6
 START = time.perf_counter()
+COMPILE_RESERVE_S = 45.0  # a first inductor compile of a shape (forward+backward) takes seconds
+HARD_STOP_AFTER_S = 25.0  # past the budget: whatever runs is interrupted and the results so far printed
+
+
+class OutOfTime(BaseException):
+    """The hard stop: raised by SIGALRM; a BaseException so no ``except Exception`` swallows it."""
+
+
+def elapsed() -> float:
+    """Seconds since the script started (after importing torch)."""
+    return time.perf_counter() - START
 
 
 def log(message: str) -> None:
     """Progress on stderr, with the seconds elapsed."""
-    print(f"[gpu_check {time.perf_counter() - START:6.1f}s] {message}", file=sys.stderr, flush=True)
+    print(f"[gpu_check {elapsed():6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def correctness(device: torch.device) -> list[tuple[bool, str]]:
-    """Every dtype pair and index mode against float64 (and PEFT's path where it applies)."""
-    from fastprompt.parity import op_parity
-
-    return [(c.ok, c.line) for c in op_parity(device)]
+def emit(text: str = "") -> None:
+    """A line of the markdown report, flushed at once (a killed run still leaves what it printed)."""
+    print(text, flush=True)
 
 
-def compile_fullgraph(device: torch.device) -> list[tuple[bool, str]]:
+class Budget:
+    """Seconds of work left before the soft deadline ``budget_s`` (after which optional work is skipped)."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+
+    def left(self) -> float:
+        return self.budget_s - elapsed()
+
+
+def correctness(device: torch.device, budget: Budget) -> tuple[list[tuple[bool, str]], list[str]]:
+    """Every dtype pair and index mode against float64 (and PEFT's path where it applies), one small
+    shape each, while the budget lasts: (checks run, cases not run)."""
+    from fastprompt.parity import DTYPE_NAMES, op_case, op_cases
+
+    gen = torch.Generator().manual_seed(0)
+    checks, skipped = [], []
+    for word_dtype, prompt_dtype, mode in op_cases():
+        label = f"word={DTYPE_NAMES[word_dtype]} prompt={DTYPE_NAMES[prompt_dtype]} indices={mode}"
+        if budget.left() <= 0:
+            skipped.append(label)
+            continue
+        check = op_case(device, word_dtype, prompt_dtype, mode, gen)
+        checks.append((check.ok, check.line))
+        emit(f"- {'ok' if check.ok else 'FAIL'}: {check.line}")
+    return checks, skipped
+
+
+def compile_fullgraph(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
     """``torch.compile(fullgraph=True)`` of prompt_concat: forward and prompt gradient equal to eager."""
     import fastprompt
 
@@ -83,6 +135,9 @@ def compile_fullgraph(device: torch.device) -> list[tuple[bool, str]]:
     gen = torch.Generator(device=device).manual_seed(0)
     lines = []
     for mode in ("all", "shared", "per-batch"):
+        if budget.left() < COMPILE_RESERVE_S:
+            log(f"compile fullgraph, indices={mode}: skipped (time budget)")
+            continue
         try:
             ids = torch.randint(0, 1000, (4, 64), generator=gen, device=device)
             word = torch.randn(1000, 256, generator=gen, device=device).to(torch.bfloat16)
@@ -108,7 +163,52 @@ def compile_fullgraph(device: torch.device) -> list[tuple[bool, str]]:
             )
         except Exception as err:  # a graph break or a crash is a failed check, with its reason
             lines.append((False, f"compile fullgraph, indices={mode:9s}: {type(err).__name__}: {err}"))
+        emit(f"- {'ok' if lines[-1][0] else 'FAIL'}: {lines[-1][1]}")
     return lines
+
+
+def cuda_graph_capture(device: torch.device) -> tuple[bool, str]:
+    """Forward and backward of prompt_concat captured in one CUDA graph, replayed on new inputs.
+
+    Capture fails on any host sync in the op's hot path (``.item()``, a sync-ing bounds check, ...);
+    the replay must equal eager on inputs copied in after the capture.
+    """
+    import fastprompt
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, 1000, (4, 64), generator=gen, device=device)
+    word = torch.randn(1000, 256, generator=gen, device=device).to(torch.bfloat16)
+    prompt = torch.randn(16, 256, generator=gen, device=device).requires_grad_()
+    indices = torch.randint(0, 16, (4, 10), generator=gen, device=device)
+    grad = torch.randn(4, 74, 256, generator=gen, device=device).to(torch.bfloat16)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (Triton compiles) outside the capture
+            for _ in range(2):
+                prompt.grad = None
+                fastprompt.prompt_concat(ids, word, prompt, indices).backward(grad)
+        torch.cuda.current_stream().wait_stream(side)
+        prompt.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fastprompt.prompt_concat(ids, word, prompt, indices)
+            out.backward(grad)
+        ids.copy_(torch.randint(0, 1000, ids.shape, generator=gen, device=device))
+        indices.copy_(torch.randint(0, 16, indices.shape, generator=gen, device=device))
+        graph.replay()
+        torch.cuda.synchronize()
+        replay_out, replay_grad = out.clone(), prompt.grad.clone()
+        prompt.grad = None
+        eager_out = fastprompt.prompt_concat(ids, word, prompt, indices)
+        eager_out.backward(grad)
+        same = torch.equal(replay_out, eager_out) and torch.equal(replay_grad, prompt.grad)
+        return (
+            same,
+            f"CUDA graph capture + replay, forward and backward: {'equal to eager' if same else 'DIFFERS'}",
+        )
+    except Exception as err:  # a host sync during capture raises here
+        return False, f"CUDA graph capture: {type(err).__name__}: {err}"
 
 
 def wall_seconds_per_call(fn, device: torch.device, calls: int = 2000) -> float:
@@ -145,38 +245,75 @@ def rotating_call(name: str, sets: list, backward: bool):
     return lambda: next(calls)()
 
 
-def time_providers(
-    device: torch.device, copy_gbps: float, budget_s: float
-) -> tuple[list[Result], dict[str, float]]:
-    """Every shape, forward and forward+backward, every provider (compile skipped when out of time).
+def big_target_shape():
+    """The forward shape of the >= 256 MB targets: the first of ``SUITE_SHAPES["cuda"]`` in a bf16 model
+    (PEFT's fp32 prompt) that moves at least 256 MB, else the first that does."""
+    big = [s for s in SUITE_SHAPES["cuda"] if bytes_moved(s) >= BIG_BYTES]
+    return next((s for s in big if s.word_dtype == torch.bfloat16), big[0])
 
-    Returns the results and, for the latency shape's forward, each provider's wall time per call.
-    """
+
+def plan() -> tuple[list[tuple], list[tuple]]:
+    """(priority, rest): the (shape, backward) runs the targets need first, then the others in order."""
+    latency = next(s for s in SUITE_SHAPES["cuda"] if is_latency_shape(s))
+    priority = [(big_target_shape(), False), (latency, False), (TARGET_SHAPE, False)]
+    rest = [(s, b) for b in (False, True) for s in SUITE_SHAPES["cuda"] if (s, b) not in priority]
+    return priority, rest
+
+
+def time_shape(
+    device: torch.device,
+    shape,
+    backward: bool,
+    copy_gbps: float,
+    providers: tuple[str, ...],
+    latency: dict[str, float],
+) -> list[Result]:
+    """Time ``providers`` on one shape (forward, or forward+backward); the latency shape's forward also
+    fills ``latency`` with each provider's wall time per call."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * 2**20)
+    nbytes = bytes_moved(shape)
+    num_sets = max(2, min(8, math.ceil(4 * l2 / nbytes)))
+    workload = "forward+backward" if backward else "forward"
+    sets = [make_inputs(shape, device, backward=backward, seed=i) for i in range(num_sets)]
     results = []
-    latency = {}
-    for shape in SUITE_SHAPES["cuda"]:
-        nbytes = bytes_moved(shape)
-        num_sets = max(2, min(8, math.ceil(4 * l2 / nbytes)))
-        for backward in (False, True):
-            workload = "forward+backward" if backward else "forward"
-            sets = [make_inputs(shape, device, backward=backward, seed=i) for i in range(num_sets)]
-            for name in PROVIDERS:
-                if name == "compile" and time.perf_counter() - START > budget_s:
-                    log(f"{workload} {shape.title}: compile skipped (time budget spent)")
-                    continue
-                log(f"{workload} {shape.title}: {name} ({num_sets} input sets)")
-                call = rotating_call(name, sets, backward)
-                call()  # compiles, autotunes
-                peak = peak_extra_bytes(call, device)
-                seconds = median_seconds(call, device)
-                moved = bytes_moved(shape, backward=backward)
-                results.append(Result(workload, shape.title, name, seconds, moved, peak, copy_gbps))
-                if is_latency_shape(shape) and not backward:
-                    latency[name] = wall_seconds_per_call(call, device)
-            del sets
-            torch.cuda.empty_cache()
-    return with_speedups(results), latency
+    try:
+        for name in providers:
+            log(f"{workload} {shape.title}: {name} ({num_sets} input sets)")
+            call = rotating_call(name, sets, backward)
+            call()  # compiles, autotunes
+            peak = peak_extra_bytes(call, device)
+            timing = timings_each({name: call}, device, budget_s=0.3)[name]
+            moved = bytes_moved(shape, backward=backward)
+            results.append(
+                Result(
+                    workload, shape.title, name, timing.median, moved, peak, copy_gbps, spread=timing.spread
+                )
+            )
+            if is_latency_shape(shape) and not backward:
+                latency[name] = wall_seconds_per_call(call, device)
+    finally:
+        del sets
+        torch.cuda.empty_cache()
+    return results
+
+
+def time_runs(
+    device: torch.device, runs: list[tuple], copy_gbps: float, budget: Budget, results: list, latency: dict
+) -> list[str]:
+    """Time each (shape, backward) of ``runs`` while the budget lasts, appending to ``results``;
+    ``compile`` only while ``COMPILE_RESERVE_S`` are left. Returns what was skipped, one line each."""
+    skipped = []
+    for shape, backward in runs:
+        workload = "forward+backward" if backward else "forward"
+        if budget.left() <= 0:
+            skipped.append(f"{workload} {shape.title}: not timed (time budget)")
+            continue
+        providers = PROVIDERS
+        if budget.left() < COMPILE_RESERVE_S:
+            providers = tuple(p for p in PROVIDERS if p != "compile")
+            skipped.append(f"{workload} {shape.title}: compile not timed (time budget)")
+        results += time_shape(device, shape, backward, copy_gbps, providers, latency)
+    return skipped
 
 
 def targets(results: list[Result], empty: dict[str, float], latency: dict[str, float]) -> list[str]:
@@ -208,48 +345,93 @@ def targets(results: list[Result], empty: dict[str, float], latency: dict[str, f
     return lines
 
 
+def _on_alarm(signum, frame):
+    raise OutOfTime
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the whole check; print markdown on stdout."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=210.0, help="seconds before compile is skipped")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=190.0,
+        help="seconds of work (from start-up) after which optional work is skipped; a hard stop "
+        f"{HARD_STOP_AFTER_S:.0f} s later (default 190)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here, nothing to check (run it on a machine with an NVIDIA GPU).")
         return 0
+    if triton is None:
+        print("gpu_check: triton is not installed; fastprompt's GPU kernels need it.")
+        return 1
     import fastprompt
 
+    budget = Budget(args.budget)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(max(1, math.ceil(budget.left() + HARD_STOP_AFTER_S)))
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     backend = fastprompt.backend_for(device)
-    triton_version = triton.__version__ if triton is not None else "missing"
-    print(f"## GPU check: {name}\n")
-    print(
+    emit(f"## GPU check: {name}\n")
+    emit(
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
-        f"triton {triton_version}, fastprompt {fastprompt.__version__} (backend {backend})\n"
+        f"triton {triton.__version__}, fastprompt {fastprompt.__version__} (backend {backend}); "
+        f"budget {args.budget:.0f} s\n"
     )
-    log("correctness: every dtype pair and index mode")
-    checks = correctness(device)
-    log("torch.compile fullgraph")
-    checks += compile_fullgraph(device)
-    print("### Correctness\n")
-    for ok, line in checks:
-        print(f"- {'ok' if ok else 'FAIL'}: {line}")
-    log("device-to-device copy bandwidth")
-    copy_gbps = copy_bandwidth(device)
-    empty = empty_launch(device)
-    print(
-        f"\nDevice-to-device copy of 1 GiB: {copy_gbps:.0f} GB/s. Empty Triton kernel: "
-        f"{empty['wall'] * 1e6:.1f} us per launch back to back, "
-        f"{empty['do_bench'] * 1e6:.1f} us by do_bench.\n"
-    )
-    results, latency = time_providers(device, copy_gbps, args.budget)
-    print("### Timings (triton.testing.do_bench, median; rotating input sets)\n")
-    print(text_table(results, markdown=True))
-    print("\n### Targets\n")
-    print("\n".join(targets(results, empty, latency)))
+    checks: list[tuple[bool, str]] = []
+    not_run: list[str] = []
+    results: list[Result] = []
+    latency: dict[str, float] = {}
+    empty = {"wall": math.nan, "do_bench": math.nan}
+    copy_gbps = math.nan
+    stopped = False
+    try:
+        log("device-to-device copy bandwidth, empty Triton launch")
+        copy_gbps = copy_bandwidth(device, budget_s=0.3)
+        empty = empty_launch(device)
+        emit(
+            f"Device-to-device copy of 1 GiB: {copy_gbps:.0f} GB/s. Empty Triton kernel: "
+            f"{empty['wall'] * 1e6:.1f} us per launch back to back, "
+            f"{empty['do_bench'] * 1e6:.1f} us by do_bench.\n"
+        )
+        priority, rest = plan()
+        log("target timings: the >= 256 MB forward, the B=1 L=128 forward, the CPU target shape")
+        for shape, backward in priority:  # all providers, whatever the budget says
+            results += time_shape(device, shape, backward, copy_gbps, PROVIDERS, latency)
+        log("correctness: every dtype pair and index mode, one small shape each")
+        emit("### Correctness\n")
+        op_checks, skipped = correctness(device, budget)
+        checks += op_checks
+        not_run += [f"op {label}" for label in skipped]
+        log("torch.compile fullgraph")
+        fullgraph = compile_fullgraph(device, budget)
+        checks += fullgraph
+        checks.append(cuda_graph_capture(device))
+        emit(f"- {'ok' if checks[-1][0] else 'FAIL'}: {checks[-1][1]}")
+        not_run += [f"compile fullgraph ({3 - len(fullgraph)} index modes)"] if len(fullgraph) < 3 else []
+        log("the other shapes, while the budget lasts")
+        not_run += time_runs(device, rest, copy_gbps, budget, results, latency)
+    except OutOfTime:
+        stopped = True
+        log("hard stop: out of time")
+    finally:
+        signal.alarm(0)
+    if stopped:
+        emit(f"\n**Stopped at the hard deadline ({args.budget + HARD_STOP_AFTER_S:.0f} s); results so far.**")
+    results = with_speedups(results)
+    emit("\n### Timings (triton.testing.do_bench, median; rotating input sets)\n")
+    emit(text_table(results, markdown=True))
+    emit("\n### Targets\n")
+    emit("\n".join(targets(results, empty, latency)))
+    if not_run:
+        emit("\n### Not run (time budget)\n")
+        emit("\n".join(f"- {line}" for line in not_run))
     log("done")
     failed = sum(not ok for ok, _ in checks)
-    print(f"\n{len(checks) - failed} correctness checks passed, {failed} failed.")
+    summary = f"{len(checks) - failed} correctness checks passed, {failed} failed"
+    emit(f"\n{summary}, {len(not_run)} items not run.")
     return 1 if failed else 0
 
 

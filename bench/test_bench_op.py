@@ -41,11 +41,17 @@ def _checked_call(shape, device, provider, backward):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.label)
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
-def test_op(benchmark, record, device, backward, shape, provider):
+def test_op(benchmark, measure, record, device, backward, shape, provider):
     """Forward (``inputs_embeds = cat(prompts, word_embeddings(input_ids))``), or forward then backward
     of a random upstream gradient into the prompt table's gradient."""
     call = _checked_call(shape, device, provider, backward)
     peak = peak_extra_bytes(call, device)
     benchmark.group = f"{'forward+backward' if backward else 'forward'} {shape.title}"
-    benchmark(call)
-    record(nbytes=bytes_moved(shape, backward=backward), peak=peak, shape=shape.title, provider=provider)
+    measure(call)
+    record(
+        nbytes=bytes_moved(shape, backward=backward),
+        peak=peak,
+        call=call,
+        shape=shape.title,
+        provider=provider,
+    )

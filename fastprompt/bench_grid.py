@@ -23,9 +23,9 @@ from .benchmarking import (
     copy_bandwidth,
     device_kind,
     make_inputs,
-    median_seconds_each,
     op_call,
     peak_extra_bytes,
+    timings_each,
 )
 from .model_bench import TrainStep, greedy_generate
 from .report import Result
@@ -75,18 +75,19 @@ def op_results(
         calls[name] = op_call(name, inputs, backward=backward)
     peaks = {name: peak_extra_bytes(call, device) for name, call in calls.items()}
     progress(f"{workload} {shape.title}: timing {', '.join(calls)}")
-    medians = median_seconds_each(calls, device, budget_s=budget_s)
+    timings = timings_each(calls, device, budget_s=budget_s)
     nbytes = bytes_moved(shape, backward=backward, index_bytes=inputs.input_ids.element_size())
     return [
         Result(
             workload,
             shape.title,
             name,
-            medians[name],
+            timings[name].median,
             nbytes,
             peaks[name],
             copy_gbps,
             matches_peft=matches[name],
+            spread=timings[name].spread,
         )
         for name in calls
     ]
@@ -115,10 +116,20 @@ def model_results(base_model, label: str, device: torch.device, *, budget_s: flo
     for workload, make in workloads.items():
         progress(f"model {label}: {workload}")
         calls = {name: make(m) for name, m in models.items()}
+        # peak_extra_bytes warms up first: AdamW's state (created on the first step) is not counted.
         peaks = {name: peak_extra_bytes(call, device) for name, call in calls.items()}
-        medians = median_seconds_each(calls, device, budget_s=budget_s)
+        timings = timings_each(calls, device, budget_s=budget_s)
         results += [
-            Result(workload, label, name, medians[name], None, peaks[name], matches_peft=matches[name])
+            Result(
+                workload,
+                label,
+                name,
+                timings[name].median,
+                None,
+                peaks[name],
+                matches_peft=matches[name],
+                spread=timings[name].spread,
+            )
             for name in calls
         ]
     return results

@@ -11,7 +11,9 @@
   it (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the allocator's own alloc/free events recorded by
   ``torch.profiler(profile_memory=True)``, summed in time order).
 - ``median_seconds``: the median time of one call (``triton.testing.do_bench`` on CUDA, a timed loop
-  on CPU), and ``copy_bandwidth``: a device-to-device copy's GB/s, the ceiling for a gather.
+  on CPU); ``timings_each``: several calls timed side by side, each with its median and interquartile
+  range (the spread that says whether a run's ratios can be trusted); ``copy_bandwidth``: a
+  device-to-device copy's GB/s, the ceiling for a gather.
 """
 
 from __future__ import annotations
@@ -284,14 +286,20 @@ def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:
+def peak_extra_bytes(
+    fn: Callable[[], object], device: torch.device | str, *, warmup: bool = True
+) -> int | None:
     """Peak memory one call of ``fn`` allocates above what was allocated before it, or None if unknown.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the allocator's
-    events (see ``_cpu_peak_extra_bytes``). Call ``fn`` once before, so caches and lazy set-up
-    (compilation, autograd buffers) are not counted.
+    events (see ``_cpu_peak_extra_bytes``). With ``warmup`` (the default) ``fn`` is called once first,
+    unmeasured, so one-time set-up (compilation, autotuning, an optimizer's state on its first step,
+    lazily built buffers) is not counted: the figure is a steady-state call's.
     """
     device = torch.device(device)
+    if warmup:
+        result = fn()
+        del result
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -343,51 +351,81 @@ def median_seconds(fn: Callable[[], object], device: torch.device | str, *, budg
     """The median time of one call of ``fn``, spending about ``budget_s`` seconds measuring.
 
     CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls), median. Elsewhere: a
-    warm-up call, then calls timed one by one until the budget is spent (at least 5).
+    warm-up call, then calls timed one by one until the budget is spent (at least 7).
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return (
-            do_bench(
-                fn, warmup=max(1, int(budget_s * 250)), rep=max(1, int(budget_s * 750)), return_mode="median"
-            )
-            / 1e3
-        )
-    fn()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 10_000):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timings_each({"fn": fn}, device, budget_s=budget_s)["fn"].median
 
 
-def median_seconds_each(
+@dataclass(frozen=True)
+class Timing:
+    """The times of one call: median and interquartile range (seconds), and how many calls were timed."""
+
+    median: float
+    q1: float
+    q3: float
+    samples: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median: 0.05 is a steady measurement, 0.25 or more a noisy one."""
+        return (self.q3 - self.q1) / self.median if self.median > 0 else 0.0
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _do_bench_timing(fn: Callable[[], object], budget_s: float) -> Timing:
+    """``triton.testing.do_bench`` (CUDA events, L2 cleared before each call): its quartiles."""
+    from triton.testing import do_bench
+
+    warmup, rep = max(1, int(budget_s * 250)), max(1, int(budget_s * 750))
+    q1, median, q3 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.25, 0.5, 0.75])
+    return Timing(median / 1e3, q1 / 1e3, q3 / 1e3, 0)
+
+
+def timings_each(
     calls: dict[str, Callable[[], object]], device: torch.device | str, *, budget_s: float = 0.5
-) -> dict[str, float]:
-    """``median_seconds`` of several calls, about ``budget_s`` each, measured side by side.
+) -> dict[str, Timing]:
+    """Several calls timed side by side, about ``budget_s`` seconds each: median and quartiles of each.
 
-    On CPU the calls take turns (one call of each per round): a noisy machine then slows them all
-    alike, and their ratios hold even where the absolute times drift. On CUDA each is timed by
-    ``do_bench`` in turn.
+    On CPU the calls take turns, one call of each per round, the order rotated from round to round
+    (none always runs right after the same one): load from elsewhere then slows them all alike, and
+    their ratios hold even where the absolute times drift. The spread (``Timing.spread``) says when
+    they do not: a busy machine descheduling the process mid-call shows as a wide interquartile range.
+    On CUDA each is timed by ``do_bench`` in turn.
     """
     if torch.device(device).type == "cuda":
-        return {name: median_seconds(fn, device, budget_s=budget_s) for name, fn in calls.items()}
+        return {name: _do_bench_timing(fn, budget_s) for name, fn in calls.items()}
+    names = list(calls)
     for fn in calls.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
     deadline = time.perf_counter() + budget_s * len(calls)
     rounds = 0
-    while rounds < 5 or (time.perf_counter() < deadline and rounds < 10_000):
-        for name, fn in calls.items():
+    while rounds < 7 or (time.perf_counter() < deadline and rounds < 10_000):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = calls[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
         rounds += 1
-    return {name: statistics.median(values) for name, values in times.items()}
+    out = {}
+    for name, values in times.items():
+        q1, median, q3 = _quartiles(values)
+        out[name] = Timing(median, q1, q3, len(values))
+    return out
+
+
+def median_seconds_each(
+    calls: dict[str, Callable[[], object]], device: torch.device | str, *, budget_s: float = 0.5
+) -> dict[str, float]:
+    """The medians of ``timings_each``: several calls, about ``budget_s`` each, measured side by side."""
+    return {name: t.median for name, t in timings_each(calls, device, budget_s=budget_s).items()}
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, *, budget_s: float = 0.5) -> float:

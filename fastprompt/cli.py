@@ -5,12 +5,16 @@
 - ``check``: parity with the reference and with PEFT on this device (``fastprompt.parity``), one line
   per check; exit code 1 if any check fails.
 - ``demo``: a short prompt-tuning run with fastprompt (``fastprompt.demo``).
+
+A bad argument (an unknown or absent device, a model that cannot be loaded, a negative budget) is a
+one-line error on stderr and exit code 2, as argparse gives for its own usage errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 
@@ -19,10 +23,66 @@ import torch
 from .benchmarking import PROVIDERS, keep_freed_memory
 
 
+class UsageError(Exception):
+    """A bad command-line argument: reported as one line, exit code 2."""
+
+
 def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The device ``--device`` names (default: CUDA when present, else the CPU), or a UsageError."""
+    if not name:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    expected = "expected cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device: {expected}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"--device {name!r}: fastprompt benchmarks only the CPU and CUDA; {expected}")
+    if not torch.cuda.is_available():
+        build = "has no CUDA support" if torch.version.cuda is None else "sees no CUDA device"
+        raise UsageError(f"--device {name!r}: this torch ({torch.__version__}) {build}; use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {name!r}: there are {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def _positive(kind: type):
+    """An argparse type: a number of ``kind`` above zero (argparse reports anything else, exit code 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number above 0")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _load_model(name: str):
+    """``load_base_model(name)``, or a UsageError saying why it could not be loaded."""
+    from .tiny_models import TINY_MODELS, load_base_model
+
+    expected = (
+        f"expected a built-in model ({', '.join(TINY_MODELS)}), a local model directory, "
+        "or a hub name while online"
+    )
+    looks_local = os.path.isabs(name) or name.startswith((".", "~"))
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise UsageError(f"--model {name!r}: no such directory; {expected}")
+    try:
+        return load_base_model(os.path.expanduser(name) if looks_local else name)
+    except Exception as err:  # transformers raises OSError, ValueError, HFValidationError, ...
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(
+            f"--model {name!r}: transformers cannot load it ({type(err).__name__}: {reason}); {expected}"
+        ) from None
 
 
 def environment(device: torch.device) -> dict:
@@ -64,34 +124,26 @@ def environment(device: torch.device) -> dict:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench_grid import progress, run_grid
-    from .report import plot_available, text_table, with_speedups, write_json, write_plot
-    from .tiny_models import load_base_model
+    from .report import noise_warnings, plot_available, text_table, with_speedups, write_json, write_plot
 
     if args.plot and not plot_available():
-        print(
-            "--plot needs matplotlib: pip install 'fastprompt[plot]' (or pip install matplotlib)",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError("--plot needs matplotlib: pip install 'fastprompt[plot]'")
     providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown or "peft" not in providers:
-        print(
-            f"--providers must list peft and any of {', '.join(PROVIDERS)}; got {args.providers!r}",
-            file=sys.stderr,
-        )
-        return 2
+        expected = f"peft and any of {', '.join(PROVIDERS)}"
+        raise UsageError(f"--providers must list {expected}; got {args.providers!r}")
     device = _device(args.device)
+    base = None
+    model_name = args.model or "tiny-gpt2"
+    if args.model or not args.no_model:
+        progress(f"loading {model_name}" + ("" if args.model else " (built-in, from a config: no download)"))
+        base = _load_model(model_name).to(device)
     meta = environment(device)
     if device.type == "cpu":
         kept = args.allocator == "keep" and keep_freed_memory()
         meta["allocator"] = "glibc keeps freed memory" if kept else "default"
     progress(", ".join(f"{k} {v}" for k, v in meta.items() if v))
-    model_name = args.model or "tiny-gpt2"
-    base = None
-    if args.model or not args.no_model:
-        progress(f"loading {model_name}" + ("" if args.model else " (built-in, from a config: no download)"))
-        base = load_base_model(model_name).to(device)
     results = with_speedups(
         run_grid(
             device,
@@ -107,9 +159,26 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"fastprompt bench: {meta['device']}, backend {meta['fastprompt_backend']}, torch {meta['torch']}")
     print(text_table(results))
     print(
-        "median time of one call; GB/s from the bytes that must move (inputs read once, output written once);"
+        "median time of one call; IQR/med: the interquartile range of the timed calls over the median;\n"
+        "GB/s from the bytes that must move (inputs read once, output written once);\n"
+        "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up)."
     )
-    print("peak mem: peak memory allocated during one call above what was allocated before it.")
+    noise = noise_warnings(results)
+    if noise:
+        threads = torch.get_num_threads()
+        advice = (
+            "re-run with OMP_NUM_THREADS=1 on a quieter machine"
+            if device.type == "cpu" and threads > 1
+            else "re-run on a quieter machine"
+        )
+        print(f"\nWARNING: the timings of this run are noisy; do not trust its ratios ({advice}):")
+        for line in noise:
+            print(f"  - {line}")
+        if device.type == "cpu" and threads > 1:
+            print(
+                f"  ({threads} threads: with other work on the cores, every parallel region waits for "
+                "whichever thread was descheduled)"
+            )
     if args.json:
         write_json(args.json, results, meta)
         print(f"wrote {args.json}")
@@ -168,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, must include peft")
     bench.add_argument(
         "--budget",
-        type=float,
+        type=_positive(float),
         default=0.4,
         metavar="SECONDS",
         help="timing time per provider and workload (default 0.4)",
@@ -194,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a short prompt-tuning run with fastprompt, loss going down")
     demo.add_argument("--model", default="tiny-llama", choices=sorted(TINY_MODELS))
-    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--steps", type=_positive(int), default=40)
     demo.add_argument("--device", help="default: cuda when present, else cpu")
     demo.set_defaults(run=_demo)
     return parser
@@ -206,4 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # one line per check or result, not library chatter
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UsageError as err:
+        print(f"python -m fastprompt {args.command}: error: {err}", file=sys.stderr)
+        return 2

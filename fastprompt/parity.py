@@ -114,20 +114,28 @@ def _one_op_case(device, word_dtype, prompt_dtype, mode, gen) -> Check:
     return Check(ok, line)
 
 
+def op_cases() -> list[tuple[torch.dtype, torch.dtype, str]]:
+    """Every (word dtype, prompt dtype, index mode) that ``op_parity`` checks: 9 pairs x 4 modes."""
+    return list(itertools.product(DTYPES, DTYPES, INDEX_MODES))
+
+
+def op_case(
+    device: torch.device | str, word_dtype: torch.dtype, prompt_dtype: torch.dtype, mode: str, gen=None
+) -> Check:
+    """One case of ``op_parity`` (one small shape: B=3, L=7, D=40); a crash is a failed check."""
+    device = torch.device(device)
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    try:
+        return _one_op_case(device, word_dtype, prompt_dtype, mode, gen)
+    except Exception as err:  # a crash is a failed check with its reason, not the end of the run
+        pair = f"word={DTYPE_NAMES[word_dtype]} prompt={DTYPE_NAMES[prompt_dtype]}"
+        return Check(False, f"op     {pair:22s} indices={mode:18s} error: {type(err).__name__}: {err}")
+
+
 def op_parity(device: torch.device | str) -> list[Check]:
     """Every dtype pair and index mode of ``prompt_concat`` on ``device`` against float64."""
-    device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
-    checks = []
-    for word_dtype, prompt_dtype, mode in itertools.product(DTYPES, DTYPES, INDEX_MODES):
-        try:
-            checks.append(_one_op_case(device, word_dtype, prompt_dtype, mode, gen))
-        except Exception as err:  # a crash is a failed check with its reason, not the end of the run
-            pair = f"word={DTYPE_NAMES[word_dtype]} prompt={DTYPE_NAMES[prompt_dtype]}"
-            checks.append(
-                Check(False, f"op     {pair:22s} indices={mode:18s} error: {type(err).__name__}: {err}")
-            )
-    return checks
+    return [op_case(device, *case, gen) for case in op_cases()]
 
 
 def _model_case(name: str, device: torch.device) -> Check:

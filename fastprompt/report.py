@@ -1,7 +1,8 @@
 """Benchmark results as rows, and their three outputs: a text table, a JSON file and a PNG plot.
 
 A ``Result`` is one (workload, shape, provider) measurement; ``with_speedups`` fills each row's
-speedup over the ``peft`` row of the same workload and shape.
+speedup over the ``peft`` row of the same workload and shape; ``noise_warnings`` says when a run's
+timings are too noisy (or inconsistent) for its ratios to be trusted.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 @dataclass
 class Result:
-    """One measurement. ``seconds`` is the median time of one call; ``peak_bytes`` the peak memory
-    allocated during one call above what was allocated before it (None where unknown)."""
+    """One measurement. ``seconds`` is the median time of one call; ``spread`` the interquartile range
+    of the timed calls over that median (None where unknown); ``peak_bytes`` the peak memory allocated
+    during one call above what was allocated before it (None where unknown)."""
 
     workload: str
     shape: str
@@ -27,6 +29,7 @@ class Result:
     speedup: float | None = None
     memory_ratio: float | None = None
     matches_peft: bool = True
+    spread: float | None = None
 
     @property
     def gbps(self) -> float | None:
@@ -71,7 +74,47 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else pattern.format(value)
 
 
-COLUMNS = ("workload", "shape", "provider", "median", "GB/s", "of copy", "vs peft", "peak mem", "mem vs peft")
+COLUMNS = (
+    "workload",
+    "shape",
+    "provider",
+    "median",
+    "IQR/med",
+    "GB/s",
+    "of copy",
+    "vs peft",
+    "peak mem",
+    "mem vs peft",
+)
+
+# A row whose interquartile range exceeds this fraction of its median is too noisy to compare.
+NOISY_SPREAD = 0.25
+
+
+def noise_warnings(results: Sequence[Result], threshold: float = NOISY_SPREAD) -> list[str]:
+    """Why this run's ratios should not be trusted, one line each; empty when the run looks steady.
+
+    Two signs: a row whose interquartile range is more than ``threshold`` of its median (calls were
+    descheduled or stalled mid-measurement), and a forward+backward ``peft`` median below the forward
+    one of the same shape (impossible on a steady machine: the backward only adds work).
+    """
+    lines = []
+    noisy = [r for r in results if r.spread is not None and r.spread > threshold]
+    if noisy:
+        worst = max(noisy, key=lambda r: r.spread)
+        lines.append(
+            f"{len(noisy)} of {len(results)} rows have an interquartile range above {threshold:.0%} of their "
+            f"median (worst: {worst.workload} {worst.shape} {worst.provider}, {worst.spread:.0%})"
+        )
+    peft = {(r.workload, r.shape): r.seconds for r in results if r.provider == "peft"}
+    for (workload, shape), seconds in peft.items():
+        forward = peft.get(("forward", shape)) if workload == "forward+backward" else None
+        if forward is not None and seconds < forward:
+            lines.append(
+                f"peft forward+backward ({_time(seconds)}) ran faster than peft forward ({_time(forward)}) "
+                f"at {shape}"
+            )
+    return lines
 
 
 def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
@@ -85,6 +128,7 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
                 r.shape,
                 provider,
                 _time(r.seconds),
+                _fmt(r.spread, "{:.0%}"),
                 _fmt(r.gbps, "{:.1f}"),
                 _fmt(r.copy_fraction, "{:.0%}"),
                 _fmt(r.speedup, "{:.2f}x"),
@@ -96,8 +140,13 @@ def table_rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
 
 
 def text_table(results: Sequence[Result], *, markdown: bool = False) -> str:
-    """A plain aligned table (or a markdown one); the ``of copy`` column only when some row has it."""
-    keep = [i for i, c in enumerate(COLUMNS) if c != "of copy" or any(r.copy_fraction for r in results)]
+    """A plain aligned table (or a markdown one); the ``of copy`` and ``IQR/med`` columns only when some
+    row has them."""
+    optional = {
+        "of copy": any(r.copy_fraction for r in results),
+        "IQR/med": any(r.spread is not None for r in results),
+    }
+    keep = [i for i, c in enumerate(COLUMNS) if optional.get(c, True)]
     header = [COLUMNS[i] for i in keep]
     body = [[row[i] for i in keep] for row in table_rows(results)]
     if markdown:
