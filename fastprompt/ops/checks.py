@@ -4,7 +4,9 @@ Two kinds:
 - ``check_metadata``: ranks, dtypes, devices and shapes. Reads no tensor values, so it runs in the
   fake (meta) kernel too and never causes a host sync or a graph break.
 - ``check_index_bounds``: reads the index values (a host sync on CUDA). It runs inside the real op
-  only, where ``torch.compile`` does not trace: always on CPU, opt-in on CUDA.
+  only, where ``torch.compile`` does not trace: opt-in on CUDA; always in the interpreter; on the CPU
+  torch path only after ``index_select`` (which checks every id itself) has failed, to name the
+  argument, the value and the table in the error.
 """
 
 from __future__ import annotations
