@@ -24,7 +24,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastprompt.benchmarking import (  # noqa: E402
+from fastprompt.cli.benchmarking import (  # noqa: E402
     bench_device,
     copy_bandwidth,
     gbps,

@@ -10,7 +10,7 @@ import functools
 
 import pytest
 
-from fastprompt.benchmarking import (
+from fastprompt.cli.benchmarking import (
     PROVIDERS,
     SUITE_SHAPES,
     assert_matches_peft,

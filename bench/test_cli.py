@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastprompt.cli import main
-from fastprompt.report import Result, noise_warnings
+from fastprompt.cli.report import Result, noise_warnings
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):

@@ -1,10 +1,10 @@
 """The command line: ``python -m fastprompt bench | check | demo`` (argument parsing and dispatch).
 
-- ``bench``: the compact benchmark grid on whatever device is present (``fastprompt.bench_grid``),
+- ``bench``: the compact benchmark grid on whatever device is present (``fastprompt.cli.bench_grid``),
   printed as a table; ``--json PATH`` and ``--plot PATH.png`` as well.
-- ``check``: parity with the reference and with PEFT on this device (``fastprompt.parity``), one line
+- ``check``: parity with the reference and with PEFT on this device (``fastprompt.cli.parity``), one line
   per check; exit code 1 if any check fails.
-- ``demo``: a short prompt-tuning run with fastprompt (``fastprompt.demo``).
+- ``demo``: a short prompt-tuning run with fastprompt (``fastprompt.cli.demo``).
 
 A bad argument (an unknown or absent device, a model that cannot be loaded, a negative budget) is a
 one-line error on stderr and exit code 2, as argparse gives for its own usage errors.

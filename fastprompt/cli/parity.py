@@ -65,7 +65,7 @@ def _max_error(
 
 
 def _one_op_case(device, word_dtype, prompt_dtype, mode, gen) -> Check:
-    from . import prompt_concat
+    from fastprompt import prompt_concat
 
     batch, seq, dim, vocab, prompt_rows, num_prompt = 3, 7, 40, 50, 8, 5
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
