@@ -43,22 +43,41 @@ def _prefixed_token_type_ids(peft_model, kwargs: dict, batch_size: int, num_virt
         kwargs["token_type_ids"] = torch.cat((zeros, kwargs["token_type_ids"]), dim=1).long()
 
 
-def causal_lm_forward(peft_model, args: dict, kwargs: dict):
-    """``PeftModelForCausalLM.forward``, prompt tuning."""
+def _prepare_kwargs(
+    peft_model, args: dict, kwargs: dict, *, return_dict, remove_token_type_ids: bool, passed
+):
+    """What every prompt-tuning forward of PEFT does to the call before building the embeddings:
+    the attention mask prefixed with ones, position ids (and token type ids where PEFT does) dropped
+    with PEFT's warning, and the named arguments in ``passed`` handed on. Returns (input_ids, B, N)."""
     config = peft_model.active_peft_config
-    input_ids, labels = args["input_ids"], args["labels"]
-    batch_size = input_ids.shape[0]
-    n = config.num_virtual_tokens
+    input_ids = args["input_ids"]
+    batch_size, n = input_ids.shape[0], config.num_virtual_tokens
     attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
-    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    peft_model._adjust_prompt_learning_kwargs(
+        config, kwargs=kwargs, remove_token_type_ids=remove_token_type_ids
+    )
     kwargs.update(
         attention_mask=attention_mask,
-        labels=labels,
         output_attentions=args["output_attentions"],
         output_hidden_states=args["output_hidden_states"],
+        return_dict=return_dict,
+        **{key: args[key] for key in passed},
+    )
+    return input_ids, batch_size, n
+
+
+def causal_lm_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForCausalLM.forward``, prompt tuning: labels prefixed with -100."""
+    input_ids, batch_size, n = _prepare_kwargs(
+        peft_model,
+        args,
+        kwargs,
         return_dict=args["return_dict"],
+        remove_token_type_ids=True,
+        passed=("labels",),
     )
     inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    labels = args["labels"]
     if labels is not None:
         prefix_labels = torch.full((batch_size, n), -100).to(labels.device)
         kwargs["labels"] = torch.cat((prefix_labels, labels), dim=1)
@@ -66,21 +85,11 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
 
 
 def _encoder_task_forward(peft_model, args: dict, kwargs: dict, target_keys: tuple[str, ...]):
-    """The prompt-tuning forward shared by PEFT's encoder task classes: mask prefixed with ones,
-    token_type_ids prefixed (or dropped) as PEFT does, the task's targets passed through unshifted."""
-    config = peft_model.active_peft_config
+    """The prompt-tuning forward shared by PEFT's encoder task classes: token_type_ids prefixed with
+    zeros (when passed through ``**kwargs``), the task's targets passed through unshifted."""
     return_dict = _return_dict(peft_model, args["return_dict"])
-    input_ids = args["input_ids"]
-    batch_size = input_ids.shape[0]
-    n = config.num_virtual_tokens
-    attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
-    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs, remove_token_type_ids=False)
-    kwargs.update(
-        attention_mask=attention_mask,
-        output_attentions=args["output_attentions"],
-        output_hidden_states=args["output_hidden_states"],
-        return_dict=return_dict,
-        **{key: args[key] for key in target_keys},
+    input_ids, batch_size, n = _prepare_kwargs(
+        peft_model, args, kwargs, return_dict=return_dict, remove_token_type_ids=False, passed=target_keys
     )
     _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)
     inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
@@ -103,17 +112,8 @@ def question_answering_forward(peft_model, args: dict, kwargs: dict):
 
 def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForFeatureExtraction.forward``, prompt tuning."""
-    config = peft_model.active_peft_config
-    input_ids = args["input_ids"]
-    batch_size = input_ids.shape[0]
-    n = config.num_virtual_tokens
-    attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
-    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
-    kwargs.update(
-        attention_mask=attention_mask,
-        output_attentions=args["output_attentions"],
-        output_hidden_states=args["output_hidden_states"],
-        return_dict=args["return_dict"],
+    input_ids, _, n = _prepare_kwargs(
+        peft_model, args, kwargs, return_dict=args["return_dict"], remove_token_type_ids=True, passed=()
     )
     inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
@@ -121,22 +121,15 @@ def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
 
 def seq2seq_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForSeq2SeqLM.forward``, prompt tuning: the encoder gets N of the 2N prompt rows."""
-    config = peft_model.active_peft_config
-    input_ids, attention_mask = args["input_ids"], args["attention_mask"]
-    batch_size = input_ids.shape[0]
-    n = config.num_virtual_tokens
-    peft_model._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
-    kwargs.update(
-        attention_mask=attention_mask,
-        decoder_attention_mask=args["decoder_attention_mask"],
-        labels=args["labels"],
-        output_attentions=args["output_attentions"],
-        output_hidden_states=args["output_hidden_states"],
+    input_ids, _, n = _prepare_kwargs(
+        peft_model,
+        args,
+        kwargs,
         return_dict=args["return_dict"],
+        remove_token_type_ids=True,
+        passed=("decoder_attention_mask", "labels"),
     )
     inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
-    if attention_mask is not None:
-        kwargs["attention_mask"] = _prefix_mask(attention_mask, batch_size, n)
     return peft_model.base_model(
         inputs_embeds=inputs_embeds,
         decoder_input_ids=args["decoder_input_ids"],

@@ -15,22 +15,11 @@ import logging
 import torch
 
 from ..ops import prompt_concat
-from .word_embeddings import lookup_spec
+from .word_embeddings import FUSABLE_DTYPES, lookup_spec
 
 logger = logging.getLogger("fastprompt")
 
 CALLS: collections.Counter = collections.Counter()
-
-_arange_cache: dict = {}
-
-
-def _prompt_rows(num_prompt: int, device: torch.device) -> torch.Tensor:
-    """arange(num_prompt) [T] int64 on ``device``, cached (seq2seq's encoder uses N of its 2N rows)."""
-    key = (num_prompt, device)
-    rows = _arange_cache.get(key)
-    if rows is None:
-        rows = _arange_cache[key] = torch.arange(num_prompt, device=device)
-    return rows
 
 
 def _unfused(peft_model, input_ids: torch.Tensor, num_prompt: int, reason: str) -> torch.Tensor:
@@ -67,16 +56,16 @@ def prompted_inputs_embeds(peft_model, input_ids: torch.Tensor, num_prompt: int)
     if type(prompt_encoder.embedding).forward is not torch.nn.Embedding.forward:
         return _unfused(peft_model, input_ids, num_prompt, "prompt embedding with a custom forward")
     weight = spec.weight
-    fusable_dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    if input_ids.device != weight.device or prompt_weight.dtype not in fusable_dtypes:
+    if input_ids.device != weight.device or prompt_weight.dtype not in FUSABLE_DTYPES:
         return _unfused(peft_model, input_ids, num_prompt, "devices or dtypes")
     if prompt_weight.numel() == 0 or prompt_weight.is_meta:  # ZeRO-3 sharded / not materialized
         return _unfused(peft_model, input_ids, num_prompt, "prompt table not materialized")
     if prompt_weight.device != weight.device:
         prompt_weight = prompt_weight.to(weight.device)
-    rows = None if num_prompt == prompt_weight.shape[0] else _prompt_rows(num_prompt, weight.device)
+    # seq2seq: the encoder takes the first N of 2N rows; the other rows get zero gradient.
+    prompt_rows = prompt_weight if num_prompt == prompt_weight.shape[0] else prompt_weight[:num_prompt]
     out = prompt_concat(
-        input_ids, weight, prompt_weight, rows, embed_scale=spec.embed_scale, padding_idx=spec.padding_idx
+        input_ids, weight, prompt_rows, embed_scale=spec.embed_scale, padding_idx=spec.padding_idx
     )
     if spec.require_grad_hook and not out.requires_grad and torch.is_grad_enabled():
         out.requires_grad_(True)

@@ -21,7 +21,6 @@ import ast
 import functools
 import inspect
 import textwrap
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +49,15 @@ class LookupSpec:
 
     Attributes:
         weight: [V, D] the module's table (float32, float16 or bfloat16).
-        embed_scale: multiplies the token rows (None: no scaling), as a Python float.
+        embed_scale: multiplies the token rows (None: no scaling): a Python float, or a 0-dim tensor
+            on the table's device (a buffer scale, already rounded to the table's dtype).
         padding_idx: the row that gets no gradient (``nn.Embedding.padding_idx``).
         require_grad_hook: the module has the "inputs require grad" hook: the fused output must
             require grad like the module's output would.
     """
 
     weight: torch.Tensor
-    embed_scale: float | None
+    embed_scale: float | torch.Tensor | None
     padding_idx: int | None
     require_grad_hook: bool
 
@@ -98,21 +98,15 @@ def forward_kind(cls: type) -> str | None:
     return _TEMPLATE_DUMPS.get(ast.dump(body[0]))
 
 
-_scale_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _buffer_scale(module: torch.nn.Module, weight: torch.Tensor) -> float | None:
-    """``float(module.embed_scale.to(weight.dtype))``, cached: one host read per buffer value."""
+def _buffer_scale(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
+    """``module.embed_scale.to(weight.dtype)``: what the module multiplies by, left on the device
+    (``prompt_concat`` reads a tensor scale there: no host sync, nothing to cache)."""
     buffer = getattr(module, "embed_scale", None)
     if not isinstance(buffer, torch.Tensor) or buffer.numel() != 1 or buffer.is_meta:
         return None
-    key = (buffer.data_ptr(), buffer._version, buffer.dtype, buffer.device, weight.dtype)
-    cached = _scale_cache.get(module)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    value = float(buffer.detach().to(weight.dtype).float().cpu())
-    _scale_cache[module] = (key, value)
-    return value
+    if buffer.device != weight.device or not buffer.is_floating_point():
+        return None
+    return buffer.detach().to(weight.dtype)
 
 
 def _hooks_allow_fusion(module: torch.nn.Module) -> tuple[bool, bool]:

@@ -62,7 +62,8 @@ def _prompt_concat_op(
     check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx, embed_scale_tensor)
     device = input_ids.device
     scale = _scale(embed_scale, embed_scale_tensor)
-    if backend_for(device) == "torch" and device.type == "cpu":
+    backend = backend_for(device)
+    if backend == "torch" and device.type == "cpu":
         # index_select checks every id on CPU: look at the values only once it has failed, to turn
         # its bare "index out of range in self" into a message naming the argument and the value.
         try:
@@ -72,7 +73,7 @@ def _prompt_concat_op(
             raise
     if bounds_check_requested(device, check_bounds):
         check_index_bounds(input_ids, word_weight, prompt_weight, prompt_indices)
-    if backend_for(device) == "torch":
+    if backend == "torch":
         return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
     return _kernels().prompt_concat_forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
 
