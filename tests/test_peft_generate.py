@@ -17,6 +17,8 @@ peft = pytest.importorskip("peft")
 
 CAUSAL = ["gpt2", "llama", "opt", "gemma3"]
 GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=tiny_models.PAD)
+# the prompts-in-the-prefill path (prompt-KV reuse, on by default, has its own tests: test_prompt_kv*.py)
+NO_REUSE = dict(GREEDY, reuse_prompt_kv=False)
 
 
 @pytest.mark.parametrize("family", CAUSAL)
@@ -25,7 +27,7 @@ def test_greedy_left_padded_matches_reference(family):
     inputs = tiny_models.batch()
     expected = reference.generate(**inputs, use_cache=False, **GREEDY)
     with FastpromptOps() as ops:
-        cached = fast.generate(**inputs, **GREEDY)
+        cached = fast.generate(**inputs, **NO_REUSE)
     assert ops.forward == 1  # prompts injected once, at prefill; the cache carries them afterwards
     assert torch.equal(cached, expected)
     # output sequences hold no virtual tokens
@@ -42,7 +44,7 @@ def test_triton_interpreter_generation(backend, family):
     inputs = tiny_models.batch()
     expected = reference.generate(**inputs, use_cache=False, **GREEDY)
     with FastpromptOps() as ops:
-        assert torch.equal(fast.generate(**inputs, **GREEDY), expected)
+        assert torch.equal(fast.generate(**inputs, **NO_REUSE), expected)
     assert ops.forward == 1
 
 
@@ -78,7 +80,7 @@ def test_bf16_generation():
     reference, fast = model_pair("llama", "CAUSAL_LM", dtype=torch.bfloat16)
     inputs = tiny_models.batch()
     with FastpromptOps() as ops:
-        out = fast.generate(**inputs, **GREEDY)
+        out = fast.generate(**inputs, **NO_REUSE)
     assert ops.forward == 1 and out.shape == (3, 11)
     first_ref = reference.generate(
         **inputs, use_cache=False, max_new_tokens=1, do_sample=False, pad_token_id=0
@@ -96,7 +98,7 @@ def test_disable_adapter_generates_like_the_base_model():
         assert torch.equal(fast(**inputs).logits, base(**inputs).logits)
     assert ops.names == []
     with FastpromptOps() as ops:
-        fast.generate(**inputs, **GREEDY)
+        fast.generate(**inputs, **NO_REUSE)
     assert ops.forward == 1  # enabled again afterwards
 
 

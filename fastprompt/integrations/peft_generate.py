@@ -13,11 +13,16 @@ Seq2Seq: :func:`seq2seq_generate` is ``PeftModelForSeq2SeqLM.generate`` for prom
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import inspect
 import warnings
+import weakref
 
 import torch
 
+from . import prompt_kv
 from .prompted_embeds import prompted_inputs_embeds
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
@@ -42,63 +47,48 @@ def _is_empty_cache(cache) -> bool:
     return isinstance(cache, transformers.Cache) and not cache.get_seq_length()
 
 
-def _prefixed_generation_mask(peft_model, model_kwargs: dict, config, cache, is_prefill: bool) -> None:
-    """Prefix the attention mask with N ones (2-D), or rebuild a 4-D mask, as PEFT does."""
-    attention_mask = model_kwargs.get("attention_mask", None)
-    if attention_mask is None:
-        return
-    if isinstance(attention_mask, dict):
-        if len(attention_mask) != 1:
-            raise ValueError(
-                f"Expected a single attention mask, got {len(attention_mask)} instead, please open an "
-                "issue (https://github.com/huggingface/peft/issues) and report the error."
-            )
-        attention_mask = next(iter(attention_mask.values()))
-    input_ids = model_kwargs["input_ids"]
-    prefix = torch.ones(input_ids.shape[0], config.num_virtual_tokens).to(input_ids.device)
-    if attention_mask.dim() != 4:
-        model_kwargs["attention_mask"] = torch.cat((prefix, attention_mask), dim=1)
-        return
-    from peft.utils.other import create_attention_mask
+def _prefixed_generation_mask(model_kwargs: dict, attention_mask, num_prompt: int) -> None:
+    """The 2-D mask with N ones in front, as PEFT does (``cat(ones(B, N), mask)``: float32 ones).
 
-    batch_size = attention_mask.shape[0]
-    total_seq_len = prefix.shape[1] + attention_mask.shape[2]
-    mask_2d = torch.ones((batch_size, total_seq_len), dtype=attention_mask.dtype)
-    if is_prefill:
-        cache_position = torch.arange(total_seq_len, device=input_ids.device)
-    else:
-        cache_position = model_kwargs.get("cache_position", None)
-    model_kwargs["attention_mask"] = create_attention_mask(
-        peft_model.get_base_model(),
-        model_input=None,
-        attention_mask=mask_2d,
-        past_key_values=cache,
-        cache_position=cache_position,
-        batch_size=batch_size,
-        sequence_length=total_seq_len,
-        position_ids=model_kwargs.get("position_ids", None),
-    )
+    ``attention_mask`` is the 2-D mask ``generate`` keeps (over the tokens so far). A 4-D mask the base
+    model's ``prepare_inputs_for_generation`` may have built from it (compilable caches: ``static``) is
+    sized for the tokens without the prompt; it is dropped, and the model builds its own from the 2-D one.
+    """
+    if attention_mask is None or getattr(attention_mask, "dim", lambda: 0)() != 2:
+        if isinstance(model_kwargs.get("attention_mask"), (dict, torch.Tensor)):
+            model_kwargs["attention_mask"] = None
+        return
+    input_ids = model_kwargs["input_ids"]
+    prefix = torch.ones(attention_mask.shape[0], num_prompt).to(attention_mask.device)
+    model_kwargs["attention_mask"] = torch.cat((prefix, attention_mask), dim=1).to(input_ids.device)
 
 
 def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dict) -> dict:
-    """``PeftModelForCausalLM.prepare_inputs_for_generation`` for prompt tuning (``task_ids`` removed)."""
+    """``PeftModelForCausalLM.prepare_inputs_for_generation`` for prompt tuning (``task_ids`` removed).
+
+    With prompt-KV reuse (:func:`causal_lm_generate`), the first call writes the stored virtual-token
+    keys/values into the (empty) generation cache and feeds the L input tokens only.
+    """
     config = peft_model.active_peft_config
+    state = _STATES.get(peft_model)
+    reuse_prefill = state is not None and state.pending is not None
+    if reuse_prefill:
+        full_ids = args[0] if args else kwargs["input_ids"]
+        fill_prompt_kv(_find_cache(kwargs), state.pending, full_ids.shape[0])
+        state.pending = None
     model_kwargs = peft_model.base_model_prepare_inputs_for_generation(*args, **kwargs)
     cache = _find_cache(model_kwargs)
-    cache_position = model_kwargs.get("cache_position", None)
-    if cache_position is not None:
-        is_prefill = bool(cache_position[0] == 0)
-    else:
-        is_prefill = cache is None or _is_empty_cache(cache)
 
+    if reuse_prefill:  # the cache holds the N prompt positions: the whole input goes in
+        model_kwargs["input_ids"] = full_ids.clone(memory_format=torch.contiguous_format)
     # Once the cache holds the prefix (prompts + tokens so far), feed only the newest token.
-    if cache is not None and _cache_length(cache) >= model_kwargs["input_ids"].shape[1]:
+    elif cache is not None and _cache_length(cache) >= model_kwargs["input_ids"].shape[1]:
         model_kwargs["input_ids"] = model_kwargs["input_ids"][:, -1:]
 
-    _prefixed_generation_mask(peft_model, model_kwargs, config, cache, is_prefill)
+    _prefixed_generation_mask(model_kwargs, kwargs.get("attention_mask"), config.num_virtual_tokens)
     peft_model._adjust_prompt_learning_kwargs(config, kwargs=model_kwargs)
 
-    if cache is None or _is_empty_cache(cache):
+    if not reuse_prefill and (cache is None or _is_empty_cache(cache)):
         input_ids = model_kwargs["input_ids"]
         model_kwargs["inputs_embeds"] = prompted_inputs_embeds(
             peft_model, input_ids, config.num_virtual_tokens
@@ -108,6 +98,187 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
     # The model derives cache_position from inputs_embeds (which now include the prompts).
     model_kwargs.pop("cache_position", None)
     return model_kwargs
+
+
+# ------------------------------------------------------------------ CausalLM: prompt-KV reuse
+
+# Cache layer types whose ``update`` with N keys is what the model's own N-token forward does to them.
+_LAYER_TYPES = ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer")
+_REUSE_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")
+_REUSE_CACHES = (None, "dynamic", "static")
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class PendingKV:
+    """Prompt KV waiting to be written into the generation cache at the prefill.
+
+    Attributes:
+        keys, values: per layer ``[K, H_kv, N, head_dim]``, one row per distinct adapter.
+        table_index: ``[B]`` int64 row -> adapter row of ``keys`` (None: every row uses row 0).
+        batch_size: B, the rows ``generate`` was called with (``num_beams`` / ``num_return_sequences``
+            expand each row, consecutively, before the prefill).
+    """
+
+    keys: list
+    values: list
+    table_index: torch.Tensor | None
+    batch_size: int | None
+
+
+@dataclasses.dataclass
+class GenerationState:
+    pending: PendingKV | None = None
+
+
+def fill_prompt_kv(cache, pending: PendingKV, rows: int) -> None:
+    """Write the prompt KV into an empty generation ``cache`` for ``rows`` batch rows, layer by layer.
+
+    ``cache.update(keys, values, layer)`` with the N prompt positions does to each layer (full,
+    sliding-window, static) exactly what the model's own forward over them would: the sliding layers
+    keep their window and count N tokens seen. The stored tensors are never written to.
+    """
+    if cache is None:
+        raise RuntimeError("reuse_prompt_kv: generate() prepared no cache for the prefill.")
+    if cache.get_seq_length():
+        raise RuntimeError("reuse_prompt_kv: the generation cache is not empty at the prefill.")
+    layers = getattr(cache, "layers", None)
+    if layers and (
+        len(layers) != len(pending.keys) or any(type(layer).__name__ not in _LAYER_TYPES for layer in layers)
+    ):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise RuntimeError(
+            f"reuse_prompt_kv: unsupported generation cache {type(cache).__name__} with layers {kinds} "
+            f"({len(layers)} layers, the prompt KV has {len(pending.keys)}); pass reuse_prompt_kv=False."
+        )
+    index = pending.table_index
+    if index is not None:
+        if rows % pending.batch_size:
+            raise RuntimeError(f"reuse_prompt_kv: {rows} rows at the prefill, batch of {pending.batch_size}.")
+        index = index.repeat_interleave(rows // pending.batch_size)
+    for layer_idx, (keys, values) in enumerate(zip(pending.keys, pending.values, strict=True)):
+        if index is None:
+            keys = keys.expand(rows, -1, -1, -1)
+            values = values.expand(rows, -1, -1, -1)
+        else:
+            keys = keys.index_select(0, index.to(keys.device))
+            values = values.index_select(0, index.to(values.device))
+        cache.update(keys, values, layer_idx)
+
+
+def _effective_generation_config(base_model, kwargs: dict):
+    """The GenerationConfig ``generate`` will run with (``generation_config`` or the model's, updated by
+    the keyword arguments), for deciding whether the prompt KV can be reused."""
+    config = kwargs.get("generation_config") or base_model.generation_config
+    config = copy.deepcopy(config)
+    config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+    return config
+
+
+def _training(model) -> bool:
+    return any(module.training for module in model.modules())
+
+
+def _why_no_reuse(peft_model, kwargs: dict) -> tuple[str | None, bool]:
+    """(reason, silent): why the prompt KV cannot be reused here, or (None, False) when it can.
+    ``silent`` reasons never raise, even for ``reuse_prompt_kv=True`` (the issue's "does not reuse")."""
+    base_model = peft_model.get_base_model()
+    if _training(peft_model):
+        return "the model is in training mode (dropout): the prompt KV is recomputed at every call", True
+    config = _effective_generation_config(base_model, kwargs)
+    if config.use_cache is False:
+        return "use_cache=False: no cache to start from", True
+    for key in (*CACHE_KEYS, "cache_params"):
+        if kwargs.get(key) is not None:
+            return f"a cache was passed in ({key}=...)", False
+    for key in ("assistant_model", "custom_generate", "negative_prompt_ids", "prefix_allowed_tokens_fn"):
+        if kwargs.get(key) is not None:
+            return f"{key} is not supported with prompt-KV reuse", False
+    mode = config.get_generation_mode(kwargs.get("assistant_model"))
+    mode = getattr(mode, "value", mode)
+    if mode not in _REUSE_MODES:
+        return f"generation mode {mode!r} (supported: {', '.join(_REUSE_MODES)})", False
+    if config.cache_implementation not in _REUSE_CACHES:
+        implementation = config.cache_implementation
+        return f"cache_implementation={implementation!r} (supported: None, 'dynamic', 'static')", False
+    if getattr(config, "prefill_chunk_size", None) is not None:
+        return "prefill_chunk_size is not supported with prompt-KV reuse", False
+    if config.output_attentions or config.output_hidden_states:
+        return "output_attentions / output_hidden_states would lack the virtual-token rows", False
+    if getattr(config, "prompt_lookup_num_tokens", None) is not None:
+        return "prompt_lookup_num_tokens is not supported with prompt-KV reuse", False
+    from transformers import DynamicCache
+
+    probe = DynamicCache(config=base_model.config)
+    kinds = {type(layer).__name__ for layer in probe.layers}
+    if not kinds <= set(_LAYER_TYPES) or not base_model._supports_default_dynamic_cache():
+        return f"the model's cache layers {sorted(kinds)} are not plain key/value layers", False
+    return None, False
+
+
+@contextlib.contextmanager
+def _static_cache_room(base_model, extra: int):
+    """Size a ``static`` cache that ``generate`` creates for the N virtual tokens too (transformers sizes
+    it for the ids it sees, ``max_length - 1``), by adding ``extra`` to its ``max_cache_len``."""
+    original = getattr(base_model, "_prepare_static_cache", None)
+    if original is None or "_prepare_static_cache" in base_model.__dict__:
+        yield
+        return
+    signature = inspect.signature(original)
+
+    def prepare_static_cache(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["max_cache_len"] = bound.arguments["max_cache_len"] + extra
+        return original(*bound.args, **bound.kwargs)
+
+    base_model.__dict__["_prepare_static_cache"] = prepare_static_cache
+    try:
+        yield
+    finally:
+        base_model.__dict__.pop("_prepare_static_cache", None)
+
+
+def _pending_prompt_kv(peft_model, names: list[str], table_index) -> PendingKV:
+    store = prompt_kv.prompt_kv_store(peft_model)
+    entries = [store.get(peft_model, name) for name in names]
+    if len(entries) == 1:
+        return PendingKV(entries[0].keys, entries[0].values, None, None)
+    keys = [torch.cat(layer, dim=0) for layer in zip(*(e.keys for e in entries), strict=True)]
+    values = [torch.cat(layer, dim=0) for layer in zip(*(e.values for e in entries), strict=True)]
+    return PendingKV(keys, values, table_index, int(table_index.shape[0]))
+
+
+def causal_lm_generate(peft_model, original, args: tuple, kwargs: dict, reuse: bool | None):
+    """``PeftModelForCausalLM.generate`` for prompt tuning, reusing the adapter's prompt KV.
+
+    Args:
+        original: PEFT's ``generate`` (which puts the model's ``prepare_inputs_for_generation`` in place).
+        reuse: ``reuse_prompt_kv``: None (default) reuses where it applies and otherwise generates
+            without reuse; True also, but raises ``ValueError`` where reuse cannot apply for a reason other
+            than ``use_cache=False`` or training mode (which never reuse); False never reuses.
+
+    Output: what ``generate`` returns (ids ``[B * num_return_sequences, L + new]`` or a GenerateOutput),
+    equal to generation without reuse.
+    """
+    if reuse is not None and not isinstance(reuse, bool):
+        raise TypeError(f"reuse_prompt_kv must be True, False or None, got {reuse!r}.")
+    state = GenerationState()
+    if reuse is not False:
+        reason, silent = _why_no_reuse(peft_model, kwargs)
+        if reason is None:
+            state.pending = _pending_prompt_kv(peft_model, [peft_model.active_adapter], None)
+        elif reuse and not silent:
+            raise ValueError(f"reuse_prompt_kv=True cannot apply: {reason}.")
+    base_model = peft_model.get_base_model()
+    if _STATES.get(peft_model) is not None:
+        raise RuntimeError("generate() is already running on this model (re-entrant call).")
+    _STATES[peft_model] = state
+    try:
+        with _static_cache_room(base_model, peft_model.active_peft_config.num_virtual_tokens):
+            return original(peft_model, *args, **kwargs)
+    finally:
+        _STATES.pop(peft_model, None)
 
 
 def seq2seq_generate(peft_model, kwargs: dict):

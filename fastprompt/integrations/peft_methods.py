@@ -125,6 +125,23 @@ def _wrap_seq2seq_generate(original):
     return generate
 
 
+def _wrap_causal_lm_generate(original):
+    original = original_of(original)
+
+    @functools.wraps(original)
+    def generate(self, *args, reuse_prompt_kv=None, **kwargs):
+        if (
+            _prompt_tuning_active(self)
+            and not getattr(self, "_adapters_disabled", False)
+            and kwargs.get("inputs_embeds", None) is None
+        ):
+            return peft_generate.causal_lm_generate(self, original, args, kwargs, reuse_prompt_kv)
+        return original(self, *args, **kwargs)  # no virtual tokens here: nothing to reuse
+
+    generate.__fastprompt_original__ = original
+    return generate
+
+
 def task_methods(cls_name: str, cls: type) -> dict:
     """{attribute: wrapper} for PEFT class ``cls`` (only the attributes that class itself defines)."""
     methods = {}
@@ -134,6 +151,7 @@ def task_methods(cls_name: str, cls: type) -> dict:
         methods["prepare_inputs_for_generation"] = _wrap_prepare_inputs_for_generation(
             cls.__dict__["prepare_inputs_for_generation"]
         )
+        methods["generate"] = _wrap_causal_lm_generate(cls.__dict__["generate"])
     if cls_name == "PeftModelForSeq2SeqLM":
         methods["generate"] = _wrap_seq2seq_generate(cls.__dict__["generate"])
     return methods
