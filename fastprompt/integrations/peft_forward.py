@@ -2,7 +2,7 @@
 
 Each function here re-states what ``PeftModelForXxx.forward`` of PEFT 0.21 does when the active adapter is
 PROMPT_TUNING and ``input_ids`` (not ``inputs_embeds``) is given, the only difference being that
-``inputs_embeds`` comes from :func:`prompted_inputs_embeds`. Everything else is PEFT's: the attention mask
+``inputs_embeds`` comes from :func:`model_inputs_embeds`. Everything else is PEFT's: the attention mask
 prefixed with float32 ones, the -100 label prefix (CAUSAL_LM only), token_type_ids prefixed with zeros
 (SEQ_CLS, TOKEN_CLS), dropped with PEFT's warning (CAUSAL_LM, FEATURE_EXTRACTION) or silently
 (QUESTION_ANS), position_ids dropped with PEFT's warning (PEFT's own ``_adjust_prompt_learning_kwargs``
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .prompted_embeds import prompted_inputs_embeds
+from .prompted_embeds import model_inputs_embeds
 
 
 def _prefix_mask(attention_mask: torch.Tensor | None, batch_size: int, num_virtual_tokens: int):
@@ -76,7 +76,7 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
         remove_token_type_ids=True,
         passed=("labels",),
     )
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n)
     labels = args["labels"]
     if labels is not None:
         prefix_labels = torch.full((batch_size, n), -100).to(labels.device)
@@ -92,7 +92,7 @@ def _encoder_task_forward(peft_model, args: dict, kwargs: dict, target_keys: tup
         peft_model, args, kwargs, return_dict=return_dict, remove_token_type_ids=False, passed=target_keys
     )
     _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
@@ -115,7 +115,7 @@ def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
     input_ids, _, n = _prepare_kwargs(
         peft_model, args, kwargs, return_dict=args["return_dict"], remove_token_type_ids=True, passed=()
     )
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
@@ -129,7 +129,7 @@ def seq2seq_forward(peft_model, args: dict, kwargs: dict):
         remove_token_type_ids=True,
         passed=("decoder_attention_mask", "labels"),
     )
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n)
     return peft_model.base_model(
         inputs_embeds=inputs_embeds,
         decoder_input_ids=args["decoder_input_ids"],

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .prompted_embeds import prompted_inputs_embeds
+from .prompted_embeds import model_inputs_embeds
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
 
@@ -100,9 +100,7 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
 
     if cache is None or _is_empty_cache(cache):
         input_ids = model_kwargs["input_ids"]
-        model_kwargs["inputs_embeds"] = prompted_inputs_embeds(
-            peft_model, input_ids, config.num_virtual_tokens
-        )
+        model_kwargs["inputs_embeds"] = model_inputs_embeds(peft_model, input_ids, config.num_virtual_tokens)
         model_kwargs["input_ids"] = None
 
     # The model derives cache_position from inputs_embeds (which now include the prompts).
@@ -129,7 +127,7 @@ def seq2seq_generate(peft_model, kwargs: dict):
         input_ids = kwargs.pop("input_ids")
         kwargs.pop("task_ids", None)
         n = config.num_virtual_tokens
-        kwargs["inputs_embeds"] = prompted_inputs_embeds(peft_model, input_ids, n)
+        kwargs["inputs_embeds"] = model_inputs_embeds(peft_model, input_ids, n)
         if "attention_mask" in kwargs:
             prefix = torch.ones(input_ids.shape[0], n).to(kwargs["attention_mask"].device)
             kwargs["attention_mask"] = torch.cat((prefix, kwargs["attention_mask"]), dim=1)
