@@ -23,7 +23,8 @@ import weakref
 import torch
 
 from . import prompt_kv
-from .prompted_embeds import prompted_inputs_embeds
+from .adapter_batches import RowAdapters, pop_adapter_names, rows_for_adapters
+from .prompted_embeds import model_inputs_embeds
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
 
@@ -66,11 +67,13 @@ def _prefixed_generation_mask(model_kwargs: dict, attention_mask, num_prompt: in
 def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dict) -> dict:
     """``PeftModelForCausalLM.prepare_inputs_for_generation`` for prompt tuning (``task_ids`` removed).
 
-    With prompt-KV reuse (:func:`causal_lm_generate`), the first call writes the stored virtual-token
-    keys/values into the (empty) generation cache and feeds the L input tokens only.
+    Inside :func:`causal_lm_generate`: with prompt-KV reuse, the first call writes the stored
+    virtual-token keys/values into the (empty) generation cache and feeds the L input tokens only; with
+    ``adapter_names``, each row gets its adapter's prompt.
     """
     config = peft_model.active_peft_config
     state = _STATES.get(peft_model)
+    num_prompt = config.num_virtual_tokens if state is None else state.num_virtual_tokens
     reuse_prefill = state is not None and state.pending is not None
     if reuse_prefill:
         full_ids = args[0] if args else kwargs["input_ids"]
@@ -85,14 +88,15 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
     elif cache is not None and _cache_length(cache) >= model_kwargs["input_ids"].shape[1]:
         model_kwargs["input_ids"] = model_kwargs["input_ids"][:, -1:]
 
-    _prefixed_generation_mask(model_kwargs, kwargs.get("attention_mask"), config.num_virtual_tokens)
+    _prefixed_generation_mask(model_kwargs, kwargs.get("attention_mask"), num_prompt)
     peft_model._adjust_prompt_learning_kwargs(config, kwargs=model_kwargs)
 
     if not reuse_prefill and (cache is None or _is_empty_cache(cache)):
         input_ids = model_kwargs["input_ids"]
-        model_kwargs["inputs_embeds"] = prompted_inputs_embeds(
-            peft_model, input_ids, config.num_virtual_tokens
-        )
+        rows = None if state is None else state.rows
+        if rows is not None:  # generate expanded every row for num_beams / num_return_sequences
+            rows = rows.repeat_rows(input_ids.shape[0] // len(rows.table_index))
+        model_kwargs["inputs_embeds"] = model_inputs_embeds(peft_model, input_ids, num_prompt, rows)
         model_kwargs["input_ids"] = None
 
     # The model derives cache_position from inputs_embeds (which now include the prompts).
@@ -129,6 +133,16 @@ class PendingKV:
 
 @dataclasses.dataclass
 class GenerationState:
+    """What one ``generate`` call hands to its ``prepare_inputs_for_generation`` calls.
+
+    Attributes:
+        num_virtual_tokens: N of the adapter(s) generating.
+        rows: with ``adapter_names``, each row's adapter (None: the active adapter for every row).
+        pending: the prompt KV to write into the cache at the prefill (None: no reuse, or written).
+    """
+
+    num_virtual_tokens: int
+    rows: RowAdapters | None = None
     pending: PendingKV | None = None
 
 
@@ -239,14 +253,26 @@ def _static_cache_room(base_model, extra: int):
         base_model.__dict__.pop("_prepare_static_cache", None)
 
 
-def _pending_prompt_kv(peft_model, names: list[str], table_index) -> PendingKV:
+def _pending_prompt_kv(peft_model, rows: RowAdapters | None) -> PendingKV:
+    """The prompt KV for the batch: the active adapter's, or one per distinct adapter of ``rows``."""
     store = prompt_kv.prompt_kv_store(peft_model)
-    entries = [store.get(peft_model, name) for name in names]
-    if len(entries) == 1:
-        return PendingKV(entries[0].keys, entries[0].values, None, None)
+    if rows is None or len(rows.names) == 1:
+        name = peft_model.active_adapter if rows is None else rows.names[0]
+        entry = store.get(peft_model, name)
+        return PendingKV(entry.keys, entry.values, None, None)
+    entries = [store.get(peft_model, name) for name in rows.names]
     keys = [torch.cat(layer, dim=0) for layer in zip(*(e.keys for e in entries), strict=True)]
     values = [torch.cat(layer, dim=0) for layer in zip(*(e.values for e in entries), strict=True)]
-    return PendingKV(keys, values, table_index, int(table_index.shape[0]))
+    index = torch.tensor(rows.table_index, dtype=torch.int64)
+    return PendingKV(keys, values, index, len(rows.table_index))
+
+
+def _batch_input_ids(args: tuple, kwargs: dict):
+    """The ``input_ids`` a ``generate`` call was given (positional, ``input_ids=`` or ``inputs=``)."""
+    for candidate in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs")):
+        if isinstance(candidate, torch.Tensor):
+            return candidate
+    return None
 
 
 def causal_lm_generate(peft_model, original, args: tuple, kwargs: dict, reuse: bool | None):
@@ -263,26 +289,39 @@ def causal_lm_generate(peft_model, original, args: tuple, kwargs: dict, reuse: b
     """
     if reuse is not None and not isinstance(reuse, bool):
         raise TypeError(f"reuse_prompt_kv must be True, False or None, got {reuse!r}.")
-    state = GenerationState()
+    kwargs = dict(kwargs)
+    adapter_names = pop_adapter_names(kwargs)
+    rows = None
+    if adapter_names is not None:
+        input_ids = _batch_input_ids(args, kwargs)
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError(
+                "generate(adapter_names=...) needs input_ids ([B, L] token ids) and no inputs_embeds: the "
+                "prompts are put before the embeddings of input_ids"
+            )
+        rows = rows_for_adapters(peft_model, adapter_names, input_ids.shape[0])
+    state = GenerationState(
+        peft_model.active_peft_config.num_virtual_tokens if rows is None else rows.num_virtual_tokens, rows
+    )
     if reuse is not False:
         reason, silent = _why_no_reuse(peft_model, kwargs)
         if reason is None:
-            state.pending = _pending_prompt_kv(peft_model, [peft_model.active_adapter], None)
+            state.pending = _pending_prompt_kv(peft_model, rows)
         elif reuse and not silent:
             raise ValueError(f"reuse_prompt_kv=True cannot apply: {reason}.")
-    base_model = peft_model.get_base_model()
     if _STATES.get(peft_model) is not None:
         raise RuntimeError("generate() is already running on this model (re-entrant call).")
     _STATES[peft_model] = state
     try:
-        with _static_cache_room(base_model, peft_model.active_peft_config.num_virtual_tokens):
+        with _static_cache_room(peft_model.get_base_model(), state.num_virtual_tokens):
             return original(peft_model, *args, **kwargs)
     finally:
         _STATES.pop(peft_model, None)
 
 
 def seq2seq_generate(peft_model, kwargs: dict):
-    """``PeftModelForSeq2SeqLM.generate`` for prompt tuning."""
+    """``PeftModelForSeq2SeqLM.generate`` for prompt tuning; ``adapter_names`` (beyond PEFT) gives every
+    batch row its own adapter's prompt in the encoder inputs."""
     config = peft_model.active_peft_config
     base_model = peft_model.base_model
     base_model.prepare_inputs_for_generation = peft_model.prepare_inputs_for_generation
@@ -299,8 +338,12 @@ def seq2seq_generate(peft_model, kwargs: dict):
             )
         input_ids = kwargs.pop("input_ids")
         kwargs.pop("task_ids", None)
-        n = config.num_virtual_tokens
-        kwargs["inputs_embeds"] = prompted_inputs_embeds(peft_model, input_ids, n)
+        adapter_names = pop_adapter_names(kwargs)
+        n, rows = config.num_virtual_tokens, None
+        if adapter_names is not None:
+            rows = rows_for_adapters(peft_model, adapter_names, input_ids.shape[0])
+            n = rows.num_virtual_tokens
+        kwargs["inputs_embeds"] = model_inputs_embeds(peft_model, input_ids, n, rows)
         if "attention_mask" in kwargs:
             prefix = torch.ones(input_ids.shape[0], n).to(kwargs["attention_mask"].device)
             kwargs["attention_mask"] = torch.cat((prefix, kwargs["attention_mask"]), dim=1)
