@@ -2,7 +2,8 @@
 
 ``build(family, task, seed=0, dtype=None)`` returns a randomly initialized model in eval mode:
 
-    family: gpt2, llama, opt, gemma3 (scaled embeddings), t5, bart (scale_embedding=True), bert, roberta
+    family: gpt2, llama, qwen2, opt, gemma3 (scaled embeddings), t5, bart (scale_embedding=True),
+            bert, roberta
     task:   one of PEFT's task types: CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS,
             FEATURE_EXTRACTION (``SUPPORTED`` lists the pairs)
 
@@ -36,11 +37,20 @@ def _configs():
         GPT2Config,
         LlamaConfig,
         OPTConfig,
+        Qwen2Config,
         RobertaConfig,
         T5Config,
     )
 
     common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    llama_like = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
     return {
         "gpt2": lambda: GPT2Config(
             n_embd=HIDDEN,
@@ -53,15 +63,8 @@ def _configs():
             attn_pdrop=0.0,
             **common,
         ),
-        "llama": lambda: LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            **common,
-        ),
+        "llama": lambda: LlamaConfig(**llama_like, **common),
+        "qwen2": lambda: Qwen2Config(**llama_like, **common),
         "opt": lambda: OPTConfig(
             hidden_size=HIDDEN,
             ffn_dim=32,
@@ -153,6 +156,7 @@ _AUTO = {
 SUPPORTED = {
     "gpt2": ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"),
     "llama": ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"),
+    "qwen2": ("CAUSAL_LM",),
     "opt": ("CAUSAL_LM", "SEQ_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"),
     "gemma3": ("CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION"),
     # encoder-decoder models need input_ids for their decoder inputs in the other task types
