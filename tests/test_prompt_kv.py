@@ -522,14 +522,14 @@ def test_prefill_writes_the_prompt_kv_under_either_cache_name(cache_key):
     state = peft_generate.GenerationState(
         4, None, peft_generate.PendingKV(entry.keys, entry.values, None, None)
     )
-    peft_generate._STATES[model] = state
+    peft_generate.generation_states()[model] = state
     try:
         cache = DynamicCache()
         out = peft_generate.causal_lm_prepare_inputs_for_generation(
             model, (input_ids,), {cache_key: cache, "attention_mask": mask}
         )
     finally:
-        peft_generate._STATES.pop(model)
+        peft_generate.generation_states().pop(model)
     assert cache.get_seq_length() == 4 and state.pending is None
     assert torch.equal(cache.layers[0].keys, entry.keys[0].expand(2, -1, -1, -1))
     assert "inputs_embeds" not in out and torch.equal(out["input_ids"], input_ids)

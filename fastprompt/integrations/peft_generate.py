@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import threading
 import warnings
 import weakref
 
@@ -72,7 +73,7 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
     ``adapter_names``, each row gets its adapter's prompt.
     """
     config = peft_model.active_peft_config
-    state = _STATES.get(peft_model)
+    state = generation_states().get(peft_model)
     num_prompt = config.num_virtual_tokens if state is None else state.num_virtual_tokens
     reuse_prefill = state is not None and state.pending is not None
     if reuse_prefill:
@@ -111,7 +112,15 @@ _LAYER_TYPES = ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "Sta
 _REUSE_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")
 _REUSE_CACHES = (None, "dynamic", "static")
 
-_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCAL = threading.local()  # per thread: {model: GenerationState} of the generate calls running there
+
+
+def generation_states() -> weakref.WeakKeyDictionary:
+    """This thread's running ``generate`` calls: {PEFT model: :class:`GenerationState`}."""
+    states = getattr(_LOCAL, "states", None)
+    if states is None:
+        states = _LOCAL.states = weakref.WeakKeyDictionary()
+    return states
 
 
 @dataclasses.dataclass
@@ -309,14 +318,15 @@ def causal_lm_generate(peft_model, original, args: tuple, kwargs: dict, reuse: b
             state.pending = _pending_prompt_kv(peft_model, rows)
         elif reuse and not silent:
             raise ValueError(f"reuse_prompt_kv=True cannot apply: {reason}.")
-    if _STATES.get(peft_model) is not None:
-        raise RuntimeError("generate() is already running on this model (re-entrant call).")
-    _STATES[peft_model] = state
+    states = generation_states()
+    if states.get(peft_model) is not None:
+        raise RuntimeError("generate() is already running on this model in this thread (re-entrant call).")
+    states[peft_model] = state
     try:
         with _static_cache_room(peft_model.get_base_model(), state.num_virtual_tokens):
             return original(peft_model, *args, **kwargs)
     finally:
-        _STATES.pop(peft_model, None)
+        states.pop(peft_model, None)
 
 
 def seq2seq_generate(peft_model, kwargs: dict):
