@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import copy
+import gc
+import os
+import pathlib
 import pickle
+import subprocess
+import sys
+import warnings
 
 import pytest
 import tiny_models
@@ -193,3 +199,84 @@ def test_peft_model_methods_still_work(patched):
     import inspect
 
     assert "input_ids" in inspect.signature(model.forward).parameters
+
+
+# ------------------------------------------------------------ light, warning-free, survives a new process
+
+TESTS_DIR = pathlib.Path(__file__).parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+def _run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)])}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS_DIR
+    )
+
+
+def test_patch_and_unpatch_raise_no_warning_and_do_not_walk_the_heap(monkeypatch):
+    """No warning at all (``filterwarnings = error`` suites), and no ``gc.get_objects()`` heap walk."""
+
+    def no_heap_walk(*args, **kwargs):
+        raise AssertionError("patch_peft / unpatch_peft walked the heap")
+
+    model = peft.get_peft_model(tiny_models.build("gpt2", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
+    monkeypatch.setattr(gc, "get_objects", no_heap_walk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            fastprompt.patch_peft()
+            fastprompt.unpatch_peft()
+    assert not fastprompt.integrations.is_patched()
+    with FastpromptOps() as ops:
+        model(**tiny_models.batch())
+    assert ops.names == []
+
+
+def test_patch_and_unpatch_under_python_w_error():
+    result = _run_python(
+        "-W",
+        "error",
+        "-c",
+        "import fastprompt; fastprompt.patch_peft(); fastprompt.unpatch_peft(); fastprompt.patch_peft(); "
+        "print('ok', fastprompt.integrations.is_patched())",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok", "True"]
+
+
+def test_disable_adapter_while_patched_leaves_nothing_on_the_instance(patched):
+    """Inside disable_adapter() the base model runs; after it, the instance dict is as before."""
+    model = peft.get_peft_model(tiny_models.build("gpt2", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
+    inputs = tiny_models.batch()
+    before = set(model.__dict__)
+    with model.disable_adapter():
+        with FastpromptOps() as ops:
+            disabled = model(**inputs).logits
+        assert ops.names == []
+        assert disabled.shape[1] == inputs["input_ids"].shape[1]  # no virtual tokens
+        assert torch.equal(disabled, model.base_model(**inputs).logits)
+    assert set(model.__dict__) == before
+    with FastpromptOps() as ops:
+        assert model(**inputs).logits.shape[1] == 3 + inputs["input_ids"].shape[1]
+    assert ops.forward == 1
+
+
+def test_user_assigned_forward_is_respected(patched):
+    """Only stale copies of PEFT's own method are passed over, not something a user (or a hook) set."""
+    model = peft.get_peft_model(tiny_models.build("gpt2", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape)
+        return original(*args, **kwargs)
+
+    original = model.forward
+    model.forward = spy
+    with FastpromptOps() as ops:
+        model(**tiny_models.batch())
+    assert seen == [(3, 6)] and ops.forward == 1
+    del model.forward
+    assert "forward" not in model.__dict__
+    with pytest.raises(AttributeError):
+        del model.forward

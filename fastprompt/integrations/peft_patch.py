@@ -2,14 +2,16 @@
 wrappers (``peft_methods``, ``peft_loading``) on PEFT models.
 
 ``accelerate(model)`` moves one model to a subclass of its class that carries the wrappers
-(``isinstance(model, PeftModel)`` stays true; save / load / deepcopy / pickle work). ``patch_peft()`` puts
-them on PEFT's classes themselves, so every model built or loaded afterwards is covered whatever the
-import order; ``unpatch_peft()`` puts PEFT's original class attributes back, exactly.
+(``isinstance(model, PeftModel)`` stays true; save / load / deepcopy / pickle work). ``patch_peft()``
+puts them on PEFT's classes themselves, so every model built or loaded afterwards is covered whatever
+the import order; ``unpatch_peft()`` puts PEFT's original class attributes back, exactly. Neither
+walks the heap: existing models are covered because ``forward`` / ``prepare_inputs_for_generation``
+are data descriptors (``peft_methods.PatchedMethod``) that see through the stale bound methods PEFT's
+``disable_adapter()`` leaves on instances.
 """
 
 from __future__ import annotations
 
-import gc
 import threading
 
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
@@ -28,43 +30,6 @@ def _peft_classes() -> dict:
 
     names = ["PeftModel", *FORWARDS]
     return {name: getattr(peft_model_module, name) for name in names}
-
-
-_INSTANCE_METHODS = ("forward", "prepare_inputs_for_generation")
-
-
-def _drop_stale_bound_methods(peft_model, stale: dict) -> None:
-    """Drop bound methods that PEFT's ``disable_adapter()`` left in the instance dict.
-
-    ``disable_adapter()`` stores ``self.forward`` (and ``prepare_inputs_for_generation``) back on the
-    instance as bound methods of the class as it was then; once the class's methods change they hide
-    the new ones. ``stale`` maps an attribute name to the functions that count as stale.
-    """
-    if getattr(peft_model, "_adapters_disabled", False):
-        return  # inside disable_adapter(): its own attributes are live
-    for attribute in _INSTANCE_METHODS:
-        bound = peft_model.__dict__.get(attribute)
-        if getattr(bound, "__self__", None) is peft_model and getattr(bound, "__func__", None) in stale.get(
-            attribute, ()
-        ):
-            del peft_model.__dict__[attribute]
-
-
-def _refresh_existing_models(stale: dict) -> None:
-    """Apply :func:`_drop_stale_bound_methods` to every live PEFT model (found through ``gc``)."""
-    from peft import PeftModel
-
-    for obj in gc.get_objects():
-        if isinstance(obj, PeftModel):
-            _drop_stale_bound_methods(obj, stale)
-
-
-def _stale_map(pairs) -> dict:
-    stale: dict = {}
-    for attribute, function in pairs:
-        if attribute in _INSTANCE_METHODS and function is not _MISSING:
-            stale.setdefault(attribute, set()).add(function)
-    return stale
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -90,16 +55,11 @@ def patch_peft() -> None:
                 _patched[(cls, attribute)] = cls.__dict__.get(attribute, _MISSING)
                 setattr(cls, attribute, wrapper)
         set_patched(True)
-        # Existing models that went through disable_adapter() hold PEFT's methods on the instance.
-        _refresh_existing_models(_stale_map((attr, original) for (_, attr), original in _patched.items()))
 
 
 def unpatch_peft() -> None:
     """Put PEFT's original class attributes back, exactly (idempotent)."""
     with _lock:
-        wrappers = _stale_map(
-            (attribute, cls.__dict__.get(attribute, _MISSING)) for cls, attribute in _patched
-        )
         for (cls, attribute), original in _patched.items():
             if original is _MISSING:
                 if attribute in cls.__dict__:
@@ -108,7 +68,6 @@ def unpatch_peft() -> None:
                 setattr(cls, attribute, original)
         _patched.clear()
         set_patched(False)
-        _refresh_existing_models(wrappers)
 
 
 def _fast_class(cls: type) -> type:
@@ -122,17 +81,14 @@ def _fast_class(cls: type) -> type:
         for name, peft_cls in classes.items():
             if name == "PeftModel" or not issubclass(cls, peft_cls):
                 continue
-            for attribute in task_methods(name, peft_cls):
-                impl_owner = original_of(getattr(cls, attribute))
-                wrapper = task_methods(name, peft_cls)[attribute]
-                if impl_owner is not original_of(getattr(peft_cls, attribute)):
+            for attribute, wrapper in task_methods(name, peft_cls).items():
+                if original_of(getattr(cls, attribute)) is not original_of(getattr(peft_cls, attribute)):
                     continue  # the user's subclass overrides it: leave theirs
                 namespace[attribute] = wrapper
         namespace["load_adapter"] = wrap_load_adapter(cls.load_adapter)
-        qualname = f"Fast{cls.__name__}"
-        fast = type(qualname, (FastPromptModel, cls), namespace)
+        fast = type(f"Fast{cls.__name__}", (FastPromptModel, cls), namespace)
         if cls.__module__ == "peft.peft_model":
-            globals()[qualname] = fast  # importable by name: pickle works
+            globals()[fast.__name__] = fast  # importable by name: pickle works
         _fast_classes[cls] = fast
         return fast
 
@@ -164,9 +120,6 @@ def accelerate(peft_model):
     classes = _peft_classes()
     if not any(issubclass(cls, classes[name]) for name in FORWARDS):
         return peft_model
-    _drop_stale_bound_methods(
-        peft_model, _stale_map((a, getattr(cls, a, _MISSING)) for a in _INSTANCE_METHODS)
-    )
     peft_model.__class__ = _fast_class(cls)
     return peft_model
 
