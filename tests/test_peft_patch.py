@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import os
 import pathlib
 import pickle
@@ -280,3 +281,93 @@ def test_user_assigned_forward_is_respected(patched):
     assert "forward" not in model.__dict__
     with pytest.raises(AttributeError):
         del model.forward
+
+
+_PICKLE_SCRIPT = """
+import json, pickle, sys
+import torch
+from peft_helpers import FastpromptOps
+
+directory = sys.argv[1]
+data = torch.load(f"{directory}/inputs.pt")
+results = {}
+with open(f"{directory}/model.pkl", "rb") as file:
+    loaded = {"pickle": pickle.load(file)}
+loaded["torch.load"] = torch.load(f"{directory}/model.pt", weights_only=False)
+for route, model in loaded.items():
+    with FastpromptOps() as ops:
+        logits = model(**data["inputs"]).logits
+        sequences = model.generate(**data["inputs"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    results[route] = {
+        "class": type(model).__name__,
+        "fused_calls": ops.forward,
+        "same_logits": bool(torch.equal(logits, data["logits"])),
+        "same_sequences": bool(torch.equal(sequences, data["sequences"])),
+    }
+print(json.dumps(results))
+"""
+
+
+def test_accelerated_model_unpickles_in_a_fresh_process(tmp_path):
+    model = fastprompt.get_peft_model(tiny_models.build("llama", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
+    with torch.no_grad():  # a table that differs from any fresh initialization
+        model.prompt_encoder["default"].embedding.weight.normal_(generator=torch.Generator().manual_seed(3))
+    with model.disable_adapter():
+        pass
+    inputs = tiny_models.batch()
+    with FastpromptOps() as ops:
+        logits = model(**inputs).logits
+        sequences = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert ops.forward == 2
+    torch.save({"inputs": inputs, "logits": logits, "sequences": sequences}, tmp_path / "inputs.pt")
+    with open(tmp_path / "model.pkl", "wb") as file:
+        pickle.dump(model, file)
+    torch.save(model, tmp_path / "model.pt")
+
+    result = _run_python("-c", _PICKLE_SCRIPT, str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for route in ("pickle", "torch.load"):
+        assert results[route] == {
+            "class": "FastPeftModelForCausalLM",
+            "fused_calls": 2,  # forward, and the prefill of generate
+            "same_logits": True,
+            "same_sequences": True,
+        }, route
+
+
+class UserSubclass(peft.PeftModelForSequenceClassification):
+    """A user's subclass of a PEFT class (importable: pickle needs that)."""
+
+
+def test_copies_of_accelerated_models_stay_accelerated(tmp_path):
+    """deepcopy, pickle and torch.save in this process; also a user subclass of a PEFT class."""
+    base = tiny_models.build("bert", "SEQ_CLS")
+    for model in (
+        fastprompt.get_peft_model(copy.deepcopy(base), peft_config("SEQ_CLS")),
+        fastprompt.accelerate(UserSubclass(copy.deepcopy(base), peft_config("SEQ_CLS"))),
+    ):
+        inputs = tiny_models.batch()
+        expected = model(**inputs).logits
+        torch.save(model, tmp_path / "model.pt")
+        clones = [
+            copy.deepcopy(model),
+            pickle.loads(pickle.dumps(model)),
+            torch.load(tmp_path / "model.pt", weights_only=False),
+        ]
+        for clone in clones:
+            assert type(clone) is type(model) and isinstance(clone, type(model)._fastprompt_base)
+            with FastpromptOps() as ops:
+                assert torch.equal(clone(**inputs).logits, expected)
+            assert ops.forward == 1
+
+
+def test_fast_classes_are_importable_by_name():
+    """Pickles that name the class itself (as fastprompt 0.1's did) load in any process."""
+    from fastprompt.integrations import peft_patch
+
+    cls = peft_patch.FastPeftModelForSeq2SeqLM
+    assert issubclass(cls, peft.PeftModelForSeq2SeqLM) and cls._fastprompt_base is peft.PeftModelForSeq2SeqLM
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    with pytest.raises(AttributeError):
+        peft_patch.FastNotAPeftClass  # noqa: B018

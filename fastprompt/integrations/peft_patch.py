@@ -2,16 +2,18 @@
 wrappers (``peft_methods``, ``peft_loading``) on PEFT models.
 
 ``accelerate(model)`` moves one model to a subclass of its class that carries the wrappers
-(``isinstance(model, PeftModel)`` stays true; save / load / deepcopy / pickle work). ``patch_peft()``
-puts them on PEFT's classes themselves, so every model built or loaded afterwards is covered whatever
-the import order; ``unpatch_peft()`` puts PEFT's original class attributes back, exactly. Neither
-walks the heap: existing models are covered because ``forward`` / ``prepare_inputs_for_generation``
-are data descriptors (``peft_methods.PatchedMethod``) that see through the stale bound methods PEFT's
-``disable_adapter()`` leaves on instances.
+(``isinstance(model, PeftModel)`` stays true; save / load / deepcopy / pickle / ``torch.save`` work, also
+into a fresh process: such a model pickles as "the fastprompt class of <PEFT class>" and the class is
+rebuilt on load). ``patch_peft()`` puts them on PEFT's classes themselves, so every model built or
+loaded afterwards is covered whatever the import order; ``unpatch_peft()`` puts PEFT's original class
+attributes back, exactly. Neither walks the heap: existing models are covered because ``forward`` /
+``prepare_inputs_for_generation`` are data descriptors (``peft_methods.PatchedMethod``) that see
+through the stale bound methods PEFT's ``disable_adapter()`` leaves on instances.
 """
 
 from __future__ import annotations
 
+import copyreg
 import threading
 
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
@@ -77,7 +79,7 @@ def _fast_class(cls: type) -> type:
         if fast is not None:
             return fast
         classes = _peft_classes()
-        namespace = {"__module__": __name__, "_fastprompt_base": cls}
+        namespace = {"__module__": __name__, "_fastprompt_base": cls, "__reduce_ex__": _reduce_ex}
         for name, peft_cls in classes.items():
             if name == "PeftModel" or not issubclass(cls, peft_cls):
                 continue
@@ -87,10 +89,30 @@ def _fast_class(cls: type) -> type:
                 namespace[attribute] = wrapper
         namespace["load_adapter"] = wrap_load_adapter(cls.load_adapter)
         fast = type(f"Fast{cls.__name__}", (FastPromptModel, cls), namespace)
-        if cls.__module__ == "peft.peft_model":
-            globals()[fast.__name__] = fast  # importable by name: pickle works
         _fast_classes[cls] = fast
         return fast
+
+
+def _reduce_ex(self, protocol):
+    """``__reduce_ex__`` of the fastprompt classes: pickle as (:func:`_new_fast_model`, PEFT class) plus
+    the usual state, so that loading needs only importable names, in any process."""
+    func, args, *rest = self._fastprompt_base.__reduce_ex__(self, max(protocol, 2))
+    if func is copyreg.__newobj__ and args[:1] == (type(self),):
+        func, args = _new_fast_model, (self._fastprompt_base, *args[1:])
+    return (func, args, *rest)
+
+
+def _new_fast_model(base: type, *args):
+    """An empty instance of the fastprompt class of PEFT class ``base`` (unpickling fills it in)."""
+    fast = _fast_class(base)
+    return fast.__new__(fast, *args)
+
+
+def __getattr__(name: str):
+    """``FastPeftModelForCausalLM`` etc. by name (built on first use), for pickles that name the class."""
+    if name.startswith("Fast") and name[4:] in FORWARDS:
+        return _fast_class(_peft_classes()[name[4:]])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _has_prompt_tuning_adapter(peft_model) -> bool:
