@@ -5,7 +5,8 @@
   given; otherwise they call PEFT's own method unchanged (LoRA, prefix tuning, p-tuning, user-supplied
   ``inputs_embeds``, ...).
 - They act only while ``patch_peft()`` is in effect or on models moved to a :class:`FastPromptModel`
-  class by ``accelerate``; a bound method left behind elsewhere then defers to PEFT.
+  class by ``accelerate``, and only with a tested PEFT version (``peft_version``); a bound method left
+  behind elsewhere then defers to PEFT.
 - ``forward`` and ``prepare_inputs_for_generation`` sit on the classes as :class:`PatchedMethod`, a data
   descriptor: PEFT's ``disable_adapter()`` stores those two on the instance as bound methods of the class
   as it was then, and the descriptor sees through such stale entries (no heap walk needed).
@@ -21,6 +22,7 @@ import inspect
 import types
 
 from . import peft_forward, peft_generate
+from .peft_version import fused_path_allowed
 
 PROMPT_TUNING = "PROMPT_TUNING"
 
@@ -54,8 +56,8 @@ def is_patched() -> bool:
 
 
 def enabled(peft_model) -> bool:
-    """The wrappers act only on patched classes or accelerated models."""
-    return _state["patched"] or isinstance(peft_model, FastPromptModel)
+    """The wrappers act only on patched classes or accelerated models, with a tested PEFT version."""
+    return (_state["patched"] or isinstance(peft_model, FastPromptModel)) and fused_path_allowed()
 
 
 def _prompt_tuning_active(peft_model) -> bool:

@@ -9,6 +9,8 @@ loaded afterwards is covered whatever the import order; ``unpatch_peft()`` puts 
 attributes back, exactly. Neither walks the heap: existing models are covered because ``forward`` /
 ``prepare_inputs_for_generation`` are data descriptors (``peft_methods.PatchedMethod``) that see
 through the stale bound methods PEFT's ``disable_adapter()`` leaves on instances.
+
+With a PEFT outside the tested range (``peft_version``) both leave PEFT alone, after one warning.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
 from .peft_methods import FORWARDS, PROMPT_TUNING, FastPromptModel, original_of, set_patched, task_methods
+from .peft_version import fused_path_allowed
 
 __all__ = ["accelerate", "get_peft_model", "patch_peft", "unpatch_peft"]
 
@@ -45,7 +48,7 @@ def patch_peft() -> None:
     use the fused op, and so do existing models of those classes. Other adapter types are untouched.
     """
     with _lock:
-        if _patched:
+        if _patched or not fused_path_allowed():
             return
         classes = _peft_classes()
         for name, cls in classes.items():
@@ -105,6 +108,7 @@ def _reduce_ex(self, protocol):
 def _new_fast_model(base: type, *args):
     """An empty instance of the fastprompt class of PEFT class ``base`` (unpickling fills it in)."""
     fast = _fast_class(base)
+    fused_path_allowed()  # the one warning, if this PEFT is untested, comes at load time
     return fast.__new__(fast, *args)
 
 
@@ -126,8 +130,9 @@ def _has_prompt_tuning_adapter(peft_model) -> bool:
 def accelerate(peft_model):
     """Make ``peft_model`` (a PEFT prompt-tuning model) build its inputs with ``prompt_concat``.
 
-    In place and idempotent; returns the same object. Models that are not prompt tuning, and plain
-    ``PeftModel`` instances (no task type: PEFT adds no prompts there), are returned unchanged.
+    In place and idempotent; returns the same object. Models that are not prompt tuning, plain
+    ``PeftModel`` instances (no task type: PEFT adds no prompts there), and every model when the
+    installed PEFT is outside the tested range (after one ``UntestedPeftWarning``) are returned unchanged.
 
     Raises:
         TypeError: ``peft_model`` is not a ``peft.PeftModel``.
@@ -140,7 +145,7 @@ def accelerate(peft_model):
         return peft_model
     cls = type(peft_model)
     classes = _peft_classes()
-    if not any(issubclass(cls, classes[name]) for name in FORWARDS):
+    if not any(issubclass(cls, classes[name]) for name in FORWARDS) or not fused_path_allowed():
         return peft_model
     peft_model.__class__ = _fast_class(cls)
     return peft_model
