@@ -4,6 +4,8 @@
   the fused path when the active adapter is PROMPT_TUNING and ``input_ids`` (not ``inputs_embeds``) is
   given; otherwise they call PEFT's own method unchanged (LoRA, prefix tuning, p-tuning, user-supplied
   ``inputs_embeds``, ...).
+- On the fused path the inputs are checked first (``input_checks.check_prompt_inputs``): wrong dtypes,
+  ranks, an empty batch or a mask of another shape raise an error naming ``input_ids`` / ``attention_mask``.
 - They act only while ``patch_peft()`` is in effect or on models moved to a :class:`FastPromptModel`
   class by ``accelerate``, and only with a tested PEFT version (``peft_version``); a bound method left
   behind elsewhere then defers to PEFT.
@@ -22,6 +24,7 @@ import inspect
 import types
 
 from . import peft_forward, peft_generate
+from .input_checks import check_prompt_inputs
 from .peft_version import fused_path_allowed
 
 PROMPT_TUNING = "PROMPT_TUNING"
@@ -137,7 +140,8 @@ def _wrap_forward(original, impl):
             named = dict(bound.arguments)
             extra = dict(named.pop(var_keyword, {}) or {}) if var_keyword else {}
             input_ids = named.get("input_ids")
-            if named.get("inputs_embeds") is None and getattr(input_ids, "dim", None) is not None:
+            if named.get("inputs_embeds") is None and input_ids is not None:
+                check_prompt_inputs(input_ids, named.get("attention_mask"))
                 return impl(self, named, extra)
         return original(self, *args, **kwargs)
 
@@ -169,6 +173,7 @@ def _wrap_seq2seq_generate(original):
             and "input_ids" in kwargs
             and kwargs.get("inputs_embeds", None) is None
         ):
+            check_prompt_inputs(kwargs["input_ids"], kwargs.get("attention_mask"))
             return peft_generate.seq2seq_generate(self, kwargs)
         return original(self, *args, **kwargs)
 
