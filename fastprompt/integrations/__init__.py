@@ -3,6 +3,7 @@
 Nothing here imports PEFT until a function that needs it is called.
 """
 
+from .adapter_batches import AdapterNamesCollator
 from .adapter_files import AdapterFileError
 from .input_checks import check_prompt_inputs
 from .peft_methods import is_patched
@@ -12,6 +13,7 @@ from .prompted_embeds import CALLS
 __all__ = [
     "CALLS",
     "AdapterFileError",
+    "AdapterNamesCollator",
     "accelerate",
     "check_prompt_inputs",
     "get_peft_model",
