@@ -283,6 +283,30 @@ def test_user_assigned_forward_is_respected(patched):
         del model.forward
 
 
+def test_saving_and_restoring_a_class_method_is_exact(patched):
+    """``original = cls.forward; cls.forward = spy; ...; cls.forward = original`` (a common way to spy on
+    a method) puts back exactly what was there, on PEFT's patched classes and on accelerated ones."""
+    accelerated = fastprompt.accelerate(
+        peft.get_peft_model(tiny_models.build("gpt2", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
+    )
+    for cls in (peft.PeftModelForCausalLM, type(accelerated)):
+        for attribute in ("forward", "prepare_inputs_for_generation"):
+            before = cls.__dict__[attribute]
+            original = getattr(cls, attribute)
+            setattr(cls, attribute, lambda self, *args, _f=original, **kwargs: _f(self, *args, **kwargs))
+            setattr(cls, attribute, original)
+            assert cls.__dict__[attribute] is before
+    model = peft.get_peft_model(tiny_models.build("gpt2", "CAUSAL_LM"), peft_config("CAUSAL_LM"))
+    fastprompt.unpatch_peft()
+    with model.disable_adapter():  # leaves PEFT's own forward on the instance
+        pass
+    fastprompt.patch_peft()
+    with FastpromptOps() as ops:
+        peft.PeftModelForCausalLM.forward(model, **tiny_models.batch())  # called on the class
+        model(**tiny_models.batch())
+    assert ops.forward == 2
+
+
 _PICKLE_SCRIPT = """
 import json, pickle, sys
 import torch

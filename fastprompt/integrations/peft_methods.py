@@ -88,14 +88,19 @@ class PatchedMethod:
     other entry (``base_model.forward`` inside ``disable_adapter()``, a hook's wrapper, a user's
     function) is returned as before. Assigning a stale value removes the instance entry instead of
     storing it, so ``disable_adapter()`` under fastprompt leaves nothing behind.
+
+    On the class (``cls.forward``) it is itself, callable as the function, so code that saves
+    ``cls.forward`` and assigns it back later restores it exactly.
     """
 
     def __init__(self, name: str, function):
         self.name = name
         self.function = function
         self.__fastprompt_original__ = original_of(function)
-        self.__wrapped__ = function
-        self.__doc__ = function.__doc__
+        functools.update_wrapper(self, function)  # __wrapped__, __doc__, ...: inspect.signature works
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
 
     def _is_stale(self, instance, value) -> bool:
         return (
@@ -106,7 +111,7 @@ class PatchedMethod:
 
     def __get__(self, instance, owner=None):
         if instance is None:
-            return self.function
+            return self
         value = instance.__dict__.get(self.name, self)
         if value is self or self._is_stale(instance, value):
             return types.MethodType(self.function, instance)
