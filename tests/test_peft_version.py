@@ -12,8 +12,7 @@ import torch
 from peft_helpers import FastpromptOps, peft_config
 
 import fastprompt
-from fastprompt.integrations import peft_version
-from fastprompt.integrations.peft_version import UntestedPeftWarning
+from fastprompt.integrations import UntestedPeftWarning, peft_version
 
 peft = pytest.importorskip("peft")
 
