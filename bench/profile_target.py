@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import fastprompt
-from fastprompt.cli.benchmarking import Shape, keep_freed_memory, make_inputs, median_seconds_each, op_call
+from fastprompt.benchmarks import Shape, keep_freed_memory, make_inputs, median_seconds_each, op_call
 
 
 def parts(shape: Shape) -> dict:

@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 
-from fastprompt.cli.benchmarking import peak_extra_bytes
-from fastprompt.cli.model_bench import TrainStep, greedy_generate
-from fastprompt.cli.tiny_models import TINY_MODELS, load_base_model, prompt_tuned_pair, token_batch
+from fastprompt.benchmarks.measure import peak_extra_bytes
+from fastprompt.benchmarks.models import TrainStep, greedy_generate
+from fastprompt.testing.tiny_models import TINY_MODELS, load_base_model, prompt_tuned_pair, token_batch
 
 NUM_VIRTUAL_TOKENS = 20
 MODEL_PROVIDERS = ("peft", "fastprompt")

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from fastprompt.benchmarks.report import Result, noise_warnings
 from fastprompt.cli import main
-from fastprompt.cli.report import Result, noise_warnings
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
 
 from fastprompt import PromptEmbedding, PromptTuningConfig
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 from peft.tuners.prompt_tuning import PromptEmbedding as PeftPromptEmbedding  # noqa: E402

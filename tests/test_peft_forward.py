@@ -11,12 +11,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import tiny_models
 import torch
-from conftest import tolerance
 from peft_helpers import FastpromptOps, main_output, model_pair, peft_config
 
 from fastprompt.integrations import CALLS
+from fastprompt.testing import tiny_models, tolerance
 
 peft = pytest.importorskip("peft")
 

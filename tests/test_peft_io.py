@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, main_output, model_pair, peft_config
 from safetensors import safe_open
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import fastprompt
 from fastprompt.integrations import AdapterFileError
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 

@@ -14,22 +14,12 @@ from collections.abc import Callable
 
 import torch
 
-from .benchmarking import (
-    PROVIDERS,
-    QUICK_SHAPES,
-    Shape,
-    assert_matches_peft,
-    bytes_moved,
-    copy_bandwidth,
-    device_kind,
-    make_inputs,
-    op_call,
-    peak_extra_bytes,
-    timings_each,
-)
-from .model_bench import TrainStep, greedy_generate
+from ..testing.tiny_models import prompt_tuned_pair, token_batch
+from .measure import copy_bandwidth, peak_extra_bytes, timings_each
+from .models import TrainStep, greedy_generate
+from .providers import PROVIDERS, assert_matches_peft, make_inputs, op_call
 from .report import Result
-from .tiny_models import prompt_tuned_pair, token_batch
+from .shapes import QUICK_SHAPES, Shape, bytes_moved, device_kind
 
 MODEL_PROMPT_TOKENS = 20
 

@@ -1,14 +1,16 @@
 """Model-level workloads of a prompt-tuned causal LM (timed by ``pytest bench`` and the CLI).
 
 - ``TrainStep``: one prompt-tuning step (forward with labels, backward, AdamW step on the prompt).
-- ``greedy_generate``: greedy decoding of a few new tokens.
+- ``greedy_generate`` (from ``fastprompt.testing.tiny_models``): greedy decoding of a few new tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .tiny_models import token_batch
+from ..testing.tiny_models import greedy_generate, token_batch
+
+__all__ = ["TrainStep", "greedy_generate"]
 
 
 class TrainStep:
@@ -28,24 +30,3 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out.loss.detach()
-
-
-def greedy_generate(
-    model, input_ids: torch.Tensor, new_tokens: int, *, use_cache: bool = True
-) -> torch.Tensor:
-    """Greedy decoding of exactly ``new_tokens`` tokens after ``input_ids``; the generated ids.
-
-    ``use_cache=False`` recomputes the whole sequence at every step: slow, but free of any KV-cache
-    handling, so it is the reference the cached decoding must match.
-    """
-    model.eval()
-    with torch.no_grad():
-        return model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=model.config.eos_token_id,
-            use_cache=use_cache,
-        )
