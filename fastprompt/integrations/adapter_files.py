@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 
-CONFIG_NAME = "adapter_config.json"
+from ..config import CONFIG_NAME, PROMPT_TUNING
+
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PROMPT_KEY = "prompt_embeddings"
@@ -43,7 +44,7 @@ def read_prompt_config(model_id, subfolder: str | None = None) -> dict | None:
             config = json.load(file)
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"Cannot read {os.path.join(path, CONFIG_NAME)}: {exc}") from exc
-    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
+    if not isinstance(config, dict) or config.get("peft_type") != PROMPT_TUNING:
         return None
     return config
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 import functools
 import inspect
 
+from ..config import PROMPT_TUNING
 from . import peft_forward, peft_generate
-
-PROMPT_TUNING = "PROMPT_TUNING"
 
 # PEFT task class name -> the prompt-tuning forward that replaces its ``forward``
 FORWARDS = {

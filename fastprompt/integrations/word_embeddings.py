@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.modules import module as _module_globals
 
-FUSABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..ops.checks import FLOAT_DTYPES as FUSABLE_DTYPES
 
 PLAIN = "plain"
 FLOAT_SCALE = "float_scale"  # * self.embed_scale (a Python number)
