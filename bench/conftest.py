@@ -1,7 +1,7 @@
 """Set-up of the pytest-benchmark suite (``pytest bench --benchmark-only``).
 
-- ``TRITON_INTERPRET`` is removed before fastprompt is imported: the interpreter costs about 1 ms per
-  program instance and would time Python, not the op. On CPU fastprompt then runs its torch path; on
+- ``TRITON_INTERPRET`` is removed before fastprompt is imported: the interpreter runs every program
+  instance in Python and would time Python, not the op. On CPU fastprompt then runs its torch path; on
   CUDA the compiled Triton kernels. ``FASTPROMPT_BACKEND`` is left as the caller set it (unset: auto).
   In the combined run of README's test command (``pytest tests bench``, benchmarks skipped by
   ``--benchmark-skip`` in pyproject's ``addopts``) ``tests/conftest.py`` has already imported

@@ -88,3 +88,17 @@ def test_shared_names_defined_once():
     assert word_embeddings.FUSABLE_DTYPES is checks.FLOAT_DTYPES is tolerances.FLOAT_DTYPES
     assert peft_methods.PROMPT_TUNING is config.PROMPT_TUNING
     assert adapter_files.CONFIG_NAME is config.CONFIG_NAME
+
+
+def test_no_internal_labels_in_the_package():
+    """Nothing the package prints or says refers to the project's own issue numbers."""
+    import re
+
+    label = re.compile(r"\bissue #?\d+", re.IGNORECASE)
+    hits = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for _, path in _module_files()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if label.search(line)
+    ]
+    assert not hits, hits

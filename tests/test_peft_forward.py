@@ -358,7 +358,7 @@ def _other_config(name: str):
 
 
 @pytest.mark.parametrize("name", ["gemma2", "mistral", "qwen2", "mbart", "deberta-v2"])
-def test_models_not_named_in_the_issue(name):
+def test_more_model_families(name):
     import copy
 
     import transformers

@@ -30,7 +30,7 @@ def progress(message: str) -> None:
 
 
 def model_shapes(model) -> list[tuple[Shape, bool]]:
-    """The grid for a real model: its own D, vocabulary and dtype, a short request and the target."""
+    """The grid for a real model: its own D, vocabulary and dtype, a short request and a batch of 8 x 512."""
     table = model.get_input_embeddings().weight
     vocab, dim = table.shape
     kw = dict(word_dtype=table.dtype, prompt_dtype=torch.float32, vocab=vocab, source="--model")

@@ -67,15 +67,17 @@ def bytes_moved(shape: Shape, *, backward: bool = False, index_bytes: int = 8) -
     return total
 
 
-TARGET_SHAPE = Shape(8, 20, 512, 1024, source="issue 4 CPU target")
+TARGET_SHAPE = Shape(8, 20, 512, 1024, source="GPT-2 medium / BERT-large, batch of 8")
 
-# Where the shapes come from: GPT-2 small / BERT-base (D=768), the CPU target (D=1024), Llama-2-7B
+# Where the shapes come from: GPT-2 small / BERT-base (D=768), GPT-2 medium / BERT-large (D=1024), Llama-2-7B
 # (D=4096, bf16 model, fp32 prompt as PEFT keeps it), Llama-2-70B long context (D=8192).
 SUITE_SHAPES = {
     "cpu": (
         Shape(1, 10, 128, 768, source="GPT-2 small, one short request"),
         TARGET_SHAPE,
-        Shape(8, 20, 512, 1024, torch.bfloat16, torch.float32, source="the target in bf16"),
+        Shape(
+            8, 20, 512, 1024, torch.bfloat16, torch.float32, source="GPT-2 medium / BERT-large, bf16 model"
+        ),
         Shape(32, 100, 128, 768, source="BERT-base, classification batch"),
         Shape(4, 50, 1024, 4096, torch.bfloat16, torch.float32, source="Llama-2-7B"),
         Shape(
