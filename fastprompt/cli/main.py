@@ -152,6 +152,7 @@ def _bench(args: argparse.Namespace) -> int:
         kept = args.allocator == "keep" and keep_freed_memory()
         meta["allocator"] = "glibc keeps freed memory" if kept else "default"
     progress(", ".join(f"{k} {v}" for k, v in meta.items() if v))
+    notes: list[str] = []
     results = with_speedups(
         run_grid(
             device,
@@ -161,9 +162,11 @@ def _bench(args: argparse.Namespace) -> int:
             providers=providers,
             budget_s=args.budget,
             with_model=not args.no_model,
+            notes=notes,
         )
     )
     meta["model"] = model_name
+    meta["notes"] = notes
     print(f"fastprompt bench: {meta['device']}, backend {meta['fastprompt_backend']}, torch {meta['torch']}")
     print(text_table(results))
     print(
@@ -171,6 +174,10 @@ def _bench(args: argparse.Namespace) -> int:
         "GB/s from the bytes that must move (inputs read once, output written once);\n"
         "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up)."
     )
+    if notes:
+        print("\nNotes:")
+        for line in notes:
+            print(f"  - {line}")
     noise = noise_warnings(results)
     if noise:
         threads = torch.get_num_threads()
@@ -196,6 +203,10 @@ def _bench(args: argparse.Namespace) -> int:
     mismatches = [r for r in results if not r.matches_peft]
     if mismatches:
         print(f"{len(mismatches)} result(s) did not match peft: see MISMATCH above", file=sys.stderr)
+        return 1
+    failed = [line for line in notes if " failed: " in line]
+    if failed:
+        print(f"{len(failed)} workload(s) failed: see Notes above", file=sys.stderr)
         return 1
     return 0
 
