@@ -8,6 +8,7 @@ eval mode:
             FEATURE_EXTRACTION (``SUPPORTED`` lists the pairs)
 
 Hidden size 16, 2 layers, vocabulary ``VOCAB`` = 128 for every family, so a batch costs milliseconds.
+``OTHER_FAMILIES`` (Gemma2, Mistral, Qwen2, MBart, DeBERTa-v2) are each checked in one task.
 ``save_tokenizer(directory)`` trains a word-level tokenizer on a few sentences with ``tokenizers`` and
 saves it with ``save_pretrained`` (``AutoTokenizer.from_pretrained(directory)`` loads it).
 
@@ -67,6 +68,36 @@ FAMILIES = {
                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                       **_COMMON)),
 }  # fmt: skip
+
+# More families, each checked in one task (the fused path on other embeddings): family -> task.
+_LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=128,
+    pad_token_id=PAD,
+)
+FAMILIES.update({
+    "gemma2": ("Gemma2Config", dict(head_dim=8, **_LLAMA_LIKE)),  # buffer-scaled embeddings, like Gemma3
+    "mistral": ("MistralConfig", _LLAMA_LIKE),
+    "qwen2": ("Qwen2Config", _LLAMA_LIKE),
+    "mbart": ("MBartConfig", dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, scale_embedding=True, max_position_embeddings=64)),
+    "deberta-v2": ("DebertaV2Config", dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=32,
+                                           max_position_embeddings=64, num_labels=3)),
+})  # fmt: skip
+OTHER_FAMILIES = {
+    "gemma2": "CAUSAL_LM",
+    "mistral": "CAUSAL_LM",
+    "qwen2": "SEQ_CLS",
+    "mbart": "SEQ_2_SEQ_LM",  # float-scaled embeddings, like BART
+    "deberta-v2": "TOKEN_CLS",
+}
 
 # The built-in models of ``python -m fastprompt bench|check|demo`` and ``pytest bench``: name ->
 # (family, what differs from it). Two layers, no dropout, a realistic 32k vocabulary so the embedding
