@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from .config import PromptTuningInit
+from .prompted_embeds import prompted_inputs_embeds
 
 
 @contextlib.contextmanager
@@ -69,7 +70,8 @@ class PromptEmbedding(torch.nn.Module):
         embedding: ``torch.nn.Embedding(N * S, D)``; its weight is float32 after SAMPLE_VOCAB / TEXT
             init, and in the default dtype for RANDOM (``normal_(0, 1)``).
 
-    Input: ``indices`` [B, T] int64 in ``[0, N * S)``. Output: [B, T, D] in the weight's dtype.
+    ``forward(indices)``: ``indices`` [B, T] int64 in ``[0, N * S)`` -> [B, T, D] in the weight's dtype
+    (PEFT's). ``prepend(input_ids, word_embeddings)``: the fused ``inputs_embeds`` of a prompted model.
     """
 
     def __init__(self, config, word_embeddings: torch.nn.Module):
@@ -96,3 +98,21 @@ class PromptEmbedding(torch.nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` [B, T] of the table -> [B, T, D]."""
         return self.embedding(indices)
+
+    def prepend(
+        self, input_ids: torch.Tensor, word_embeddings: torch.nn.Module, num_prompt: int | None = None
+    ) -> torch.Tensor:
+        """The base model's ``inputs_embeds`` with this prompt before the tokens, in one fused pass.
+
+        Args:
+            input_ids: [B, L] int64 or int32 token ids.
+            word_embeddings: the model's word-embedding module (``model.get_input_embeddings()``).
+            num_prompt: how many of the table's first rows to prepend (default all N * S; a seq2seq
+                encoder takes N).
+
+        Returns:
+            [B, N + L, D] in the word embeddings' dtype, equal to
+            ``cat(self(arange(N)).expand(B, -1, -1).to(dtype), word_embeddings(input_ids))``,
+            differentiable w.r.t. the prompt table (and the word table where it requires grad).
+        """
+        return prompted_inputs_embeds(input_ids, word_embeddings, self, num_prompt=num_prompt)

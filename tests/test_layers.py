@@ -1,8 +1,9 @@
 """The package's shape: one direction of imports, one definition of each shared name.
 
 Layers, each importing only itself and those before it: ``fastprompt.kernels`` <- ``fastprompt.ops`` <-
-``config`` / ``embedding`` (the module layer) <- ``integrations`` <- ``testing`` <- ``benchmarks`` <-
-``cli``. The benchmark suite in ``bench/`` uses ``fastprompt.benchmarks``, not the command line.
+the module layer (``config``, ``embedding``, ``prompted_embeds``, ``word_embeddings``) <-
+``integrations`` <- ``testing`` <- ``benchmarks`` <- ``cli``. The benchmark suite in ``bench/`` uses
+``fastprompt.benchmarks``, not the command line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ LAYERS = {
     "ops": 1,
     "config": 2,
     "embedding": 2,
+    "prompted_embeds": 2,
+    "word_embeddings": 2,
     "integrations": 3,
     "": 3,  # fastprompt/__init__.py: the public facade over the layers up to integrations
     "testing": 4,
@@ -80,8 +83,8 @@ def test_benchmark_suite_does_not_use_the_command_line():
 
 def test_shared_names_defined_once():
     """The dtype set, the peft type and the config file name each have one definition."""
-    from fastprompt import config
-    from fastprompt.integrations import adapter_files, peft_methods, word_embeddings
+    from fastprompt import config, word_embeddings
+    from fastprompt.integrations import adapter_files, peft_methods
     from fastprompt.ops import checks
     from fastprompt.testing import tolerances
 

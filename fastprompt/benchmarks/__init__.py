@@ -8,6 +8,7 @@
 - ``models``: model-level workloads (``TrainStep``, ``greedy_generate``), PEFT's generation policy on
   transformers >= 5.24, lengths fitted to a model's positions.
 - ``report``: ``Result`` rows, speedups, noise warnings, the text table, JSON and plot.
+- ``mixed``: mixed-adapter batches (``adapter_names=[...]``) against a loop over adapters and one adapter.
 - ``grid``: the compact grid that ``python -m fastprompt bench`` prints.
 
 It uses the library and ``fastprompt.testing`` (tiny models, PEFT's reference path), never the command

@@ -18,7 +18,7 @@ from ..testing.tiny_models import prompt_tuned_pair, token_batch
 from .measure import copy_bandwidth, peak_extra_bytes, timings_each
 from .models import TrainStep, fit_lengths, greedy_generate, max_positions, peft_generation_uses_cache
 from .providers import PROVIDERS, assert_matches_peft, make_inputs, op_call
-from .report import Result
+from .report import Result, timed_result
 from .shapes import QUICK_SHAPES, Shape, bytes_moved, device_kind
 
 MODEL_PROMPT_TOKENS = 20
@@ -68,16 +68,15 @@ def op_results(
     timings = timings_each(calls, device, budget_s=budget_s)
     nbytes = bytes_moved(shape, backward=backward, index_bytes=inputs.input_ids.element_size())
     return [
-        Result(
+        timed_result(
             workload,
             shape.title,
             name,
-            timings[name].median,
-            nbytes,
+            timings[name],
             peaks[name],
-            copy_gbps,
+            bytes_moved=nbytes,
+            copy_gbps=copy_gbps,
             matches_peft=matches[name],
-            spread=timings[name].spread,
         )
         for name in calls
     ]
@@ -157,16 +156,7 @@ def model_results(
             continue
         matches = {"peft": True, "fastprompt": same}
         results += [
-            Result(
-                workload,
-                label,
-                name,
-                timings[name].median,
-                None,
-                peaks[name],
-                matches_peft=matches[name],
-                spread=timings[name].spread,
-            )
+            timed_result(workload, label, name, timings[name], peaks[name], matches_peft=matches[name])
             for name in calls
         ]
     return results

@@ -3,6 +3,7 @@
 Nothing here imports PEFT until a function that needs it is called.
 """
 
+from .adapter_batches import AdapterNamesCollator
 from .adapter_files import AdapterFileError
 from .peft_methods import is_patched
 from .peft_patch import accelerate, get_peft_model, patch_peft, unpatch_peft
@@ -11,6 +12,7 @@ from .prompted_embeds import CALLS
 __all__ = [
     "CALLS",
     "AdapterFileError",
+    "AdapterNamesCollator",
     "accelerate",
     "get_peft_model",
     "is_patched",

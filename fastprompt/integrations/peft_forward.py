@@ -2,7 +2,7 @@
 
 Each function here re-states what ``PeftModelForXxx.forward`` of PEFT 0.21 does when the active adapter is
 PROMPT_TUNING and ``input_ids`` (not ``inputs_embeds``) is given, the only difference being that
-``inputs_embeds`` comes from :func:`prompted_inputs_embeds`. Everything else is PEFT's: the attention mask
+``inputs_embeds`` comes from :func:`model_inputs_embeds`. Everything else is PEFT's: the attention mask
 prefixed with float32 ones, the -100 label prefix (CAUSAL_LM only), token_type_ids prefixed with zeros
 (SEQ_CLS, TOKEN_CLS), dropped with PEFT's warning (CAUSAL_LM, FEATURE_EXTRACTION) or silently
 (QUESTION_ANS), position_ids dropped with PEFT's warning (PEFT's own ``_adjust_prompt_learning_kwargs``
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .prompted_embeds import prompted_inputs_embeds
+from .adapter_batches import pop_adapter_names, rows_for_adapters
+from .prompted_embeds import model_inputs_embeds
 
 
 def _prefix_mask(attention_mask: torch.Tensor | None, batch_size: int, num_virtual_tokens: int):
@@ -48,10 +49,16 @@ def _prepare_kwargs(
 ):
     """What every prompt-tuning forward of PEFT does to the call before building the embeddings:
     the attention mask prefixed with ones, position ids (and token type ids where PEFT does) dropped
-    with PEFT's warning, and the named arguments in ``passed`` handed on. Returns (input_ids, B, N)."""
+    with PEFT's warning, and the named arguments in ``passed`` handed on. ``adapter_names`` (a mixed
+    batch, beyond PEFT) is taken out of ``kwargs``. Returns (input_ids, B, N, rows): ``rows`` says which
+    adapter each batch row takes (None: the active adapter)."""
     config = peft_model.active_peft_config
     input_ids = args["input_ids"]
     batch_size, n = input_ids.shape[0], config.num_virtual_tokens
+    adapter_names = pop_adapter_names(kwargs)
+    rows = None if adapter_names is None else rows_for_adapters(peft_model, adapter_names, batch_size)
+    if rows is not None:
+        n = rows.num_virtual_tokens
     attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
     peft_model._adjust_prompt_learning_kwargs(
         config, kwargs=kwargs, remove_token_type_ids=remove_token_type_ids
@@ -63,12 +70,12 @@ def _prepare_kwargs(
         return_dict=return_dict,
         **{key: args[key] for key in passed},
     )
-    return input_ids, batch_size, n
+    return input_ids, batch_size, n, rows
 
 
 def causal_lm_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForCausalLM.forward``, prompt tuning: labels prefixed with -100."""
-    input_ids, batch_size, n = _prepare_kwargs(
+    input_ids, batch_size, n, rows = _prepare_kwargs(
         peft_model,
         args,
         kwargs,
@@ -76,7 +83,7 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
         remove_token_type_ids=True,
         passed=("labels",),
     )
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     labels = args["labels"]
     if labels is not None:
         prefix_labels = torch.full((batch_size, n), -100).to(labels.device)
@@ -88,11 +95,11 @@ def _encoder_task_forward(peft_model, args: dict, kwargs: dict, target_keys: tup
     """The prompt-tuning forward shared by PEFT's encoder task classes: token_type_ids prefixed with
     zeros (when passed through ``**kwargs``), the task's targets passed through unshifted."""
     return_dict = _return_dict(peft_model, args["return_dict"])
-    input_ids, batch_size, n = _prepare_kwargs(
+    input_ids, batch_size, n, rows = _prepare_kwargs(
         peft_model, args, kwargs, return_dict=return_dict, remove_token_type_ids=False, passed=target_keys
     )
     _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
@@ -112,16 +119,16 @@ def question_answering_forward(peft_model, args: dict, kwargs: dict):
 
 def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForFeatureExtraction.forward``, prompt tuning."""
-    input_ids, _, n = _prepare_kwargs(
+    input_ids, _, n, rows = _prepare_kwargs(
         peft_model, args, kwargs, return_dict=args["return_dict"], remove_token_type_ids=True, passed=()
     )
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
 def seq2seq_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForSeq2SeqLM.forward``, prompt tuning: the encoder gets N of the 2N prompt rows."""
-    input_ids, _, n = _prepare_kwargs(
+    input_ids, _, n, rows = _prepare_kwargs(
         peft_model,
         args,
         kwargs,
@@ -129,7 +136,7 @@ def seq2seq_forward(peft_model, args: dict, kwargs: dict):
         remove_token_type_ids=True,
         passed=("decoder_attention_mask", "labels"),
     )
-    inputs_embeds = prompted_inputs_embeds(peft_model, input_ids, n)
+    inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     return peft_model.base_model(
         inputs_embeds=inputs_embeds,
         decoder_input_ids=args["decoder_input_ids"],

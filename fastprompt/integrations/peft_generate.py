@@ -18,7 +18,8 @@ import warnings
 
 import torch
 
-from .prompted_embeds import prompted_inputs_embeds
+from .adapter_batches import pop_adapter_names, rows_for_adapters
+from .prompted_embeds import model_inputs_embeds
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
 
@@ -100,9 +101,7 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
 
     if cache is None or _is_empty_cache(cache):
         input_ids = model_kwargs["input_ids"]
-        model_kwargs["inputs_embeds"] = prompted_inputs_embeds(
-            peft_model, input_ids, config.num_virtual_tokens
-        )
+        model_kwargs["inputs_embeds"] = model_inputs_embeds(peft_model, input_ids, config.num_virtual_tokens)
         model_kwargs["input_ids"] = None
 
     # The model derives cache_position from inputs_embeds (which now include the prompts).
@@ -111,7 +110,8 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
 
 
 def seq2seq_generate(peft_model, kwargs: dict):
-    """``PeftModelForSeq2SeqLM.generate`` for prompt tuning."""
+    """``PeftModelForSeq2SeqLM.generate`` for prompt tuning; ``adapter_names`` (beyond PEFT) gives every
+    batch row its own adapter's prompt in the encoder inputs."""
     config = peft_model.active_peft_config
     base_model = peft_model.base_model
     base_model.prepare_inputs_for_generation = peft_model.prepare_inputs_for_generation
@@ -128,8 +128,12 @@ def seq2seq_generate(peft_model, kwargs: dict):
             )
         input_ids = kwargs.pop("input_ids")
         kwargs.pop("task_ids", None)
-        n = config.num_virtual_tokens
-        kwargs["inputs_embeds"] = prompted_inputs_embeds(peft_model, input_ids, n)
+        adapter_names = pop_adapter_names(kwargs)
+        n, rows = config.num_virtual_tokens, None
+        if adapter_names is not None:
+            rows = rows_for_adapters(peft_model, adapter_names, input_ids.shape[0])
+            n = rows.num_virtual_tokens
+        kwargs["inputs_embeds"] = model_inputs_embeds(peft_model, input_ids, n, rows)
         if "attention_mask" in kwargs:
             prefix = torch.ones(input_ids.shape[0], n).to(kwargs["attention_mask"].device)
             kwargs["attention_mask"] = torch.cat((prefix, kwargs["attention_mask"]), dim=1)

@@ -19,6 +19,7 @@ import inspect
 
 from ..config import PROMPT_TUNING
 from . import peft_forward, peft_generate
+from .adapter_batches import ADAPTER_NAMES
 
 # PEFT task class name -> the prompt-tuning forward that replaces its ``forward``
 FORWARDS = {
@@ -87,10 +88,27 @@ def _wrap_forward(original, impl):
             input_ids = named.get("input_ids")
             if named.get("inputs_embeds") is None and getattr(input_ids, "dim", None) is not None:
                 return impl(self, named, extra)
+            if extra.get(ADAPTER_NAMES) is not None:
+                raise ValueError(
+                    "adapter_names (one prompt-tuning adapter per batch row) needs input_ids and no "
+                    "inputs_embeds: the prompts are put before the embeddings of input_ids"
+                )
         return original(self, *args, **kwargs)
 
     forward.__fastprompt_original__ = original
+    forward.__signature__ = _with_adapter_names(signature)
     return forward
+
+
+def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
+    """PEFT's signature plus a keyword-only ``adapter_names`` before ``**kwargs`` (Trainer reads the
+    signature to decide which dataset columns to keep)."""
+    params = list(signature.parameters.values())
+    if ADAPTER_NAMES in signature.parameters:
+        return signature
+    extra = inspect.Parameter(ADAPTER_NAMES, inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    return signature.replace(parameters=[*params[:at], extra, *params[at:]])
 
 
 def _wrap_prepare_inputs_for_generation(original):
@@ -118,6 +136,11 @@ def _wrap_seq2seq_generate(original):
             and kwargs.get("inputs_embeds", None) is None
         ):
             return peft_generate.seq2seq_generate(self, kwargs)
+        if kwargs.get(ADAPTER_NAMES) is not None and _prompt_tuning_active(self):
+            raise ValueError(
+                "generate(adapter_names=...) needs input_ids as a keyword and no inputs_embeds: the "
+                "prompts are put before the embeddings of input_ids"
+            )
         return original(self, *args, **kwargs)
 
     generate.__fastprompt_original__ = original

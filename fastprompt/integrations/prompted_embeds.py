@@ -1,73 +1,42 @@
-"""``cat(prompts, word_embeddings(input_ids))`` for a PEFT prompt-tuning model, through ``prompt_concat``.
+"""A PEFT prompt-tuning model's ``inputs_embeds``: routes to the module layer's fused operation.
 
-This is the one place where the fused op replaces PEFT's three steps (lookup, ``get_prompt``, cast +
-``torch.cat``). Where the word-embedding module cannot be fused (see ``word_embeddings.lookup_spec``),
-the module is called and the prompts concatenated exactly as PEFT does; that is logged at debug level.
-
-``CALLS`` counts both outcomes ("fused" / "unfused"), for tests and diagnostics.
+The model's word-embedding module and its prompt-embedding module(s) go to
+:func:`fastprompt.prompted_embeds.prompted_inputs_embeds`; nothing here touches a table.
 """
 
 from __future__ import annotations
 
-import collections
-import logging
-
 import torch
 
-from ..ops import prompt_concat
-from .word_embeddings import FUSABLE_DTYPES, lookup_spec
+from ..prompted_embeds import CALLS, prompted_inputs_embeds
+from .adapter_batches import RowAdapters
 
-logger = logging.getLogger("fastprompt")
-
-CALLS: collections.Counter = collections.Counter()
+__all__ = ["CALLS", "model_inputs_embeds"]
 
 
-def _unfused(peft_model, input_ids: torch.Tensor, num_prompt: int, reason: str) -> torch.Tensor:
-    """PEFT's own three steps (the fallback)."""
-    CALLS["unfused"] += 1
-    logger.debug("fastprompt: unfused prompt concat (%s)", reason)
-    inputs_embeds = peft_model.word_embeddings(input_ids)
-    prompts = peft_model.get_prompt(batch_size=input_ids.shape[0])
-    prompts = prompts.to(inputs_embeds.dtype)
-    return torch.cat((prompts[:, :num_prompt], inputs_embeds), dim=1)
-
-
-def prompted_inputs_embeds(peft_model, input_ids: torch.Tensor, num_prompt: int) -> torch.Tensor:
-    """The active adapter's first ``num_prompt`` prompt rows, then the token rows of ``input_ids``.
+def model_inputs_embeds(
+    peft_model, input_ids: torch.Tensor, num_prompt: int, rows: RowAdapters | None = None
+) -> torch.Tensor:
+    """The active adapter's first ``num_prompt`` prompt rows (or each row's adapter's, with ``rows``),
+    then the token rows of ``input_ids``.
 
     Args:
         peft_model: a PEFT model whose active adapter is prompt tuning.
         input_ids: [B, L] token ids (int64 or int32).
         num_prompt: N, the virtual tokens to put before the tokens (the table may have more rows:
             seq2seq models have 2N, of which the encoder uses N).
+        rows: for a mixed-adapter batch, which adapter each row takes (``rows_for_adapters``).
 
     Returns:
         [B, N + L, D] in the word embeddings' dtype: equal to PEFT's
-        ``cat((get_prompt(B)[:, :N].to(dtype), word_embeddings(input_ids)), 1)``, with gradients to the
-        prompt table (and to the word table where it requires grad).
+        ``cat((get_prompt(B)[:, :N].to(dtype), word_embeddings(input_ids)), 1)``.
     """
-    prompt_encoder = peft_model.prompt_encoder[peft_model.active_adapter]
-    prompt_weight = prompt_encoder.embedding.weight
-    spec = lookup_spec(peft_model.word_embeddings)
-    if spec is None:
-        return _unfused(peft_model, input_ids, num_prompt, "word-embedding module not known to be a lookup")
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        return _unfused(peft_model, input_ids, num_prompt, "input_ids not a 2-D integer tensor")
-    if type(prompt_encoder.embedding).forward is not torch.nn.Embedding.forward:
-        return _unfused(peft_model, input_ids, num_prompt, "prompt embedding with a custom forward")
-    weight = spec.weight
-    if input_ids.device != weight.device or prompt_weight.dtype not in FUSABLE_DTYPES:
-        return _unfused(peft_model, input_ids, num_prompt, "devices or dtypes")
-    if prompt_weight.numel() == 0 or prompt_weight.is_meta:  # ZeRO-3 sharded / not materialized
-        return _unfused(peft_model, input_ids, num_prompt, "prompt table not materialized")
-    if prompt_weight.device != weight.device:
-        prompt_weight = prompt_weight.to(weight.device)
-    # seq2seq: the encoder takes the first N of 2N rows; the other rows get zero gradient.
-    prompt_rows = prompt_weight if num_prompt == prompt_weight.shape[0] else prompt_weight[:num_prompt]
-    out = prompt_concat(
-        input_ids, weight, prompt_rows, embed_scale=spec.embed_scale, padding_idx=spec.padding_idx
+    if rows is None:
+        prompt_encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+        return prompted_inputs_embeds(
+            input_ids, peft_model.word_embeddings, prompt_encoder, num_prompt=num_prompt
+        )
+    encoders = [peft_model.prompt_encoder[name] for name in rows.names]
+    return prompted_inputs_embeds(
+        input_ids, peft_model.word_embeddings, encoders, list(rows.table_index), num_prompt=num_prompt
     )
-    if spec.require_grad_hook and not out.requires_grad and torch.is_grad_enabled():
-        out.requires_grad_(True)
-    CALLS["fused"] += 1
-    return out

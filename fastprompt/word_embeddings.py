@@ -10,9 +10,11 @@ We fuse only modules whose forward we know exactly:
   and ``return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)`` with a buffer
   (Gemma, Gemma2, Gemma3, ...).
 
-Anything else (other forwards, hooks other than transformers' "inputs require grad" hook, accelerate's
-replaced ``forward``, ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``) gets ``None``: the caller then
-calls the module and concatenates, as PEFT does.
+Anything else gets ``None``, and the caller then calls the module and concatenates, as PEFT does:
+other forwards, accelerate's replaced ``forward``, ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``,
+and hooks of any kind, on the module or global (forward, pre-forward, backward, backward-pre), except
+transformers' "inputs require grad" forward hook, which the caller reproduces. A fused lookup never
+runs the module, so its hooks would silently stop firing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.modules import module as _module_globals
 
-from ..ops.checks import FLOAT_DTYPES as FUSABLE_DTYPES
+from .ops.checks import FLOAT_DTYPES as FUSABLE_DTYPES
 
 PLAIN = "plain"
 FLOAT_SCALE = "float_scale"  # * self.embed_scale (a Python number)
@@ -109,18 +111,33 @@ def _buffer_scale(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor
     return buffer.detach().to(weight.dtype)
 
 
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+_MODULE_HOOK_DICTS = ("_forward_pre_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
 def _hooks_allow_fusion(module: torch.nn.Module) -> tuple[bool, bool]:
-    """(fusable, has the require-grad hook) given the module's and the global hooks."""
-    if module._forward_pre_hooks or _module_globals._global_forward_pre_hooks:
+    """(fusable, has the require-grad hook) given the module's and the global hooks.
+
+    Any hook would run if the module were called: only the require-grad forward hook, whose effect
+    the caller reproduces on the fused output, allows fusion.
+    """
+    if any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOK_DICTS):
         return False, False
-    if _module_globals._global_forward_hooks:
+    if any(getattr(module, name, None) for name in _MODULE_HOOK_DICTS):
         return False, False
     require_grad = False
-    for hook in module._forward_hooks.values():
-        if getattr(hook, "__name__", None) in _REQUIRE_GRAD_HOOK_NAMES:
-            require_grad = True
-        else:
+    for hook_id, hook in module._forward_hooks.items():
+        if getattr(hook, "__name__", None) not in _REQUIRE_GRAD_HOOK_NAMES:
             return False, False
+        if hook_id in getattr(module, "_forward_hooks_with_kwargs", {}):
+            return False, False
+        require_grad = True
     return True, require_grad
 
 
