@@ -11,7 +11,7 @@ runs while the budget lasts:
    that moves >= 256 MB (where "not slower than compile" and ">= 90% of copy" apply), and the forward
    at B=1, L=128 (the launch-overhead target), with its wall time per call back to back.
 3. Correctness of ``prompt_concat`` for every dtype pair and index mode against float64 (and PEFT's
-   path where it applies): ``fastprompt.cli.parity.op_case``, one small shape each (B=3, L=7, D=40), so
+   path where it applies): ``fastprompt.testing.parity.op_case``, one small shape each (B=3, L=7, D=40), so
    the cost is the kernels' first compiles, not the data.
 4. ``torch.compile(fullgraph=True)`` of a function calling ``prompt_concat``: forward and backward
    equal to eager, for each index mode (skipped when under 45 s of the budget is left); then
@@ -45,7 +45,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernels, never the inte
 
 import torch  # noqa: E402
 
-from fastprompt.cli.benchmarking import (  # noqa: E402
+from fastprompt.benchmarks import (  # noqa: E402
     PROVIDERS,
     SUITE_SHAPES,
     TARGET_SHAPE,
@@ -57,7 +57,7 @@ from fastprompt.cli.benchmarking import (  # noqa: E402
     peak_extra_bytes,
     timings_each,
 )
-from fastprompt.cli.report import Result, text_table, with_speedups  # noqa: E402
+from fastprompt.benchmarks.report import Result, text_table, with_speedups  # noqa: E402
 
 try:
     import triton
@@ -109,7 +109,7 @@ class Budget:
 def correctness(device: torch.device, budget: Budget) -> tuple[list[tuple[bool, str]], list[str]]:
     """Every dtype pair and index mode against float64 (and PEFT's path where it applies), one small
     shape each, while the budget lasts: (checks run, cases not run)."""
-    from fastprompt.cli.parity import DTYPE_NAMES, op_case, op_cases
+    from fastprompt.testing.parity import DTYPE_NAMES, op_case, op_cases
 
     gen = torch.Generator().manual_seed(0)
     checks, skipped = [], []

@@ -74,7 +74,7 @@ def _meta(*size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def bench_shapes(quick: bool) -> list:
     """The GPU benchmark shapes (``--quick``: the CPU target shape only)."""
-    from fastprompt.cli.benchmarking import SUITE_SHAPES, TARGET_SHAPE
+    from fastprompt.benchmarks.shapes import SUITE_SHAPES, TARGET_SHAPE
 
     return [TARGET_SHAPE] if quick else list(dict.fromkeys(SUITE_SHAPES["cuda"]))
 

@@ -50,7 +50,7 @@ def test_report_plans_come_from_the_launchers(monkeypatch):
         sys.path.remove(str(REPORT.parent))
     from fastprompt.kernels import prompt_concat_bwd, prompt_concat_fwd
 
-    from fastprompt.cli.benchmarking import TARGET_SHAPE
+    from fastprompt.benchmarks.shapes import TARGET_SHAPE
 
     monkeypatch.setattr(prompt_concat_fwd, "forward_blocks", lambda dim, interpret: (1, 64, 2))
     monkeypatch.setattr(prompt_concat_bwd, "backward_blocks", lambda dim, interpret: (32, 1))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tolerance
-from op_reference import assert_close_to_reference, poisoned_empty, reference_forward
+from fastprompt.testing import tolerance
+from fastprompt.testing.reference import assert_close_to_reference, poisoned_empty, reference_forward
 
 pytest.importorskip("triton")
 

@@ -7,8 +7,10 @@ import itertools
 
 import pytest
 import torch
-from conftest import tolerance
-from op_reference import (
+
+import fastprompt
+from fastprompt.testing import FLOAT_DTYPES, tolerance
+from fastprompt.testing.reference import (
     assert_close_to_reference,
     poisoned_empty,
     reference_forward,
@@ -16,9 +18,7 @@ from op_reference import (
     strided_table,
 )
 
-import fastprompt
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(FLOAT_DTYPES)
 B, L, V, P, D = 3, 6, 17, 5, 12
 
 

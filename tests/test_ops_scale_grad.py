@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tolerance
-from op_reference import assert_close_to_reference, reference_forward
+from fastprompt.testing import tolerance
+from fastprompt.testing.reference import assert_close_to_reference, reference_forward
 
 import fastprompt
 

@@ -4,11 +4,11 @@ Seq2Seq ``generate``; valid edge cases (int32 ids, no tokens at all, only virtua
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, main_output, model_pair
 
 from fastprompt.integrations import check_prompt_inputs
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 

@@ -13,11 +13,11 @@ import sys
 import warnings
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, peft_config
 
 import fastprompt
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 import peft.peft_model as peft_model_module  # noqa: E402

@@ -7,12 +7,12 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, peft_config
 
 import fastprompt
 from fastprompt.integrations import UntestedPeftWarning, peft_version
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 

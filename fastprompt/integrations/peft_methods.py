@@ -23,12 +23,11 @@ import functools
 import inspect
 import types
 
+from ..config import PROMPT_TUNING
 from . import peft_forward, peft_generate
 from .adapter_batches import ADAPTER_NAMES
 from .input_checks import check_prompt_inputs
 from .peft_version import fused_path_allowed
-
-PROMPT_TUNING = "PROMPT_TUNING"
 
 # PEFT task class name -> the prompt-tuning forward that replaces its ``forward``
 FORWARDS = {

@@ -152,11 +152,16 @@ def accelerate(peft_model):
 
 
 def get_peft_model(model, peft_config, *args, **kwargs):
-    """``peft.get_peft_model`` then :func:`accelerate`. ``peft_config`` may be fastprompt's or PEFT's."""
+    """``peft.get_peft_model`` then :func:`accelerate`. ``peft_config`` may be fastprompt's or PEFT's.
+
+    Raises:
+        ValueError: a prompt-tuning config without a valid ``task_type`` or ``prompt_tuning_init``.
+    """
     import peft
 
-    from ..config import PromptTuningConfig, to_peft_config
+    from ..config import PromptTuningConfig, check_for_model, to_peft_config
 
+    check_for_model(peft_config)  # a ValueError naming the choices, not PEFT's KeyError: None
     if isinstance(peft_config, PromptTuningConfig):
         peft_config = to_peft_config(peft_config)
     peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
