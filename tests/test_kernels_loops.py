@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastprompt.testing import tolerance
 from fastprompt.testing.reference import assert_close_to_reference, poisoned_empty, reference_forward
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastprompt.testing import tolerance
-from fastprompt.testing.reference import assert_close_to_reference, reference_forward
 
 import fastprompt
+from fastprompt.testing import tolerance
+from fastprompt.testing.reference import assert_close_to_reference, reference_forward
 
 B, L, V, P, D = 3, 5, 9, 4, 6
 
