@@ -1,12 +1,15 @@
 """Set-up of the pytest-benchmark suite (``pytest bench --benchmark-only``).
 
-- ``TRITON_INTERPRET`` is removed before fastprompt is imported: the interpreter costs about 1 ms per
-  program instance and would time Python, not the op. On CPU fastprompt then runs its torch path; on
+- ``TRITON_INTERPRET`` is removed before fastprompt is imported: the interpreter runs every program
+  instance in Python and would time Python, not the op. On CPU fastprompt then runs its torch path; on
   CUDA the compiled Triton kernels. ``FASTPROMPT_BACKEND`` is left as the caller set it (unset: auto).
-- On CPU, glibc keeps freed memory in the process (``keep_freed_memory``): otherwise page faults on
-  fresh outputs dominate and make the times vary tenfold on a virtual machine. The conservative choice
-  for fastprompt (PEFT's extra buffer then costs no faults); ``FASTPROMPT_BENCH_ALLOCATOR=default``
-  measures glibc as it comes.
+  In the combined run of README's test command (``pytest tests bench``, benchmarks skipped by
+  ``--benchmark-skip`` in pyproject's ``addopts``) ``tests/conftest.py`` has already imported
+  fastprompt under the interpreter; then the environment is left as it is.
+- On CPU, glibc keeps freed memory in the process (``keep_freed_memory``, when benchmarks run):
+  otherwise page faults on fresh outputs dominate and make the times vary tenfold on a virtual machine.
+  The conservative choice for fastprompt (PEFT's extra buffer then costs no faults);
+  ``FASTPROMPT_BENCH_ALLOCATOR=default`` measures glibc as it comes.
 - ``device``: CUDA when present, else CPU; the shape set follows it (``SUITE_SHAPES``).
 - ``measure``: ``measure(fn)`` times ``fn`` with pytest-benchmark; on CUDA every timed call ends with
   ``torch.cuda.synchronize()``, so a round times the work and not just its asynchronous launch.
@@ -17,14 +20,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
-os.environ.pop("TRITON_INTERPRET", None)
+if "fastprompt" not in sys.modules:  # alone (``pytest bench``): the compiled kernels or the torch path
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastprompt.cli.benchmarking import (  # noqa: E402
+from fastprompt.benchmarks import (  # noqa: E402
     bench_device,
     copy_bandwidth,
     gbps,
@@ -33,11 +39,16 @@ from fastprompt.cli.benchmarking import (  # noqa: E402
     synchronize,
 )
 
-KEEPS_FREED_MEMORY = (
-    bench_device().type == "cpu"
-    and os.environ.get("FASTPROMPT_BENCH_ALLOCATOR", "keep") != "default"
-    and keep_freed_memory()
-)
+
+@functools.cache
+def keeps_freed_memory() -> bool:
+    """Apply ``keep_freed_memory`` once, when the first benchmark runs (CPU, unless opted out)."""
+    return (
+        bench_device().type == "cpu"
+        and os.environ.get("FASTPROMPT_BENCH_ALLOCATOR", "keep") != "default"
+        and keep_freed_memory()
+    )
+
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated above the level before the call",
@@ -46,10 +57,14 @@ MEMORY_METHOD = {
 
 
 def pytest_configure(config):
-    """Silence a deprecation torch.compile's own internals raise (not ours to fix)."""
+    """Silence a deprecation torch.compile's own internals raise (not ours to fix); when benchmarks run
+    (not skipped by ``--benchmark-skip``), set up the CPU allocator before anything is measured."""
     config.addinivalue_line(
         "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
     )
+    skipped = config.getoption("benchmark_skip", False) and not config.getoption("benchmark_only", False)
+    if not skipped:
+        keeps_freed_memory()
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +120,7 @@ def record(benchmark, device, copy_gbps):
         info["peak_memory_method"] = MEMORY_METHOD[device.type]
         if device.type == "cpu":
             info["threads"] = torch.get_num_threads()
-            info["allocator"] = "glibc keeps freed memory" if KEEPS_FREED_MEMORY else "default"
+            info["allocator"] = "glibc keeps freed memory" if keeps_freed_memory() else "default"
         info.update(more)
         stats = getattr(benchmark, "stats", None)
         median = stats.stats.median if stats is not None else None

@@ -1,4 +1,4 @@
-"""Where the forward time goes at the CPU target shape (B=8, T=20, L=512, D=1024, fp32).
+"""Where the forward time goes at B=8, T=20, L=512, D=1024, fp32 on the CPU.
 
     python bench/profile_target.py [--allocator keep|default] [--shape B,T,L,D]
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import fastprompt
-from fastprompt.cli.benchmarking import Shape, keep_freed_memory, make_inputs, median_seconds_each, op_call
+from fastprompt.benchmarks import Shape, keep_freed_memory, make_inputs, median_seconds_each, op_call
 
 
 def parts(shape: Shape) -> dict:

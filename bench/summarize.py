@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fastprompt.cli.report import Result, noise_warnings, text_table, with_speedups
+from fastprompt.benchmarks.report import Result, noise_warnings, text_table, with_speedups
 
 
 def results_from_json(path: str, stat: str = "median") -> list[Result]:

@@ -10,7 +10,7 @@ import functools
 
 import pytest
 
-from fastprompt.cli.benchmarking import (
+from fastprompt.benchmarks import (
     PROVIDERS,
     SUITE_SHAPES,
     assert_matches_peft,

@@ -2,9 +2,10 @@
 
 B = 8 rows of L = 16 tokens, greedy, 8 new tokens (``generate``) and 1 (``first token``), N in {20, 100},
 on ``tiny-llama`` and ``mid-llama`` (4 layers, D = 1024): the workload of
-``fastprompt.cli.prompt_kv_bench``. ``reuse`` is checked to give ``no reuse``'s tokens first; its prompt
+``fastprompt.benchmarks.prompt_kv``. ``reuse`` is checked to give ``no reuse``'s tokens first; its prompt
 KV is stored by that first call (the steady state of serving an adapter). pytest-benchmark runs one
-benchmark after the other: for ratios on a shared machine prefer ``python -m fastprompt.cli.prompt_kv_bench``,
+benchmark after the other: for ratios on a shared machine prefer
+``python -m fastprompt.benchmarks.prompt_kv``,
 where the providers take turns.
 """
 
@@ -15,8 +16,8 @@ import functools
 import pytest
 import torch
 
-from fastprompt.cli.benchmarking import peak_extra_bytes
-from fastprompt.cli.prompt_kv_bench import (
+from fastprompt.benchmarks.measure import peak_extra_bytes
+from fastprompt.benchmarks.prompt_kv import (
     NEW_TOKENS,
     NUM_VIRTUAL_TOKENS,
     PROVIDERS,

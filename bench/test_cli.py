@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from fastprompt.benchmarks.report import Result, noise_warnings
 from fastprompt.cli import main
-from fastprompt.cli.report import Result, noise_warnings
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):
@@ -82,3 +82,75 @@ def test_noise_warnings_flag_wide_spread_and_inconsistent_rows():
     ]
     lines = noise_warnings(noisy)
     assert len(lines) == 2 and "60%" in lines[0] and "faster than peft forward" in lines[1]
+
+
+def _bench_small_gpt2(tmp_path, capsys, n_positions: int):
+    """``bench --model DIR`` on a tiny GPT-2 with ``n_positions`` positions, saved with ``save_pretrained``
+    as a user's model would be: (exit code, the JSON written, what was printed)."""
+    from transformers import GPT2LMHeadModel
+
+    from fastprompt.testing import tiny_models
+
+    torch.manual_seed(0)
+    directory = tmp_path / "gpt2"
+    GPT2LMHeadModel(tiny_models.config("gpt2", n_positions=n_positions)).save_pretrained(directory)
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(directory), "--providers", "peft,fastprompt", "--budget", "0.01"]
+    code = main([*argv, "--json", str(path)])
+    return code, json.loads(path.read_text()), capsys.readouterr()
+
+
+def test_bench_model_with_few_positions_fits_its_lengths(tmp_path, capsys):
+    """A model with 64 positions: the 20 virtual + 64 tokens of the training step do not fit, so the step
+    runs shrunk (and says so); generation fits. PEFT's generation is timed where it is correct
+    (uncached on transformers >= 5.24, where its cached path would also run past the 64 positions)."""
+    from fastprompt.benchmarks.models import peft_generation_uses_cache
+
+    code, data, captured = _bench_small_gpt2(tmp_path, capsys, 64)
+    assert code == 0 and "Traceback" not in captured.err
+    workloads = {r["workload"] for r in data["results"]}
+    assert "train step B=8 L=44 T=20" in workloads, workloads
+    assert any(w.startswith("generate 16 tok B=2 L=16 T=20") for w in workloads), workloads
+    assert all(r["matches_peft"] for r in data["results"])
+    notes = data["meta"]["notes"]
+    assert any("train step shrunk" in line and "64 positions" in line for line in notes), notes
+    use_cache, note = peft_generation_uses_cache()
+    if not use_cache:
+        assert note in notes and "use_cache=False" in captured.out
+        assert any(w.endswith("peft uncached") for w in workloads), workloads
+
+
+def test_bench_model_without_room_skips_model_workloads_and_writes_the_rest(tmp_path, capsys):
+    """16 positions leave no room after 20 virtual tokens: the model-level workloads are skipped with a
+    note, the op-level rows (from the model's table) are still measured and written."""
+    code, data, captured = _bench_small_gpt2(tmp_path, capsys, 16)
+    assert code == 0
+    assert {r["workload"] for r in data["results"]} == {"forward", "forward+backward"}
+    assert sum("skipped" in line for line in data["meta"]["notes"]) == 2
+    assert "Notes:" in captured.out
+
+
+def test_fit_lengths():
+    from fastprompt.benchmarks.models import fit_lengths
+
+    assert fit_lengths({"seq": 64}, 20, None) == {"seq": 64}
+    assert fit_lengths({"seq": 64}, 20, 512) == {"seq": 64}
+    assert fit_lengths({"seq": 64}, 20, 64) == {"seq": 44}
+    assert fit_lengths({"prompt": 16, "new": 16}, 4, 20) == {"prompt": 8, "new": 8}
+    assert fit_lengths({"a": 1, "b": 1, "c": 100}, 0, 3) == {"a": 1, "b": 1, "c": 1}
+    assert fit_lengths({"seq": 64}, 20, 20) is None
+
+
+def test_peft_generation_policy_follows_the_versions(monkeypatch):
+    """PEFT 0.21 with transformers >= 5.24: uncached, with a note; before 5.24: PEFT's cache."""
+    import peft
+    import transformers
+
+    from fastprompt.benchmarks.models import peft_generation_uses_cache
+
+    monkeypatch.setattr(peft, "__version__", "0.21.2")
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    use_cache, note = peft_generation_uses_cache()
+    assert not use_cache and "use_cache=False" in note and "5.24.0" in note
+    monkeypatch.setattr(transformers, "__version__", "5.17.1")
+    assert peft_generation_uses_cache() == (True, None)

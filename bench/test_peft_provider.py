@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from fastprompt.cli.benchmarking import peft_concat
-from fastprompt.cli.tiny_models import load_base_model, prompt_tuned, token_batch
+from fastprompt.testing.reference import peft_concat
+from fastprompt.testing.tiny_models import load_base_model, prompt_tuned, token_batch
 
 NUM_VIRTUAL_TOKENS = 6
 

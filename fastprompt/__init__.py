@@ -2,13 +2,21 @@
 
 from .config import PromptTuningConfig, PromptTuningInit
 from .embedding import PromptEmbedding
-from .integrations import AdapterNamesCollator, accelerate, get_peft_model, patch_peft, unpatch_peft
+from .integrations import (
+    AdapterFileError,
+    AdapterNamesCollator,
+    accelerate,
+    get_peft_model,
+    patch_peft,
+    unpatch_peft,
+)
 from .ops import backend_for, prompt_concat
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "AdapterFileError",
     "AdapterNamesCollator",
     "PromptEmbedding",
     "PromptTuningConfig",

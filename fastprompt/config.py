@@ -36,6 +36,42 @@ class PromptTuningInit(str, enum.Enum):
     RANDOM = "RANDOM"
 
 
+INIT_CHOICES = tuple(member.value for member in PromptTuningInit)
+
+
+def _value(member: Any) -> Any:
+    """The string of an enum member (ours or PEFT's), anything else as it is."""
+    return member.value if isinstance(member, enum.Enum) else member
+
+
+def check_prompt_tuning_init(init: Any) -> None:
+    """Raise ValueError unless ``init`` is one of TEXT, SAMPLE_VOCAB, RANDOM (a string or either
+    library's ``PromptTuningInit``). Stricter than PEFT, which treats any other value as RANDOM."""
+    if _value(init) not in INIT_CHOICES:
+        raise ValueError(
+            f"prompt_tuning_init={_value(init)!r} is not a prompt-tuning init: expected one of "
+            f"{', '.join(INIT_CHOICES)} (a string or PromptTuningInit); PEFT would silently use RANDOM."
+        )
+
+
+def check_for_model(config: Any) -> None:
+    """Raise ValueError if a prompt-tuning ``config`` (fastprompt's or PEFT's) cannot set up a model.
+
+    ``task_type`` must be one of ``TASK_TYPES`` (PEFT's ``get_peft_model`` fails with a bare
+    ``KeyError: None`` without one) and ``prompt_tuning_init`` one of ``INIT_CHOICES``. Configs of other
+    adapter types are left to PEFT.
+    """
+    if _value(getattr(config, "peft_type", None)) != PROMPT_TUNING:
+        return
+    task_type = _value(getattr(config, "task_type", None))
+    if task_type not in TASK_TYPES:
+        raise ValueError(
+            f"task_type={task_type!r}: a prompt-tuning model needs a task type, one of "
+            f"{', '.join(TASK_TYPES)} (e.g. PromptTuningConfig(task_type='CAUSAL_LM', ...))."
+        )
+    check_prompt_tuning_init(getattr(config, "prompt_tuning_init", None))
+
+
 def _installed_peft_version() -> str | None:
     """PEFT fills ``peft_version`` with its own version; without PEFT the field stays None."""
     try:
@@ -57,7 +93,8 @@ class PromptTuningConfig:
         token_dim: D, the model's hidden size (filled from the model config when the adapter is added).
         num_transformer_submodules: S, 2 for SEQ_2_SEQ_LM and 1 otherwise when left None; the prompt
             table has N * S rows.
-        prompt_tuning_init: RANDOM (default), SAMPLE_VOCAB or TEXT (unknown strings act like RANDOM).
+        prompt_tuning_init: RANDOM (default), SAMPLE_VOCAB or TEXT (anything else: ValueError; PEFT
+            treats unknown strings as RANDOM).
         prompt_tuning_init_text: the TEXT init text (required, may be empty, for TEXT).
         tokenizer_name_or_path: the tokenizer for TEXT init (required for TEXT).
         tokenizer_kwargs: keyword arguments of ``AutoTokenizer.from_pretrained`` (TEXT only).
@@ -100,6 +137,7 @@ class PromptTuningConfig:
             self.peft_version = _installed_peft_version()
         # PromptTuningConfig
         self.peft_type = PROMPT_TUNING
+        check_prompt_tuning_init(self.prompt_tuning_init)  # beyond PEFT: it falls back to RANDOM
         if (self.prompt_tuning_init == PromptTuningInit.TEXT) and not self.tokenizer_name_or_path:
             raise ValueError(
                 f"When prompt_tuning_init='{PromptTuningInit.TEXT.value}', "
@@ -210,8 +248,5 @@ def to_peft_config(config: Any):
         )
     fields_ = _config_fields(config)
     fields_.pop("peft_type", None)
-    init = config.prompt_tuning_init
-    init_value = init.value if isinstance(init, enum.Enum) else init
-    if init_value in {member.value for member in peft.PromptTuningInit}:
-        fields_["prompt_tuning_init"] = peft.PromptTuningInit(init_value)
+    fields_["prompt_tuning_init"] = peft.PromptTuningInit(_value(config.prompt_tuning_init))
     return peft.PromptTuningConfig(**fields_)

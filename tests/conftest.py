@@ -3,7 +3,8 @@
 The Triton kernels run here through Triton's interpreter: TRITON_INTERPRET=1 must be set before the
 module that defines them is imported, so it is set at the top of this file. Tests run on the
 pure-PyTorch path by default (FASTPROMPT_BACKEND=torch); the ``backend`` fixture switches a test to
-the interpreted Triton kernels as well.
+the interpreted Triton kernels as well. Tolerances, the float64 reference and the tiny models are in
+``fastprompt.testing`` (shared with ``python -m fastprompt check`` and the benchmarks).
 """
 
 from __future__ import annotations
@@ -14,23 +15,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTPROMPT_BACKEND", "torch")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from fastprompt.ops.backend import triton_available  # noqa: E402
 
 BACKENDS = ["torch", "triton"]
-
-# Per-dtype tolerances (DESIGN.md): fp32 exact or ~1e-6; fp16 1e-3; bf16 1.6e-2.
-TOLERANCES = {
-    torch.float32: dict(atol=1e-6, rtol=1e-6),
-    torch.float16: dict(atol=1e-3, rtol=1e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
-}
-
-
-def tolerance(*dtypes: torch.dtype) -> dict:
-    """The loosest tolerance among ``dtypes``."""
-    return max((TOLERANCES[d] for d in dtypes), key=lambda t: t["atol"])
 
 
 @pytest.fixture(params=BACKENDS)

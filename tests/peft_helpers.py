@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import tiny_models
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastprompt.testing import tiny_models
 
 
 class FastpromptOps(TorchDispatchMode):

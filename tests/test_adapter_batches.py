@@ -9,9 +9,10 @@ after ``set_adapter(its adapter)``.
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, main_output, peft_config
+
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 import fastprompt  # noqa: E402

@@ -48,7 +48,6 @@ def _error(cls, **kwargs):
         dict(prompt_tuning_init=PromptTuningInit.RANDOM, tokenizer_kwargs={"foo": "bar"}),
         dict(prompt_tuning_init="SAMPLE_VOCAB", tokenizer_kwargs={"a": 1}),
         dict(prompt_tuning_init="RANDOM", tokenizer_kwargs={}),
-        dict(prompt_tuning_init="UNKNOWN"),
         dict(task_type="NOT_A_TASK"),
         dict(task_type="CAUSAL_LM", num_virtual_tokens=4),
     ],
@@ -57,6 +56,62 @@ def test_post_init_validation_same_as_peft(kwargs):
     theirs = _error(peft.PromptTuningConfig, **kwargs)
     ours = _error(PromptTuningConfig, **kwargs)
     assert ours == theirs
+
+
+@pytest.mark.parametrize("init", ["BOGUS", "random", "", None, 3])
+def test_unknown_init_is_refused_beyond_peft(init):
+    """Deliberately stricter than PEFT (which treats an unknown init as RANDOM): a ValueError naming the
+    value and the three choices."""
+    assert peft.PromptTuningConfig(prompt_tuning_init=init).prompt_tuning_init == init  # PEFT accepts it
+    with pytest.raises(ValueError, match=r"prompt_tuning_init=.*TEXT, SAMPLE_VOCAB, RANDOM"):
+        PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init=init)
+
+
+@pytest.mark.parametrize("init", ["RANDOM", PromptTuningInit.TEXT, peft.PromptTuningInit.SAMPLE_VOCAB])
+def test_valid_inits_in_any_spelling(init):
+    text = dict(tokenizer_name_or_path="tok", prompt_tuning_init_text="hi") if init == "TEXT" else {}
+    config = PromptTuningConfig(task_type="CAUSAL_LM", prompt_tuning_init=init, **text)
+    assert to_peft_config(config).prompt_tuning_init == init
+
+
+def _tiny_causal_lm():
+    from fastprompt.testing import tiny_models
+
+    return tiny_models.build("gpt2", "CAUSAL_LM")
+
+
+@pytest.mark.parametrize("make", ["fastprompt", "peft"])
+def test_get_peft_model_without_task_type_names_the_choices(make):
+    """PEFT: ``KeyError: None``; fastprompt.get_peft_model: a ValueError listing the task types, for
+    fastprompt's and PEFT's own config objects."""
+    import fastprompt
+
+    cls = PromptTuningConfig if make == "fastprompt" else peft.PromptTuningConfig
+    config = cls(num_virtual_tokens=2)
+    with pytest.raises(KeyError):
+        peft.get_peft_model(
+            _tiny_causal_lm(), cls(num_virtual_tokens=2) if make == "peft" else to_peft_config(config)
+        )
+    with pytest.raises(ValueError, match=r"task_type=None.*SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM"):
+        fastprompt.get_peft_model(_tiny_causal_lm(), config)
+
+
+def test_get_peft_model_checks_peft_configs_changed_after_construction():
+    """PEFT checks its fields in ``__post_init__`` only: values set later reach get_peft_model."""
+    import fastprompt
+
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    config.task_type = "CASUAL_LM"
+    with pytest.raises(ValueError, match=r"task_type='CASUAL_LM'.*CAUSAL_LM"):
+        fastprompt.get_peft_model(_tiny_causal_lm(), config)
+    config.task_type = "CAUSAL_LM"
+    config.prompt_tuning_init = "BOGUS"
+    with pytest.raises(ValueError, match=r"prompt_tuning_init='BOGUS'"):
+        fastprompt.get_peft_model(_tiny_causal_lm(), config)
+    config.prompt_tuning_init = "RANDOM"
+    assert (
+        fastprompt.get_peft_model(_tiny_causal_lm(), config).peft_config["default"].task_type == "CAUSAL_LM"
+    )
 
 
 def test_peft_type_forced_and_prompt_learning():

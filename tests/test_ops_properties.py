@@ -6,10 +6,12 @@ import os
 
 import pytest
 import torch
-from conftest import tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from op_reference import (
+
+import fastprompt
+from fastprompt.testing import FLOAT_DTYPES, tolerance
+from fastprompt.testing.reference import (
     assert_close_to_reference,
     poisoned_empty,
     reference_forward,
@@ -17,9 +19,7 @@ from op_reference import (
     strided_table,
 )
 
-import fastprompt
-
-DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+DTYPES = st.sampled_from(list(FLOAT_DTYPES))
 LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced"])
 
 

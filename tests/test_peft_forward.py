@@ -11,12 +11,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import tiny_models
 import torch
-from conftest import tolerance
 from peft_helpers import FastpromptOps, main_output, model_pair, peft_config
 
 from fastprompt.integrations import CALLS
+from fastprompt.testing import tiny_models, tolerance
 
 peft = pytest.importorskip("peft")
 
@@ -308,58 +307,12 @@ def test_our_config_accepted_by_get_peft_model():
 
 
 def _other_config(name: str):
-    import transformers
-
-    llama_like = dict(
-        vocab_size=tiny_models.VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    if name == "gemma2":  # buffer-scaled embeddings, like Gemma3
-        return transformers.Gemma2Config(head_dim=8, **llama_like), "CAUSAL_LM"
-    if name == "mistral":
-        return transformers.MistralConfig(**llama_like), "CAUSAL_LM"
-    if name == "qwen2":
-        return transformers.Qwen2Config(**llama_like), "SEQ_CLS"
-    if name == "mbart":  # float-scaled embeddings, like BART
-        return (
-            transformers.MBartConfig(
-                vocab_size=tiny_models.VOCAB,
-                d_model=16,
-                encoder_layers=1,
-                decoder_layers=1,
-                encoder_attention_heads=2,
-                decoder_attention_heads=2,
-                encoder_ffn_dim=32,
-                decoder_ffn_dim=32,
-                scale_embedding=True,
-                max_position_embeddings=64,
-            ),
-            "SEQ_2_SEQ_LM",
-        )
-    if name == "deberta-v2":
-        return (
-            transformers.DebertaV2Config(
-                vocab_size=tiny_models.VOCAB,
-                hidden_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=32,
-                max_position_embeddings=64,
-                num_labels=3,
-            ),
-            "TOKEN_CLS",
-        )
-    raise KeyError(name)
+    """(config, task) of one of ``tiny_models.OTHER_FAMILIES``."""
+    return tiny_models.config(name), tiny_models.OTHER_FAMILIES[name]
 
 
 @pytest.mark.parametrize("name", ["gemma2", "mistral", "qwen2", "mbart", "deberta-v2"])
-def test_models_not_named_in_the_issue(name):
+def test_more_model_families(name):
     import copy
 
     import transformers

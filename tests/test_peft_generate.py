@@ -9,9 +9,10 @@ only reads the old ``past_key_values`` argument name.
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, model_pair
+
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, main_output, model_pair, peft_config
 from safetensors import safe_open
@@ -14,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import fastprompt
 from fastprompt.integrations import AdapterFileError
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 
@@ -156,9 +156,28 @@ def _corrupt(directory, how: str):
         )
     elif how == "no_weights":
         os.remove(path)
+    elif how in ("nan", "inf", "nan_bin"):
+        table = load_file(path)["prompt_embeddings"]
+        table[1, 2] = float("nan") if how != "inf" else float("inf")
+        table[0, 0] = float("-inf") if how != "nan" else float("nan")
+        if how == "nan_bin":  # PEFT's other format: the pickle, read when there is no safetensors file
+            os.remove(path)
+            torch.save({"prompt_embeddings": table}, os.path.join(directory, "adapter_model.bin"))
+        else:
+            save_file({"prompt_embeddings": table}, path, metadata={"format": "pt"})
 
 
-BAD = ["truncated", "garbage", "missing_key", "wrong_shape", "wrong_dim", "no_weights"]
+BAD = [
+    "truncated",
+    "garbage",
+    "missing_key",
+    "wrong_shape",
+    "wrong_dim",
+    "no_weights",
+    "nan",
+    "inf",
+    "nan_bin",
+]
 
 
 def _state(model):
@@ -209,6 +228,27 @@ def test_from_pretrained_bad_file_under_patch(tmp_path, how):
     finally:
         fastprompt.unpatch_peft()
     assert {name: p.requires_grad for name, p in base.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("how", ["nan", "inf", "nan_bin"])
+def test_non_finite_table_is_refused_with_file_and_count(tmp_path, how):
+    """PEFT loads a table holding NaN / Inf silently (every output is then NaN); fastprompt refuses it,
+    naming the file and how many values are not finite, and the prompt table stays as it was."""
+    directory = _saved_adapter(tmp_path)
+    _corrupt(directory, how)
+    reference, fast = model_pair("gpt2", "CAUSAL_LM")
+    reference.load_adapter(directory, adapter_name="new")  # PEFT: no complaint
+    assert not torch.isfinite(reference.prompt_encoder["new"].embedding.weight).all()
+    table = fast.prompt_encoder["default"].embedding.weight.detach().clone()
+    with pytest.raises(AdapterFileError, match=r"holds 2 of \d+ values that are not finite") as info:
+        fast.load_adapter(directory, adapter_name="default")
+    name = "adapter_model.bin" if how == "nan_bin" else "adapter_model.safetensors"
+    assert os.path.join(str(directory), name) in str(info.value)
+    assert torch.equal(fast.prompt_encoder["default"].embedding.weight, table)
+
+
+def test_adapter_file_error_is_exported():
+    assert fastprompt.AdapterFileError is AdapterFileError and "AdapterFileError" in fastprompt.__all__
 
 
 def test_error_types_stay_compatible():

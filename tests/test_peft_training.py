@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, model_pair
+
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-import tiny_models
 import torch
 from peft_helpers import FastpromptOps, model_pair, peft_config
+
+from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 import fastprompt  # noqa: E402

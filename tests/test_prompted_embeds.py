@@ -7,13 +7,13 @@ Every result is compared with the modules called the PEFT way (word-embedding mo
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
-from op_reference import poisoned_empty
 from peft_helpers import FastpromptOps
 
 from fastprompt import PromptEmbedding, PromptTuningConfig
 from fastprompt.prompted_embeds import CALLS, prompted_inputs_embeds
+from fastprompt.testing import tiny_models
+from fastprompt.testing.reference import poisoned_empty
 
 
 def _word_embeddings(kind: str) -> torch.nn.Module:

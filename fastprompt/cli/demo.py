@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-from .model_bench import TrainStep
-from .tiny_models import load_base_model, prompt_tuned
+from ..benchmarks.models import TrainStep
+from ..testing.tiny_models import load_base_model, prompt_tuned
 
 
 def run_demo(

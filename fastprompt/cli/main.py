@@ -1,9 +1,9 @@
 """The command line: ``python -m fastprompt bench | check | demo`` (argument parsing and dispatch).
 
-- ``bench``: the compact benchmark grid on whatever device is present (``fastprompt.cli.bench_grid``),
+- ``bench``: the compact benchmark grid on whatever device is present (``fastprompt.benchmarks.grid``),
   printed as a table; ``--json PATH`` and ``--plot PATH.png`` as well.
-- ``check``: parity with the reference and with PEFT on this device (``fastprompt.cli.parity``), one line
-  per check; exit code 1 if any check fails.
+- ``check``: parity with the reference and with PEFT on this device (``fastprompt.testing.parity``), one
+  line per check; exit code 1 if any check fails.
 - ``demo``: a short prompt-tuning run with fastprompt (``fastprompt.cli.demo``).
 
 A bad argument (an unknown or absent device, a model that cannot be loaded, a negative budget) is a
@@ -20,7 +20,8 @@ import sys
 
 import torch
 
-from .benchmarking import PROVIDERS, keep_freed_memory
+from ..benchmarks.measure import keep_freed_memory
+from ..benchmarks.providers import PROVIDERS
 
 
 class UsageError(Exception):
@@ -67,7 +68,7 @@ def _positive(kind: type):
 
 def _load_model(name: str):
     """``load_base_model(name)``, or a UsageError saying why it could not be loaded."""
-    from .tiny_models import TINY_MODELS, load_base_model
+    from ..testing.tiny_models import TINY_MODELS, load_base_model
 
     expected = (
         f"expected a built-in model ({', '.join(TINY_MODELS)}), a local model directory, "
@@ -123,8 +124,15 @@ def environment(device: torch.device) -> dict:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench_grid import progress, run_grid
-    from .report import noise_warnings, plot_available, text_table, with_speedups, write_json, write_plot
+    from ..benchmarks.grid import progress, run_grid
+    from ..benchmarks.report import (
+        noise_warnings,
+        plot_available,
+        text_table,
+        with_speedups,
+        write_json,
+        write_plot,
+    )
 
     if args.plot and not plot_available():
         raise UsageError("--plot needs matplotlib: pip install 'fastprompt[plot]'")
@@ -144,6 +152,7 @@ def _bench(args: argparse.Namespace) -> int:
         kept = args.allocator == "keep" and keep_freed_memory()
         meta["allocator"] = "glibc keeps freed memory" if kept else "default"
     progress(", ".join(f"{k} {v}" for k, v in meta.items() if v))
+    notes: list[str] = []
     results = with_speedups(
         run_grid(
             device,
@@ -153,9 +162,11 @@ def _bench(args: argparse.Namespace) -> int:
             providers=providers,
             budget_s=args.budget,
             with_model=not args.no_model,
+            notes=notes,
         )
     )
     meta["model"] = model_name
+    meta["notes"] = notes
     print(f"fastprompt bench: {meta['device']}, backend {meta['fastprompt_backend']}, torch {meta['torch']}")
     print(text_table(results))
     print(
@@ -163,6 +174,10 @@ def _bench(args: argparse.Namespace) -> int:
         "GB/s from the bytes that must move (inputs read once, output written once);\n"
         "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up)."
     )
+    if notes:
+        print("\nNotes:")
+        for line in notes:
+            print(f"  - {line}")
     noise = noise_warnings(results)
     if noise:
         threads = torch.get_num_threads()
@@ -189,11 +204,15 @@ def _bench(args: argparse.Namespace) -> int:
     if mismatches:
         print(f"{len(mismatches)} result(s) did not match peft: see MISMATCH above", file=sys.stderr)
         return 1
+    failed = [line for line in notes if " failed: " in line]
+    if failed:
+        print(f"{len(failed)} workload(s) failed: see Notes above", file=sys.stderr)
+        return 1
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .parity import model_parity, op_parity
+    from ..testing.parity import model_parity, op_parity
 
     device = _device(args.device)
     meta = environment(device)
@@ -217,7 +236,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m fastprompt``."""
-    from .tiny_models import TINY_MODELS
+    from ..testing.tiny_models import TINY_MODELS
 
     parser = argparse.ArgumentParser(
         prog="python -m fastprompt", description="fastprompt: fast prompt tuning, a drop-in for PEFT's."

@@ -5,8 +5,10 @@ Nothing here imports PEFT until a function that needs it is called.
 
 from .adapter_batches import AdapterNamesCollator
 from .adapter_files import AdapterFileError
+from .input_checks import check_prompt_inputs
 from .peft_methods import is_patched
 from .peft_patch import accelerate, get_peft_model, patch_peft, unpatch_peft
+from .peft_version import UntestedPeftWarning
 from .prompt_kv import PromptKVStore, prompt_kv_store
 from .prompted_embeds import CALLS
 
@@ -15,7 +17,9 @@ __all__ = [
     "AdapterFileError",
     "AdapterNamesCollator",
     "PromptKVStore",
+    "UntestedPeftWarning",
     "accelerate",
+    "check_prompt_inputs",
     "get_peft_model",
     "is_patched",
     "patch_peft",

@@ -3,8 +3,8 @@
 PEFT adds the adapter (random weights) before it reads the weights file, and ``from_pretrained`` freezes
 the base model before that; a truncated file, a missing ``prompt_embeddings`` key or a wrong shape then
 surfaces as a low-level error with the model already changed. :func:`check_prompt_adapter_files` reads
-the local ``adapter_config.json`` and the weights file's header first and raises
-:class:`AdapterFileError` with what is wrong and where.
+the local ``adapter_config.json`` and the weights file first (the header and the table itself: its shape,
+and that every value is finite) and raises :class:`AdapterFileError` with what is wrong and where.
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 import os
 
-CONFIG_NAME = "adapter_config.json"
+import torch
+
+from ..config import CONFIG_NAME, PROMPT_TUNING
+
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PROMPT_KEY = "prompt_embeddings"
 
 
 class AdapterFileError(ValueError, KeyError, RuntimeError):
-    """A prompt-tuning adapter file that cannot be loaded (corrupt, truncated, missing key, wrong shape).
+    """A prompt-tuning adapter file that cannot be loaded (corrupt, truncated, missing key, wrong shape,
+    NaN or Inf values).
 
     A ValueError; also a KeyError and a RuntimeError, the types PEFT raises for these cases, so existing
     ``except`` clauses keep working.
@@ -43,13 +47,13 @@ def read_prompt_config(model_id, subfolder: str | None = None) -> dict | None:
             config = json.load(file)
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"Cannot read {os.path.join(path, CONFIG_NAME)}: {exc}") from exc
-    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
+    if not isinstance(config, dict) or config.get("peft_type") != PROMPT_TUNING:
         return None
     return config
 
 
-def _stored_shape(path: str) -> tuple[str, tuple[int, ...]]:
-    """(file, shape of ``prompt_embeddings``) from the safetensors header or the pickle."""
+def _stored_table(path: str):
+    """(file, the ``prompt_embeddings`` tensor) from the safetensors file or the pickle."""
     safetensors_file = os.path.join(path, SAFETENSORS_NAME)
     bin_file = os.path.join(path, BIN_NAME)
     if os.path.isfile(safetensors_file):
@@ -62,18 +66,15 @@ def _stored_shape(path: str) -> tuple[str, tuple[int, ...]]:
                         f"{safetensors_file} has no '{PROMPT_KEY}' tensor (keys: {sorted(file.keys())}): "
                         "it is not a prompt-tuning adapter's weights file."
                     )
-                shape = tuple(file.get_slice(PROMPT_KEY).get_shape())
-                file.get_tensor(PROMPT_KEY)  # reads the data: catches truncation past the header
+                table = file.get_tensor(PROMPT_KEY)  # reads the data: catches truncation past the header
         except AdapterFileError:
             raise
         except Exception as exc:
             raise AdapterFileError(
                 f"{safetensors_file} is not a readable safetensors file (corrupt or truncated): {exc}"
             ) from exc
-        return safetensors_file, shape
+        return safetensors_file, table
     if os.path.isfile(bin_file):
-        import torch
-
         try:
             state = torch.load(bin_file, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -81,7 +82,7 @@ def _stored_shape(path: str) -> tuple[str, tuple[int, ...]]:
         if not isinstance(state, dict) or PROMPT_KEY not in state:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise AdapterFileError(f"{bin_file} has no '{PROMPT_KEY}' tensor (keys: {keys}).")
-        return bin_file, tuple(state[PROMPT_KEY].shape)
+        return bin_file, state[PROMPT_KEY]
     raise AdapterFileError(
         f"No adapter weights in {path}: expected {SAFETENSORS_NAME} (or {BIN_NAME}) next to {CONFIG_NAME}."
     )
@@ -120,7 +121,10 @@ def check_prompt_adapter_files(
             f"{config_file} has token_dim={token_dim}, but the model's word embeddings have dimension "
             f"{model_dim}: this adapter was trained for another model."
         )
-    weights_file, shape = _stored_shape(path)
+    weights_file, table = _stored_table(path)
+    if not isinstance(table, torch.Tensor):
+        raise AdapterFileError(f"{weights_file}: '{PROMPT_KEY}' is a {type(table).__name__}, not a tensor.")
+    shape = tuple(table.shape)
     rows = expected_rows(config)
     dim = token_dim or model_dim
     expected = tuple(existing_shape) if existing_shape is not None else (rows, dim)
@@ -132,4 +136,11 @@ def check_prompt_adapter_files(
             f"{weights_file}: '{PROMPT_KEY}' has shape {list(shape)}, but the adapter needs "
             f"[num_virtual_tokens * num_transformer_submodules, token_dim] = {list(expected)} "
             f"(from {config_file} and the model)."
+        )
+    not_finite = int((~torch.isfinite(table)).sum()) if table.is_floating_point() else 0
+    if not_finite:
+        raise AdapterFileError(
+            f"{weights_file}: '{PROMPT_KEY}' holds {not_finite} of {table.numel()} values that are not "
+            "finite (NaN or Inf): a prompt table like that makes every output NaN; not loaded, the model is "
+            "left as it was."
         )

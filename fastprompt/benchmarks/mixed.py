@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .benchmarking import peak_extra_bytes, timings_each
-from .report import Result
+from .measure import peak_extra_bytes, timings_each
+from .report import Result, timed_result
 
 ADAPTERS = 4
 ROWS_PER_ADAPTER = 4
@@ -140,17 +140,15 @@ def mixed_results(base_model, label: str, device, *, budget_s: float, progress=p
         loop = timings["loop"].median
         for name in calls:
             results.append(
-                Result(
+                timed_result(
                     workload,
                     label,
                     name,
-                    timings[name].median,
-                    None,
+                    timings[name],
                     peaks[name],
                     speedup=loop / timings[name].median,
                     memory_ratio=peaks[name] / peaks["loop"] if peaks["loop"] else None,
                     matches_peft=same if name == "mixed" else True,
-                    spread=timings[name].spread,
                 )
             )
     return results

@@ -44,6 +44,15 @@ class Result:
         return self.gbps / self.copy_gbps
 
 
+def timed_result(
+    workload: str, shape: str, provider: str, timing, peak_bytes: int | None, **fields
+) -> Result:
+    """A ``Result`` from a ``measure.Timing`` (its median and spread) and a peak; ``fields`` set the rest."""
+    return Result(
+        workload, shape, provider, timing.median, peak_bytes=peak_bytes, spread=timing.spread, **fields
+    )
+
+
 def with_speedups(results: Iterable[Result]) -> list[Result]:
     """Fill ``speedup`` (peft time / this time) and ``memory_ratio`` (this peak / peft's peak)."""
     results = list(results)

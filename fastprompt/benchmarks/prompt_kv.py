@@ -21,7 +21,7 @@ time over the row's; ``memory_ratio`` the row's peak over ``no reuse``'s.
 
 Entry points: :func:`prompt_kv_results` (the CLI's rows), :func:`base_model`, :func:`workload_models`,
 :func:`input_batch` and :func:`generate_calls` (``bench/test_bench_prompt_kv.py``);
-``python -m fastprompt.cli.prompt_kv_bench`` prints a table.
+``python -m fastprompt.benchmarks.prompt_kv`` prints a table.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from .benchmarking import peak_extra_bytes, timings_each
+from .measure import peak_extra_bytes, timings_each
 from .report import Result
 
 BATCH, SEQ_LEN, NEW_TOKENS = 8, 16, 8
@@ -57,7 +57,7 @@ MID_LLAMA = dict(
 def base_model(name: str, *, seed: int = 0):
     """``tiny-llama`` / ``tiny-gpt2`` (the built-in tiny models) or ``mid-llama``, random weights, eval."""
     if name != "mid-llama":
-        from .tiny_models import load_base_model
+        from ..testing.tiny_models import load_base_model
 
         return load_base_model(name, seed=seed)
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from .benchmarking import bench_device, keep_freed_memory
+    from .measure import keep_freed_memory
+    from .shapes import bench_device
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny-llama,mid-llama")

@@ -1,4 +1,7 @@
-"""A float64 reference for ``prompt_concat`` and helpers to build its inputs (shared by the op tests)."""
+"""The float64 reference of ``prompt_concat`` and helpers to build its inputs and compare with it.
+
+Shared by the op tests (``tests/``) and ``python -m fastprompt check`` (``fastprompt.testing.parity``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def reference_forward(input_ids, word_weight, prompt_weight, prompt_indices=None, embed_scale=None):
@@ -89,3 +93,24 @@ def poisoned_empty():
         yield
     finally:
         torch.empty = real_empty
+
+
+def peft_concat(
+    input_ids: torch.Tensor,
+    word_weight: torch.Tensor,
+    prompt_weight: torch.Tensor,
+    prompt_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """PEFT's eager code path for prompt tuning (peft 0.21 ``PeftModelForCausalLM.forward``), op by op.
+
+    ``word_embeddings(input_ids)``; ``get_prompt``: prompt tokens expanded to the batch, the first row
+    taken, ``prompt_encoder(...)`` (an ``nn.Embedding``), ``.repeat(batch, 1, 1)``; then
+    ``prompts.to(inputs_embeds.dtype)`` and ``torch.cat((prompts, inputs_embeds), dim=1)``.
+    """
+    batch = input_ids.shape[0]
+    inputs_embeds = F.embedding(input_ids, word_weight)
+    tokens = prompt_tokens.unsqueeze(0).expand(batch, -1)[:1]
+    prompts = F.embedding(tokens, prompt_weight)
+    prompts = prompts.repeat(batch, 1, 1)
+    prompts = prompts.to(inputs_embeds.dtype)
+    return torch.cat((prompts, inputs_embeds), dim=1)

@@ -15,17 +15,14 @@ non-zero if any failed.
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .benchmarking import DTYPE_NAMES, peft_concat
+from .reference import peft_concat, reference_forward, reference_grads
+from .tolerances import DTYPE_NAMES, FLOAT_DTYPES, max_error, tolerance
 
-# DESIGN.md's tolerance table: fp32 exact or ~1e-6; fp16 1e-3; bf16 1.6e-2.
-TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_MODES = ("all", "shared", "per-batch", "all+scale+padding")
 
 
@@ -35,33 +32,6 @@ class Check:
 
     ok: bool
     line: str
-
-
-def _reference(ids, word, prompt, indices, scale):
-    """[B, T+L, D] float64 from float64 copies of the tables (autograd gives the reference gradients)."""
-    batch = ids.shape[0]
-    if indices is None:
-        rows = prompt.unsqueeze(0).expand(batch, -1, -1)
-    elif indices.dim() == 1:
-        rows = prompt[indices].unsqueeze(0).expand(batch, -1, -1)
-    else:
-        rows = prompt[indices]
-    tokens = word[ids]
-    if scale is not None:
-        tokens = tokens * scale
-    return torch.cat((rows, tokens), dim=1)
-
-
-def _max_error(
-    actual: torch.Tensor, expected: torch.Tensor, tol: float, terms: int = 1
-) -> tuple[bool, float]:
-    """(within tolerance, max abs error): atol and rtol ``tol``, atol widened for sums of ``terms``."""
-    actual, expected = actual.double(), expected.double()
-    if torch.isnan(actual).any():
-        return False, math.nan
-    error = (actual - expected).abs()
-    bound = tol * math.sqrt(max(1, terms)) + tol * expected.abs()
-    return bool((error <= bound).all()), float(error.max()) if error.numel() else 0.0
 
 
 def _one_op_case(device, word_dtype, prompt_dtype, mode, gen) -> Check:
@@ -86,18 +56,16 @@ def _one_op_case(device, word_dtype, prompt_dtype, mode, gen) -> Check:
     grad_out = torch.randn(out.shape, generator=gen).to(word_dtype)
     out.backward(grad_out.to(device))
 
-    ref_word = word.detach().cpu().double().requires_grad_()
-    ref_prompt = prompt.detach().cpu().double().requires_grad_()
-    ref = _reference(ids, ref_word, ref_prompt, indices, scale)
-    ref.backward(grad_out.double())
-    word_grad_ref = ref_word.grad.clone()
-    if padding is not None:
-        word_grad_ref[padding] = 0
-    tol_out, tol_word, tol_prompt = (TOLERANCE[word_dtype], TOLERANCE[word_dtype], TOLERANCE[prompt_dtype])
-    tol_prompt = max(tol_prompt, tol_out)  # the prompt gradient sums output-dtype gradients
-    ok_fwd, err_fwd = _max_error(out.detach().cpu(), ref.detach().to(word_dtype), tol_out)
-    ok_w, err_w = _max_error(word.grad.cpu(), word_grad_ref, tol_word, terms=batch * seq)
-    ok_p, err_p = _max_error(prompt.grad.cpu(), ref_prompt.grad, tol_prompt, terms=batch * num_prompt)
+    word_cpu, prompt_cpu = word.detach().cpu(), prompt.detach().cpu()
+    ref = reference_forward(ids, word_cpu, prompt_cpu, indices, scale)
+    word_grad_ref, prompt_grad_ref = reference_grads(
+        grad_out, ids, vocab, prompt_rows, indices, scale, padding
+    )
+    tol_out = tolerance(word_dtype)
+    tol_prompt = tolerance(prompt_dtype, word_dtype)  # the prompt gradient sums output-dtype gradients
+    ok_fwd, err_fwd = max_error(out.detach().cpu(), ref.to(word_dtype), tol_out)
+    ok_w, err_w = max_error(word.grad.cpu(), word_grad_ref, tol_out, terms=batch * seq)
+    ok_p, err_p = max_error(prompt.grad.cpu(), prompt_grad_ref, tol_prompt, terms=batch * num_prompt)
     ok = ok_fwd and ok_w and ok_p
     peft_note = ""
     if mode == "all":
@@ -116,7 +84,7 @@ def _one_op_case(device, word_dtype, prompt_dtype, mode, gen) -> Check:
 
 def op_cases() -> list[tuple[torch.dtype, torch.dtype, str]]:
     """Every (word dtype, prompt dtype, index mode) that ``op_parity`` checks: 9 pairs x 4 modes."""
-    return list(itertools.product(DTYPES, DTYPES, INDEX_MODES))
+    return list(itertools.product(FLOAT_DTYPES, FLOAT_DTYPES, INDEX_MODES))
 
 
 def op_case(
@@ -139,8 +107,7 @@ def op_parity(device: torch.device | str) -> list[Check]:
 
 
 def _model_case(name: str, device: torch.device) -> Check:
-    from .model_bench import greedy_generate
-    from .tiny_models import load_base_model, prompt_tuned_pair, token_batch
+    from .tiny_models import greedy_generate, load_base_model, prompt_tuned_pair, token_batch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

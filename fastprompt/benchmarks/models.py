@@ -1,0 +1,100 @@
+"""Model-level workloads of a prompt-tuned causal LM (timed by ``pytest bench`` and the CLI).
+
+- ``TrainStep``: one prompt-tuning step (forward with labels, backward, AdamW step on the prompt).
+- ``greedy_generate`` (from ``fastprompt.testing.tiny_models``): greedy decoding of a few new tokens.
+- ``peft_generation_uses_cache``: whether PEFT's own cached generation can be timed here, or only its
+  uncached one gives the right tokens.
+- ``max_positions`` / ``fit_lengths``: the lengths a model can take, for models with few positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..testing.tiny_models import greedy_generate, token_batch
+
+__all__ = ["TrainStep", "fit_lengths", "greedy_generate", "max_positions", "peft_generation_uses_cache"]
+
+
+class TrainStep:
+    """One training step of ``model`` on a fixed random batch; call it to run a step, get the loss."""
+
+    def __init__(self, model, batch: int, seq: int, *, lr: float = 1e-3, seed: int = 0):
+        self.model = model
+        self.input_ids = token_batch(model, batch, seq, seed=seed)
+        self.attention_mask = torch.ones_like(self.input_ids)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def __call__(self) -> float:
+        self.model.train()
+        out = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string: ``"5.24.0"`` -> (5, 24)."""
+    parts = []
+    for part in text.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+PEFT_CACHE_NOTE = (
+    "peft generation timed with use_cache=False: PEFT {peft} re-inserts the prompts into its KV cache at "
+    "every step on transformers {transformers} (wrong tokens after the first), so uncached decoding is "
+    "what a PEFT user can use correctly there"
+)
+
+
+def peft_generation_uses_cache() -> tuple[bool, str | None]:
+    """(use_cache for PEFT's own generation, the note saying why not, or None).
+
+    PEFT 0.21 reads the cache under the argument name transformers used before 5.24 (``past_key_values``);
+    on transformers >= 5.24 it no longer sees the cache, adds the prompts again at every step, and its
+    cached greedy output is wrong. There the ``peft`` generation is timed without a cache (slower, but
+    right); fastprompt always uses its cache.
+    """
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        return True, None
+    if _version(transformers.__version__) >= (5, 24) and _version(peft_version) < (0, 22):
+        return False, PEFT_CACHE_NOTE.format(peft=peft_version, transformers=transformers.__version__)
+    return True, None
+
+
+def max_positions(model) -> int | None:
+    """How many positions ``model`` takes (its config's ``max_position_embeddings``), or None: no limit."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_lengths(lengths: dict[str, int], prompt_tokens: int, limit: int | None) -> dict[str, int] | None:
+    """``lengths`` (name -> tokens, in the order they are used) shrunk to fit ``limit`` positions after
+    ``prompt_tokens`` virtual tokens; unchanged when they fit or there is no limit; None when not even
+    one token of each fits.
+
+    Each length keeps its share of the room: {"prompt": 16, "new": 16} in 20 positions after 4 virtual
+    tokens becomes {"prompt": 8, "new": 8}.
+    """
+    if limit is None or prompt_tokens + sum(lengths.values()) <= limit:
+        return dict(lengths)
+    room = limit - prompt_tokens
+    if room < len(lengths):
+        return None
+    total = sum(lengths.values())
+    fitted = {name: max(1, n * room // total) for name, n in lengths.items()}
+    while sum(fitted.values()) > room:  # the floor of 1 can overshoot: take from the longest
+        longest = max(fitted, key=fitted.get)
+        fitted[longest] -= 1
+    return fitted
