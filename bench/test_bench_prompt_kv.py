@@ -1,4 +1,4 @@
-"""Generation with prompt-KV reuse (issue 9): reuse on, reuse off, ``peft`` and the no-prompt floor.
+"""Generation with prompt-KV reuse: reuse on, reuse off, ``peft`` and the no-prompt floor.
 
 B = 8 rows of L = 16 tokens, greedy, 8 new tokens (``generate``) and 1 (``first token``), N in {20, 100},
 on ``tiny-llama`` and ``mid-llama`` (4 layers, D = 1024): the workload of

@@ -1,4 +1,4 @@
-"""Generation with prompt-KV reuse measured (issue 9): reuse on, reuse off, ``peft``, and the no-prompt floor.
+"""Generation with prompt-KV reuse measured: reuse on, reuse off, ``peft``, and the no-prompt floor.
 
 One workload per (model, N): a batch of B = 8 rows of L = 16 tokens, greedy, 8 new tokens (total time)
 and 1 new token (time to the first token: the prefill plus one token), on
