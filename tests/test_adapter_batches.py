@@ -312,3 +312,24 @@ def test_collator_needs_the_column_in_every_example():
     assert batch["adapter_names"] == ["a", "a"] and batch["input_ids"].shape == (2, 2)
     with pytest.raises(KeyError, match="example 1"):
         collate([{"input_ids": torch.tensor([5]), "adapter_names": "a"}, {"input_ids": torch.tensor([6])}])
+
+
+def test_patch_peft_models_take_adapter_names():
+    base = tiny_models.build("gpt2", "CAUSAL_LM")
+    fastprompt.patch_peft()
+    try:
+        torch.manual_seed(1)
+        model = peft.get_peft_model(base, peft_config("CAUSAL_LM"), adapter_name="a")
+        torch.manual_seed(2)
+        model.add_adapter("b", peft_config("CAUSAL_LM"))
+        inputs = _inputs()
+        with FastpromptOps() as ops:
+            out = model.eval()(**inputs, adapter_names=["b", "a", "a", "b"])
+        assert ops.forward == 1
+        expected = model.base_model(
+            inputs_embeds=_reference_embeds(model, inputs["input_ids"], ["b", "a", "a", "b"]),
+            attention_mask=_prefixed(inputs["attention_mask"]),
+        )
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-6, rtol=1e-6)
+    finally:
+        fastprompt.unpatch_peft()
