@@ -211,6 +211,122 @@ def cuda_graph_capture(device: torch.device) -> tuple[bool, str]:
         return False, f"CUDA graph capture: {type(err).__name__}: {err}"
 
 
+# ------------------------------------------------------------------------------------ check sections
+# Each section is a function (device, budget) -> list of (ok, line), run in order after the op's
+# correctness, compile and CUDA-graph checks while the budget lasts; its lines go under its title.
+# To add one (mixed-prompt batches, prompt-KV reuse, ...): write the function, then append
+# (title, function, seconds it needs at least) to SECTIONS. Keep each under ~20 s on an H200.
+
+
+def _launch_counter(launches: list):
+    """Wrap every @triton.jit kernel of fastprompt's kernel modules to record its launches by name;
+    returns a function that undoes it."""
+    from fastprompt.kernels import prompt_concat_bwd, prompt_concat_fwd
+
+    undo = []
+    for module in (prompt_concat_fwd, prompt_concat_bwd):
+        for name in [n for n in dir(module) if n.endswith("_kernel")]:
+            kernel = getattr(module, name)
+
+            class Counting:
+                def __getitem__(self, grid, kernel=kernel, name=name):
+                    def launch(*args, **kwargs):
+                        launches.append(name)
+                        return kernel[grid](*args, **kwargs)
+
+                    return launch
+
+            setattr(module, name, Counting())
+            undo.append((module, name, kernel))
+    return lambda: [setattr(m, n, k) for m, n, k in undo]
+
+
+def backward_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """The backward kernels: the prompt gradient of prompt_indices=None in ONE launch (no sort), equal
+    to float64; a pad id filling the whole batch (no padding_idx) split across programs, equal to
+    float64 and bit-identical from run to run; and their times against PyTorch's own reductions."""
+    from fastprompt.kernels import batch_rows_sum, segment_rows_sum
+
+    import fastprompt
+
+    lines = []
+    gen = torch.Generator(device=device).manual_seed(3)
+    batch, num_prompt, seq, dim, vocab = 32, 20, 1024, 4096, 32000
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen, device=device)
+    word = torch.randn(vocab, dim, generator=gen, device=device).to(torch.bfloat16)
+    prompt = torch.randn(num_prompt, dim, generator=gen, device=device).requires_grad_()
+    grad = torch.randn(batch, num_prompt + seq, dim, generator=gen, device=device).to(torch.bfloat16)
+    launches: list[str] = []
+    undo = _launch_counter(launches)
+    try:
+        out = fastprompt.prompt_concat(ids, word, prompt)
+        launches.clear()
+        out.backward(grad)
+        torch.cuda.synchronize(device)
+    finally:
+        undo()
+    expected = grad[:, :num_prompt].double().sum(0)
+    error = (prompt.grad.double() - expected).abs().max().item()
+    ok = launches == ["_batch_rows_sum_kernel"] and error < 1e-3
+    lines.append(
+        (
+            ok,
+            f"prompt grad, indices=None, B={batch} T={num_prompt} D={dim}: launches {launches}, "
+            f"max |error| vs float64 {error:.2e}",
+        )
+    )
+    pad = torch.full((batch, seq), 7, device=device)  # every position the same id: one B*L segment
+    sums = [segment_rows_sum(grad, num_prompt, pad, vocab, torch.float32) for _ in range(2)]
+    reference = grad[:, num_prompt:].double().sum((0, 1))
+    error = (sums[0][7].double() - reference).abs().max().item()
+    others_zero = bool((sums[0][:7] == 0).all() and (sums[0][8:] == 0).all())
+    same = torch.equal(sums[0], sums[1])
+    line = f"word grad, one pad id in all B*L={batch * seq} positions: max |error| vs float64 {error:.2e}, "
+    lines.append(
+        (error < 1e-1 and others_zero and same, line + f"other rows 0 {others_zero}, same twice {same}")
+    )
+    if budget.left() > 20:
+        token_grads = grad[:, num_prompt:].reshape(-1, dim)
+        times = {
+            "prompt grad": lambda: batch_rows_sum(grad, num_prompt, torch.float32),
+            "torch sum": lambda: grad[:, :num_prompt].sum(0, dtype=torch.float32),
+            "word grad, random ids": lambda: segment_rows_sum(grad, num_prompt, ids, vocab, torch.float32),
+            "word grad, one pad id": lambda: segment_rows_sum(grad, num_prompt, pad, vocab, torch.float32),
+            "torch index_add_ (atomics)": lambda: torch.zeros(vocab, dim, device=device).index_add_(
+                0, ids.view(-1), token_grads.float()
+            ),
+        }
+        listed = ", ".join(f"{name} {median_seconds(fn, device) * 1e6:.0f} us" for name, fn in times.items())
+        lines.append((True, f"times (do_bench): {listed}"))
+    return lines
+
+
+SECTIONS = [
+    ("Backward kernels", backward_section, 20.0),
+    # ("Mixed-prompt batches (adapter_names)", mixed_batch_section, 20.0),   <- the integrator adds these
+    # ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
+]
+
+
+def run_sections(device: torch.device, budget: Budget) -> tuple[list[tuple[bool, str]], list[str]]:
+    """Every section of ``SECTIONS`` while the budget lasts: (checks, sections not run)."""
+    checks, not_run = [], []
+    for title, section, needs_s in SECTIONS:
+        if budget.left() < needs_s:
+            not_run.append(f"section {title!r} (time budget)")
+            continue
+        log(f"section: {title}")
+        emit(f"\n### {title}\n")
+        try:
+            lines = section(device, budget)
+        except Exception as err:  # a crash is a failed check, with its reason
+            lines = [(False, f"{title}: {type(err).__name__}: {err}")]
+        for ok, line in lines:
+            emit(f"- {'ok' if ok else 'FAIL'}: {line}")
+        checks += lines
+    return checks, not_run
+
+
 def wall_seconds_per_call(fn, device: torch.device, calls: int = 2000) -> float:
     """Host wall time per call over ``calls`` back-to-back calls, synchronized at both ends.
 
@@ -359,7 +475,21 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of work (from start-up) after which optional work is skipped; a hard stop "
         f"{HARD_STOP_AFTER_S:.0f} s later (default 190)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="import everything, print the plan and the sections, run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.dry_run:
+        priority, rest = plan()
+        emit("gpu_check plan (dry run):")
+        for shape, backward in priority + rest:
+            emit(f"- time {'forward+backward' if backward else 'forward'} {shape.title}")
+        emit("- correctness, torch.compile fullgraph, CUDA graph capture")
+        for title, section, needs_s in SECTIONS:
+            emit(f"- section {title!r} ({section.__name__}, needs {needs_s:.0f} s)")
+        return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here, nothing to check (run it on a machine with an NVIDIA GPU).")
         return 0
@@ -411,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(cuda_graph_capture(device))
         emit(f"- {'ok' if checks[-1][0] else 'FAIL'}: {checks[-1][1]}")
         not_run += [f"compile fullgraph ({3 - len(fullgraph)} index modes)"] if len(fullgraph) < 3 else []
+        section_checks, sections_not_run = run_sections(device, budget)
+        checks += section_checks
+        not_run += sections_not_run
         log("the other shapes, while the budget lasts")
         not_run += time_runs(device, rest, copy_gbps, budget, results, latency)
     except OutOfTime:

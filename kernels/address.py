@@ -15,3 +15,21 @@ import triton.language as tl
 def row_offset(row, stride):
     """Element offset of ``row`` (any int tensor or scalar) along a dim of ``stride`` elements, int64."""
     return row.to(tl.int64) * stride
+
+
+def _interpreted(fn) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(fn, InterpretedFunction)
+
+
+# How Triton defined this package's kernels, decided once when it was imported (``TRITON_INTERPRET``
+# is read by ``triton.jit`` at decoration time): True when they run in Triton's interpreter on CPU
+# tensors, False when they compile for a GPU. ``fastprompt.ops.backend`` follows this fact.
+INTERPRETED: bool = _interpreted(row_offset)
+
+try:  # Triton imports gluon lazily at the first interpreted launch, and gluon asserts that
+    # TRITON_INTERPRET still says what it said when the kernels were defined: import it now, while it does.
+    import triton.experimental.gluon  # noqa: F401
+except ImportError:  # older triton: no gluon
+    pass

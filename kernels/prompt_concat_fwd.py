@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .address import row_offset
+from .address import INTERPRETED, row_offset
+from .launch import Launch
 from .scale import scale_arguments
 
 # Index modes for the prompt rows (constexpr): all rows in order, one [T] list, one [B, T] list.
@@ -120,63 +121,51 @@ def _prompt_concat_fwd_kernel(
         )
 
 
-def _blocks(dim: int, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps): about 4K elements a tile on GPU, 16K in the interpreter."""
+def forward_blocks(dim: int, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) for rows of ``dim`` elements: about 2K elements a tile on GPU
+    (8 per thread at 8 warps: two 128-bit accesses per table; a 4K tile at 8 warps spills on sm_80,
+    ``bench/kernel_report.py`` shows it), 16K in the interpreter (which pays per program)."""
     block_d = min(triton.next_power_of_2(max(dim, 1)), 1024 if not interpret else 4096)
-    tile = 16384 if interpret else 4096
+    tile = 16384 if interpret else 2048
     block_r = max(1, min(tile // block_d, 64))
-    num_warps = 4 if block_d * block_r <= 2048 else 8
-    return block_r, block_d, num_warps
+    return block_r, block_d, _warps(block_r * block_d)
 
 
-def prompt_concat_forward(
+def _warps(tile: int) -> int:
+    """num_warps for a tile of ``tile`` elements: 8 from 2K elements up, else 4."""
+    return 4 if tile < 2048 else 8
+
+
+def forward_launch(
     input_ids: torch.Tensor,
     word_weight: torch.Tensor,
     prompt_weight: torch.Tensor,
     prompt_indices: torch.Tensor | None,
     embed_scale: float | torch.Tensor | None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch the forward kernel once. Returns a new contiguous [B, T+L, D] in ``word_weight.dtype``.
+    out: torch.Tensor,
+    *,
+    interpret: bool = INTERPRETED,
+    block_r: int | None = None,
+    block_d: int | None = None,
+) -> Launch:
+    """The one launch that fills ``out`` [B, T+L, D]; arguments as in ``prompt_concat_forward``.
 
-    Shapes and dtypes as in ``_prompt_concat_fwd_kernel``; any strides. Arguments are assumed checked
-    (``fastprompt.ops.checks``); out-of-range ids yield NaN rows, never an out-of-bounds read.
-    ``embed_scale``: None, a float, or a one-element float tensor on the tables' device (read by the
-    kernel, no host sync); token rows are ``round(float32(row) * float32(scale))``.
-    ``out``: write into this [B, T+L, D] tensor instead (unit stride on D, any other strides); the op
-    never passes it, the int64-offset test does.
+    ``interpret``: choose blocks for Triton's interpreter (default: how the kernels were defined);
+    ``bench/kernel_report.py`` passes False to plan GPU launches on meta tensors.
+    ``block_r`` / ``block_d``: override the block choice (tests use small blocks so that the D loop
+    runs more than once); ``num_warps`` follows the tile size.
     """
-    batch, seq_len = input_ids.shape
-    num_word_rows, dim = word_weight.shape
-    if prompt_indices is None:
-        mode, num_prompt = PROMPT_ALL, prompt_weight.shape[0]
-        pidx, stride_pidx_b, stride_pidx_t = input_ids, 0, 0  # placeholder pointer, never read
-    elif prompt_indices.dim() == 1:
-        mode, num_prompt = PROMPT_SHARED, prompt_indices.shape[0]
-        pidx, stride_pidx_b, stride_pidx_t = prompt_indices, 0, prompt_indices.stride(0)
-    else:
-        mode, num_prompt = PROMPT_PER_BATCH, prompt_indices.shape[1]
-        pidx, (stride_pidx_b, stride_pidx_t) = prompt_indices, prompt_indices.stride()
-    seq_out = num_prompt + seq_len
-    if out is None:
-        out = torch.empty(batch, seq_out, dim, dtype=word_weight.dtype, device=word_weight.device)
-    elif (
-        out.shape != (batch, seq_out, dim)
-        or out.dtype != word_weight.dtype
-        or (dim > 1 and out.stride(2) != 1)
-    ):
-        raise ValueError(
-            f"out must be [{batch}, {seq_out}, {dim}] {word_weight.dtype} with unit stride on D, got "
-            f"{tuple(out.shape)} {out.dtype} strides {out.stride()}"
-        )
+    batch, seq_out, dim = out.shape
+    mode, num_prompt, pidx, stride_pidx_b, stride_pidx_t = _prompt_index_args(
+        input_ids, prompt_weight, prompt_indices
+    )
     total_rows = batch * seq_out
-    if total_rows == 0 or dim == 0:
-        return out
-    interpret = out.device.type == "cpu"
-    block_r, block_d, num_warps = _blocks(dim, interpret)
-    grid = (triton.cdiv(total_rows, block_r),)
+    auto_r, auto_d, num_warps = forward_blocks(dim, interpret)
+    block_r, block_d = block_r or auto_r, block_d or auto_d
+    if (block_r, block_d) != (auto_r, auto_d):
+        num_warps = _warps(block_r * block_d)
     scale_mode, scale_float, scale_tensor = scale_arguments(embed_scale, word_weight)
-    _prompt_concat_fwd_kernel[grid](
+    args = (
         out,
         input_ids,
         word_weight,
@@ -186,7 +175,7 @@ def prompt_concat_forward(
         seq_out,
         num_prompt,
         dim,
-        num_word_rows,
+        word_weight.shape[0],
         prompt_weight.shape[0],
         scale_float,
         scale_tensor,
@@ -200,10 +189,67 @@ def prompt_concat_forward(
         prompt_weight.stride(1),
         stride_pidx_b,
         stride_pidx_t,
-        PROMPT_MODE=mode,
-        SCALE_MODE=scale_mode,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
     )
+    meta = dict(
+        PROMPT_MODE=mode, SCALE_MODE=scale_mode, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps
+    )
+    return Launch(_prompt_concat_fwd_kernel, (triton.cdiv(total_rows, block_r),), args, meta)
+
+
+def _prompt_index_args(input_ids, prompt_weight, prompt_indices):
+    """(PROMPT_MODE, T, index tensor, its batch stride, its column stride)."""
+    if prompt_indices is None:
+        return PROMPT_ALL, prompt_weight.shape[0], input_ids, 0, 0  # placeholder pointer, never read
+    if prompt_indices.dim() == 1:
+        return PROMPT_SHARED, prompt_indices.shape[0], prompt_indices, 0, prompt_indices.stride(0)
+    return PROMPT_PER_BATCH, prompt_indices.shape[1], prompt_indices, *prompt_indices.stride()
+
+
+def prompt_concat_forward(
+    input_ids: torch.Tensor,
+    word_weight: torch.Tensor,
+    prompt_weight: torch.Tensor,
+    prompt_indices: torch.Tensor | None,
+    embed_scale: float | torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    *,
+    block_r: int | None = None,
+    block_d: int | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel once. Returns a new contiguous [B, T+L, D] in ``word_weight.dtype``.
+
+    Shapes and dtypes as in ``_prompt_concat_fwd_kernel``; any strides. Arguments are assumed checked
+    (``fastprompt.ops.checks``); out-of-range ids yield NaN rows, never an out-of-bounds read.
+    ``embed_scale``: None, a float, or a one-element float tensor on the tables' device (read by the
+    kernel, no host sync); token rows are ``round(float32(row) * float32(scale))``.
+    ``out``: write into this [B, T+L, D] tensor instead (unit stride on D, any other strides); the op
+    never passes it, the int64-offset test does. ``block_r`` / ``block_d``: see ``forward_launch``.
+    """
+    batch, seq_len = input_ids.shape
+    dim = word_weight.shape[1]
+    num_prompt = prompt_weight.shape[0] if prompt_indices is None else prompt_indices.shape[-1]
+    seq_out = num_prompt + seq_len
+    if out is None:
+        out = torch.empty(batch, seq_out, dim, dtype=word_weight.dtype, device=word_weight.device)
+    elif (
+        out.shape != (batch, seq_out, dim)
+        or out.dtype != word_weight.dtype
+        or (dim > 1 and out.stride(2) != 1)
+    ):
+        raise ValueError(
+            f"out must be [{batch}, {seq_out}, {dim}] {word_weight.dtype} with unit stride on D, got "
+            f"{tuple(out.shape)} {out.dtype} strides {out.stride()}"
+        )
+    if batch * seq_out == 0 or dim == 0:
+        return out
+    forward_launch(
+        input_ids,
+        word_weight,
+        prompt_weight,
+        prompt_indices,
+        embed_scale,
+        out,
+        block_r=block_r,
+        block_d=block_d,
+    )()
     return out

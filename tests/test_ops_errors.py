@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastprompt
-from fastprompt.ops.backend import backend_for
+from fastprompt.ops.backend import _choose, backend_for, interpreter_enabled, load_kernels
 
 V, P, D = 11, 4, 6
 
@@ -35,11 +35,30 @@ def test_backend_env_values(monkeypatch):
     with pytest.raises(ValueError, match="FASTPROMPT_BACKEND='cudnn'.*'torch', 'triton'"):
         backend_for("cpu")
     monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        backend_for("cpu")
+        _choose("cpu", "triton", interpret=False)  # what a process without the interpreter gets
+    if interpreter_enabled():  # the tests' kernels are interpreted: none compiles for CUDA
+        with pytest.raises(RuntimeError, match="cannot run on device cuda"):
+            backend_for("cuda")
     monkeypatch.delenv("FASTPROMPT_BACKEND")
-    assert backend_for("cpu") == "torch"
+    assert backend_for("cpu") == ("interpret" if interpreter_enabled() else "torch")
+
+
+@pytest.mark.parametrize("later", ["0", "1", None])
+def test_backend_follows_how_the_kernels_were_defined(monkeypatch, later):
+    kernels = load_kernels()  # defined under TRITON_INTERPRET as conftest set it, before any import
+    assert kernels.INTERPRETED is True
+    if later is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", later)
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    assert interpreter_enabled() is kernels.INTERPRETED
+    assert backend_for("cpu") == "interpret"  # what the kernels will actually do, whatever the env says
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "")
+    assert backend_for("cpu") == "interpret"
+    out = fastprompt.prompt_concat(**_args())  # and the kernels do run, interpreted, on CPU tensors
+    assert out.shape == (2, P + 5, D)
 
 
 @pytest.mark.parametrize(

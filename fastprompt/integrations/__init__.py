@@ -5,15 +5,19 @@ Nothing here imports PEFT until a function that needs it is called.
 
 from .adapter_batches import AdapterNamesCollator
 from .adapter_files import AdapterFileError
+from .input_checks import check_prompt_inputs
 from .peft_methods import is_patched
 from .peft_patch import accelerate, get_peft_model, patch_peft, unpatch_peft
+from .peft_version import UntestedPeftWarning
 from .prompted_embeds import CALLS
 
 __all__ = [
     "CALLS",
     "AdapterFileError",
     "AdapterNamesCollator",
+    "UntestedPeftWarning",
     "accelerate",
+    "check_prompt_inputs",
     "get_peft_model",
     "is_patched",
     "patch_peft",

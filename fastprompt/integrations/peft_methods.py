@@ -4,9 +4,14 @@
   the fused path when the active adapter is PROMPT_TUNING and ``input_ids`` (not ``inputs_embeds``) is
   given; otherwise they call PEFT's own method unchanged (LoRA, prefix tuning, p-tuning, user-supplied
   ``inputs_embeds``, ...).
+- On the fused path the inputs are checked first (``input_checks.check_prompt_inputs``): wrong dtypes,
+  ranks, an empty batch or a mask of another shape raise an error naming ``input_ids`` / ``attention_mask``.
 - They act only while ``patch_peft()`` is in effect or on models moved to a :class:`FastPromptModel`
-  class by ``accelerate``; a bound method left behind elsewhere (PEFT's ``disable_adapter`` stores some
-  in the instance) then defers to PEFT.
+  class by ``accelerate``, and only with a tested PEFT version (``peft_version``); a bound method left
+  behind elsewhere then defers to PEFT.
+- ``forward`` and ``prepare_inputs_for_generation`` sit on the classes as :class:`PatchedMethod`, a data
+  descriptor: PEFT's ``disable_adapter()`` stores those two on the instance as bound methods of the class
+  as it was then, and the descriptor sees through such stale entries (no heap walk needed).
 
 Each wrapper keeps PEFT's original as ``__fastprompt_original__`` and ``__wrapped__`` (so
 ``inspect.signature`` shows PEFT's signature, which transformers' ``Trainer`` reads).
@@ -16,9 +21,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 
 from . import peft_forward, peft_generate
 from .adapter_batches import ADAPTER_NAMES
+from .input_checks import check_prompt_inputs
+from .peft_version import fused_path_allowed
 
 PROMPT_TUNING = "PROMPT_TUNING"
 
@@ -52,8 +60,8 @@ def is_patched() -> bool:
 
 
 def enabled(peft_model) -> bool:
-    """The wrappers act only on patched classes or accelerated models."""
-    return _state["patched"] or isinstance(peft_model, FastPromptModel)
+    """The wrappers act only on patched classes or accelerated models, with a tested PEFT version."""
+    return (_state["patched"] or isinstance(peft_model, FastPromptModel)) and fused_path_allowed()
 
 
 def _prompt_tuning_active(peft_model) -> bool:
@@ -67,6 +75,57 @@ def _prompt_tuning_active(peft_model) -> bool:
 def original_of(func):
     """PEFT's function behind a fastprompt wrapper (``func`` itself if it is not one)."""
     return getattr(func, "__fastprompt_original__", func)
+
+
+class PatchedMethod:
+    """A method on a PEFT class that wins over stale copies of it in the instance dict.
+
+    PEFT's ``disable_adapter()`` runs ``old = self.forward; self.forward = base_model.forward; ...;
+    self.forward = old``, which leaves a bound method of the class *as it was then* in the instance
+    dict, hiding any later class method. As a data descriptor (it defines ``__set__``), this object is
+    looked up before the instance dict: an instance entry that is a bound method of the same instance
+    over ``function``'s PEFT original (or any wrapper of it) counts as stale and is passed over; any
+    other entry (``base_model.forward`` inside ``disable_adapter()``, a hook's wrapper, a user's
+    function) is returned as before. Assigning a stale value removes the instance entry instead of
+    storing it, so ``disable_adapter()`` under fastprompt leaves nothing behind.
+
+    On the class (``cls.forward``) it is itself, callable as the function, so code that saves
+    ``cls.forward`` and assigns it back later restores it exactly.
+    """
+
+    def __init__(self, name: str, function):
+        self.name = name
+        self.function = function
+        self.__fastprompt_original__ = original_of(function)
+        functools.update_wrapper(self, function)  # __wrapped__, __doc__, ...: inspect.signature works
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def _is_stale(self, instance, value) -> bool:
+        return (
+            isinstance(value, types.MethodType)
+            and value.__self__ is instance
+            and original_of(value.__func__) is self.__fastprompt_original__
+        )
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__.get(self.name, self)
+        if value is self or self._is_stale(instance, value):
+            return types.MethodType(self.function, instance)
+        return value
+
+    def __set__(self, instance, value) -> None:
+        if self._is_stale(instance, value):
+            instance.__dict__.pop(self.name, None)
+        else:
+            instance.__dict__[self.name] = value
+
+    def __delete__(self, instance) -> None:
+        if instance.__dict__.pop(self.name, self) is self:
+            raise AttributeError(self.name)
 
 
 def _wrap_forward(original, impl):
@@ -87,7 +146,8 @@ def _wrap_forward(original, impl):
             named = dict(bound.arguments)
             extra = dict(named.pop(var_keyword, {}) or {}) if var_keyword else {}
             input_ids = named.get("input_ids")
-            if named.get("inputs_embeds") is None and getattr(input_ids, "dim", None) is not None:
+            if named.get("inputs_embeds") is None and input_ids is not None:
+                check_prompt_inputs(input_ids, named.get("attention_mask"))
                 return impl(self, named, extra)
             if extra.get(ADAPTER_NAMES) is not None:
                 raise ValueError(
@@ -136,6 +196,7 @@ def _wrap_seq2seq_generate(original):
             and "input_ids" in kwargs
             and kwargs.get("inputs_embeds", None) is None
         ):
+            check_prompt_inputs(kwargs["input_ids"], kwargs.get("attention_mask"))
             return peft_generate.seq2seq_generate(self, kwargs)
         if kwargs.get(ADAPTER_NAMES) is not None and _prompt_tuning_active(self):
             raise ValueError(
@@ -149,13 +210,18 @@ def _wrap_seq2seq_generate(original):
 
 
 def task_methods(cls_name: str, cls: type) -> dict:
-    """{attribute: wrapper} for PEFT class ``cls`` (only the attributes that class itself defines)."""
+    """{attribute: wrapper} for PEFT class ``cls`` (only the attributes that class itself defines).
+
+    ``forward`` and ``prepare_inputs_for_generation`` come as :class:`PatchedMethod`, ``generate`` as a
+    plain function."""
     methods = {}
     if cls_name in FORWARDS:
-        methods["forward"] = _wrap_forward(cls.__dict__["forward"], FORWARDS[cls_name])
+        forward = _wrap_forward(cls.__dict__["forward"], FORWARDS[cls_name])
+        methods["forward"] = PatchedMethod("forward", forward)
     if cls_name == "PeftModelForCausalLM":
-        methods["prepare_inputs_for_generation"] = _wrap_prepare_inputs_for_generation(
-            cls.__dict__["prepare_inputs_for_generation"]
+        methods["prepare_inputs_for_generation"] = PatchedMethod(
+            "prepare_inputs_for_generation",
+            _wrap_prepare_inputs_for_generation(cls.__dict__["prepare_inputs_for_generation"]),
         )
     if cls_name == "PeftModelForSeq2SeqLM":
         methods["generate"] = _wrap_seq2seq_generate(cls.__dict__["generate"])

@@ -2,18 +2,25 @@
 wrappers (``peft_methods``, ``peft_loading``) on PEFT models.
 
 ``accelerate(model)`` moves one model to a subclass of its class that carries the wrappers
-(``isinstance(model, PeftModel)`` stays true; save / load / deepcopy / pickle work). ``patch_peft()`` puts
-them on PEFT's classes themselves, so every model built or loaded afterwards is covered whatever the
-import order; ``unpatch_peft()`` puts PEFT's original class attributes back, exactly.
+(``isinstance(model, PeftModel)`` stays true; save / load / deepcopy / pickle / ``torch.save`` work, also
+into a fresh process: such a model pickles as "the fastprompt class of <PEFT class>" and the class is
+rebuilt on load). ``patch_peft()`` puts them on PEFT's classes themselves, so every model built or
+loaded afterwards is covered whatever the import order; ``unpatch_peft()`` puts PEFT's original class
+attributes back, exactly. Neither walks the heap: existing models are covered because ``forward`` /
+``prepare_inputs_for_generation`` are data descriptors (``peft_methods.PatchedMethod``) that see
+through the stale bound methods PEFT's ``disable_adapter()`` leaves on instances.
+
+With a PEFT outside the tested range (``peft_version``) both leave PEFT alone, after one warning.
 """
 
 from __future__ import annotations
 
-import gc
+import copyreg
 import threading
 
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
 from .peft_methods import FORWARDS, PROMPT_TUNING, FastPromptModel, original_of, set_patched, task_methods
+from .peft_version import fused_path_allowed
 
 __all__ = ["accelerate", "get_peft_model", "patch_peft", "unpatch_peft"]
 
@@ -30,43 +37,6 @@ def _peft_classes() -> dict:
     return {name: getattr(peft_model_module, name) for name in names}
 
 
-_INSTANCE_METHODS = ("forward", "prepare_inputs_for_generation")
-
-
-def _drop_stale_bound_methods(peft_model, stale: dict) -> None:
-    """Drop bound methods that PEFT's ``disable_adapter()`` left in the instance dict.
-
-    ``disable_adapter()`` stores ``self.forward`` (and ``prepare_inputs_for_generation``) back on the
-    instance as bound methods of the class as it was then; once the class's methods change they hide
-    the new ones. ``stale`` maps an attribute name to the functions that count as stale.
-    """
-    if getattr(peft_model, "_adapters_disabled", False):
-        return  # inside disable_adapter(): its own attributes are live
-    for attribute in _INSTANCE_METHODS:
-        bound = peft_model.__dict__.get(attribute)
-        if getattr(bound, "__self__", None) is peft_model and getattr(bound, "__func__", None) in stale.get(
-            attribute, ()
-        ):
-            del peft_model.__dict__[attribute]
-
-
-def _refresh_existing_models(stale: dict) -> None:
-    """Apply :func:`_drop_stale_bound_methods` to every live PEFT model (found through ``gc``)."""
-    from peft import PeftModel
-
-    for obj in gc.get_objects():
-        if isinstance(obj, PeftModel):
-            _drop_stale_bound_methods(obj, stale)
-
-
-def _stale_map(pairs) -> dict:
-    stale: dict = {}
-    for attribute, function in pairs:
-        if attribute in _INSTANCE_METHODS and function is not _MISSING:
-            stale.setdefault(attribute, set()).add(function)
-    return stale
-
-
 # ------------------------------------------------------------------------------------ public API
 
 
@@ -78,7 +48,7 @@ def patch_peft() -> None:
     use the fused op, and so do existing models of those classes. Other adapter types are untouched.
     """
     with _lock:
-        if _patched:
+        if _patched or not fused_path_allowed():
             return
         classes = _peft_classes()
         for name, cls in classes.items():
@@ -90,16 +60,11 @@ def patch_peft() -> None:
                 _patched[(cls, attribute)] = cls.__dict__.get(attribute, _MISSING)
                 setattr(cls, attribute, wrapper)
         set_patched(True)
-        # Existing models that went through disable_adapter() hold PEFT's methods on the instance.
-        _refresh_existing_models(_stale_map((attr, original) for (_, attr), original in _patched.items()))
 
 
 def unpatch_peft() -> None:
     """Put PEFT's original class attributes back, exactly (idempotent)."""
     with _lock:
-        wrappers = _stale_map(
-            (attribute, cls.__dict__.get(attribute, _MISSING)) for cls, attribute in _patched
-        )
         for (cls, attribute), original in _patched.items():
             if original is _MISSING:
                 if attribute in cls.__dict__:
@@ -108,7 +73,6 @@ def unpatch_peft() -> None:
                 setattr(cls, attribute, original)
         _patched.clear()
         set_patched(False)
-        _refresh_existing_models(wrappers)
 
 
 def _fast_class(cls: type) -> type:
@@ -118,23 +82,41 @@ def _fast_class(cls: type) -> type:
         if fast is not None:
             return fast
         classes = _peft_classes()
-        namespace = {"__module__": __name__, "_fastprompt_base": cls}
+        namespace = {"__module__": __name__, "_fastprompt_base": cls, "__reduce_ex__": _reduce_ex}
         for name, peft_cls in classes.items():
             if name == "PeftModel" or not issubclass(cls, peft_cls):
                 continue
-            for attribute in task_methods(name, peft_cls):
-                impl_owner = original_of(getattr(cls, attribute))
-                wrapper = task_methods(name, peft_cls)[attribute]
-                if impl_owner is not original_of(getattr(peft_cls, attribute)):
+            for attribute, wrapper in task_methods(name, peft_cls).items():
+                if original_of(getattr(cls, attribute)) is not original_of(getattr(peft_cls, attribute)):
                     continue  # the user's subclass overrides it: leave theirs
                 namespace[attribute] = wrapper
         namespace["load_adapter"] = wrap_load_adapter(cls.load_adapter)
-        qualname = f"Fast{cls.__name__}"
-        fast = type(qualname, (FastPromptModel, cls), namespace)
-        if cls.__module__ == "peft.peft_model":
-            globals()[qualname] = fast  # importable by name: pickle works
+        fast = type(f"Fast{cls.__name__}", (FastPromptModel, cls), namespace)
         _fast_classes[cls] = fast
         return fast
+
+
+def _reduce_ex(self, protocol):
+    """``__reduce_ex__`` of the fastprompt classes: pickle as (:func:`_new_fast_model`, PEFT class) plus
+    the usual state, so that loading needs only importable names, in any process."""
+    func, args, *rest = self._fastprompt_base.__reduce_ex__(self, max(protocol, 2))
+    if func is copyreg.__newobj__ and args[:1] == (type(self),):
+        func, args = _new_fast_model, (self._fastprompt_base, *args[1:])
+    return (func, args, *rest)
+
+
+def _new_fast_model(base: type, *args):
+    """An empty instance of the fastprompt class of PEFT class ``base`` (unpickling fills it in)."""
+    fast = _fast_class(base)
+    fused_path_allowed()  # the one warning, if this PEFT is untested, comes at load time
+    return fast.__new__(fast, *args)
+
+
+def __getattr__(name: str):
+    """``FastPeftModelForCausalLM`` etc. by name (built on first use), for pickles that name the class."""
+    if name.startswith("Fast") and name[4:] in FORWARDS:
+        return _fast_class(_peft_classes()[name[4:]])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _has_prompt_tuning_adapter(peft_model) -> bool:
@@ -148,8 +130,9 @@ def _has_prompt_tuning_adapter(peft_model) -> bool:
 def accelerate(peft_model):
     """Make ``peft_model`` (a PEFT prompt-tuning model) build its inputs with ``prompt_concat``.
 
-    In place and idempotent; returns the same object. Models that are not prompt tuning, and plain
-    ``PeftModel`` instances (no task type: PEFT adds no prompts there), are returned unchanged.
+    In place and idempotent; returns the same object. Models that are not prompt tuning, plain
+    ``PeftModel`` instances (no task type: PEFT adds no prompts there), and every model when the
+    installed PEFT is outside the tested range (after one ``UntestedPeftWarning``) are returned unchanged.
 
     Raises:
         TypeError: ``peft_model`` is not a ``peft.PeftModel``.
@@ -162,11 +145,8 @@ def accelerate(peft_model):
         return peft_model
     cls = type(peft_model)
     classes = _peft_classes()
-    if not any(issubclass(cls, classes[name]) for name in FORWARDS):
+    if not any(issubclass(cls, classes[name]) for name in FORWARDS) or not fused_path_allowed():
         return peft_model
-    _drop_stale_bound_methods(
-        peft_model, _stale_map((a, getattr(cls, a, _MISSING)) for a in _INSTANCE_METHODS)
-    )
     peft_model.__class__ = _fast_class(cls)
     return peft_model
 

@@ -66,7 +66,6 @@ def check_metadata(
             f"word_weight and prompt_weight must have the same embedding size D: word_weight is "
             f"{tuple(word_weight.shape)}, prompt_weight is {tuple(prompt_weight.shape)}"
         )
-    tensors = {"input_ids": input_ids, "word_weight": word_weight, "prompt_weight": prompt_weight}
     if prompt_indices is not None:
         _check_index_tensor(
             "prompt_indices", prompt_indices, (1, 2), "None, a 1-D tensor [T] or a 2-D tensor [B, T]"
@@ -76,12 +75,18 @@ def check_metadata(
                 f"prompt_indices of shape {tuple(prompt_indices.shape)} must have one row per batch row: "
                 f"input_ids has B={input_ids.shape[0]} rows, so expected [{input_ids.shape[0]}, T]"
             )
-        tensors["prompt_indices"] = prompt_indices
-    if embed_scale_tensor is not None:
-        tensors["embed_scale"] = embed_scale_tensor
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+    device = input_ids.device
+    others = (word_weight, prompt_weight, prompt_indices, embed_scale_tensor)
+    if (
+        word_weight.device != device
+        or prompt_weight.device != device
+        or (prompt_indices is not None and prompt_indices.device != device)
+        or (embed_scale_tensor is not None and embed_scale_tensor.device != device)
+    ):  # the message is built only here
+        names = ("input_ids", "word_weight", "prompt_weight", "prompt_indices", "embed_scale")
+        listed = ", ".join(
+            f"{n} on {t.device}" for n, t in zip(names, (input_ids, *others), strict=True) if t is not None
+        )
         raise ValueError(f"prompt_concat needs all tensors on one device, got {listed}")
     if padding_idx is not None:
         vocab = word_weight.shape[0]

@@ -12,9 +12,15 @@ A scale is either a float (``embed_scale``) or a 0-dim float tensor on the table
 (``embed_scale_tensor``, read on device: no host sync, compile- and CUDA-graph-safe), never both.
 
 Each has a fake kernel (so ``torch.compile(fullgraph=True)`` traces it without a graph break) and the
-forward op has autograd registered. Inside the real kernels the backend is picked per call
-(``backend_for``): the Triton kernel on CUDA, the same kernel under ``TRITON_INTERPRET=1``, or the
-pure-PyTorch path. Value checks (ids in range) also live inside, where compile does not trace them.
+forward op has autograd registered. The backend is picked per call (``backend_for``): the Triton kernel
+on CUDA, the same kernel in Triton's interpreter, or the pure-PyTorch path. Value checks (ids in range)
+live inside the implementations, where compile does not trace them.
+
+``prompt_concat`` itself checks the arguments once, then: under ``torch.compile`` (or for tensor
+subclasses, functorch transforms) it calls the custom op; in plain eager mode it calls the same
+implementations directly (``_forward_impl``, and ``_EagerPromptConcat`` when a gradient is needed),
+which saves the dispatcher's and the generic autograd wrapper's per-call cost on small calls.
+A tensor ``embed_scale`` that requires grad gets its gradient on both routes.
 """
 
 # ruff: noqa: UP007, UP035, UP045
@@ -25,15 +31,8 @@ from typing import Optional, Union
 import torch
 
 from . import torch_path
-from .backend import backend_for
+from .backend import backend_for, load_kernels
 from .checks import bounds_check_requested, check_index_bounds, check_metadata
-
-
-def _kernels():
-    """Import the Triton launchers lazily: the torch path must work without triton."""
-    from fastprompt import kernels
-
-    return kernels
 
 
 def _scale(embed_scale, embed_scale_tensor):
@@ -43,6 +42,47 @@ def _scale(embed_scale, embed_scale_tensor):
 
 def _num_prompt(prompt_weight: torch.Tensor, prompt_indices: Optional[torch.Tensor]) -> int:
     return prompt_weight.shape[0] if prompt_indices is None else prompt_indices.shape[-1]
+
+
+# ------------------------------------------------------------------------------------ implementations
+# The work itself, arguments already checked and the backend already chosen. The custom ops below call
+# these after their checks; eager calls (``prompt_concat`` outside torch.compile) call them directly,
+# skipping the dispatcher's per-call cost.
+
+
+def _forward_impl(input_ids, word_weight, prompt_weight, prompt_indices, scale, check_bounds, backend):
+    device = input_ids.device
+    if backend == "torch" and device.type == "cpu":
+        # index_select checks every id on CPU: look at the values only once it has failed, to turn
+        # its bare "index out of range in self" into a message naming the argument and the value.
+        try:
+            return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
+        except IndexError:
+            check_index_bounds(input_ids, word_weight, prompt_weight, prompt_indices)
+            raise
+    if bounds_check_requested(device, check_bounds):
+        check_index_bounds(input_ids, word_weight, prompt_weight, prompt_indices)
+    if backend == "torch":
+        return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
+    return load_kernels().prompt_concat_forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
+
+
+def _prompt_grad_impl(grad_out, prompt_indices, num_prompt_rows, dtype, backend):
+    if backend == "torch":
+        return torch_path.prompt_grad(grad_out, prompt_indices, num_prompt_rows, dtype)
+    kernels = load_kernels()
+    if prompt_indices is None:  # all rows in order: one launch, no sort
+        return kernels.batch_rows_sum(grad_out, num_prompt_rows, dtype)
+    index = prompt_indices.expand(grad_out.shape[0], -1) if prompt_indices.dim() == 1 else prompt_indices
+    return kernels.segment_rows_sum(grad_out, 0, index, num_prompt_rows, dtype)
+
+
+def _word_grad_impl(grad_out, input_ids, num_prompt, num_word_rows, scale, padding_idx, dtype, backend):
+    if backend == "torch":
+        return torch_path.word_grad(grad_out, input_ids, num_prompt, num_word_rows, scale, padding_idx, dtype)
+    return load_kernels().segment_rows_sum(
+        grad_out, num_prompt, input_ids, num_word_rows, dtype, scale=scale, zero_row=padding_idx
+    )
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -60,22 +100,9 @@ def _prompt_concat_op(
     check_bounds: Optional[bool],
 ) -> torch.Tensor:
     check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx, embed_scale_tensor)
-    device = input_ids.device
     scale = _scale(embed_scale, embed_scale_tensor)
-    backend = backend_for(device)
-    if backend == "torch" and device.type == "cpu":
-        # index_select checks every id on CPU: look at the values only once it has failed, to turn
-        # its bare "index out of range in self" into a message naming the argument and the value.
-        try:
-            return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
-        except IndexError:
-            check_index_bounds(input_ids, word_weight, prompt_weight, prompt_indices)
-            raise
-    if bounds_check_requested(device, check_bounds):
-        check_index_bounds(input_ids, word_weight, prompt_weight, prompt_indices)
-    if backend == "torch":
-        return torch_path.forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
-    return _kernels().prompt_concat_forward(input_ids, word_weight, prompt_weight, prompt_indices, scale)
+    backend = backend_for(input_ids.device)
+    return _forward_impl(input_ids, word_weight, prompt_weight, prompt_indices, scale, check_bounds, backend)
 
 
 @_prompt_concat_op.register_fake
@@ -105,16 +132,7 @@ def _prompt_grad_op(
     num_prompt_rows: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    if backend_for(grad_out.device) == "torch":
-        return torch_path.prompt_grad(grad_out, prompt_indices, num_prompt_rows, dtype)
-    batch = grad_out.shape[0]
-    if prompt_indices is None:
-        index = torch.arange(num_prompt_rows, device=grad_out.device).expand(batch, -1)
-    elif prompt_indices.dim() == 1:
-        index = prompt_indices.expand(batch, -1)
-    else:
-        index = prompt_indices
-    return _kernels().segment_rows_sum(grad_out, 0, index, num_prompt_rows, dtype)
+    return _prompt_grad_impl(grad_out, prompt_indices, num_prompt_rows, dtype, backend_for(grad_out.device))
 
 
 @_prompt_grad_op.register_fake
@@ -134,11 +152,8 @@ def _word_grad_op(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     scale = _scale(embed_scale, embed_scale_tensor)
-    if backend_for(grad_out.device) == "torch":
-        return torch_path.word_grad(grad_out, input_ids, num_prompt, num_word_rows, scale, padding_idx, dtype)
-    return _kernels().segment_rows_sum(
-        grad_out, num_prompt, input_ids, num_word_rows, dtype, scale=scale, zero_row=padding_idx
-    )
+    backend = backend_for(grad_out.device)
+    return _word_grad_impl(grad_out, input_ids, num_prompt, num_word_rows, scale, padding_idx, dtype, backend)
 
 
 @_word_grad_op.register_fake
@@ -148,12 +163,25 @@ def _word_grad_fake(
     return grad_out.new_empty(num_word_rows, grad_out.shape[2], dtype=dtype)
 
 
+def _scale_grad(grad_out, input_ids, word_weight, num_prompt, scale_tensor):
+    """d out / d embed_scale_tensor: the sum over token rows of <grad_out row, word row>, in float32.
+
+    Plain torch on every backend (one gather of the token rows; only computed when the scale tensor
+    requires grad). Returns a 0-dim tensor in the scale's dtype.
+    """
+    dim = word_weight.shape[1]
+    rows = word_weight.index_select(0, input_ids.reshape(-1).long()).float()  # [B*L, D]
+    grads = grad_out[:, num_prompt:].reshape(-1, dim).float()  # [B*L, D]
+    return (rows * grads).sum().to(scale_tensor.dtype)
+
+
 # -------------------------------------------------------------------------------------------- autograd
 
 
 def _setup_context(ctx, inputs, output):
     input_ids, word_weight, prompt_weight, prompt_indices, embed_scale, scale_tensor, padding_idx, _ = inputs
-    ctx.save_for_backward(input_ids, prompt_indices, scale_tensor)
+    scale_needs_grad = scale_tensor is not None and scale_tensor.requires_grad
+    ctx.save_for_backward(input_ids, prompt_indices, scale_tensor, word_weight if scale_needs_grad else None)
     ctx.num_word_rows = word_weight.shape[0]
     ctx.word_dtype = word_weight.dtype
     ctx.num_prompt_rows = prompt_weight.shape[0]
@@ -163,23 +191,32 @@ def _setup_context(ctx, inputs, output):
     ctx.padding_idx = None if padding_idx is None else padding_idx % word_weight.shape[0]
 
 
-def _backward(ctx, grad_out):
-    input_ids, prompt_indices, scale_tensor = ctx.saved_tensors
-    grad_word = grad_prompt = None
+def _grads(ctx, grad_out, prompt_grad, word_grad):
+    """The op's input gradients, the table gradients computed by ``prompt_grad`` / ``word_grad``."""
+    input_ids, prompt_indices, scale_tensor, word_weight = ctx.saved_tensors
+    grad_word = grad_prompt = grad_scale = None
     if ctx.needs_input_grad[2]:
-        grad_prompt = _prompt_grad_op(grad_out, prompt_indices, ctx.num_prompt_rows, ctx.prompt_dtype)
+        grad_prompt = prompt_grad(grad_out, prompt_indices, ctx.num_prompt_rows, ctx.prompt_dtype)
     if ctx.needs_input_grad[1]:
-        grad_word = _word_grad_op(
-            grad_out,
-            input_ids,
-            ctx.num_prompt,
-            ctx.num_word_rows,
-            ctx.embed_scale,
-            scale_tensor,
-            ctx.padding_idx,
-            ctx.word_dtype,
+        scale = ctx.embed_scale if scale_tensor is None else scale_tensor.detach()
+        grad_word = word_grad(
+            grad_out, input_ids, ctx.num_prompt, ctx.num_word_rows, scale, ctx.padding_idx, ctx.word_dtype
         )
-    return None, grad_word, grad_prompt, None, None, None, None, None
+    if ctx.needs_input_grad[5]:
+        grad_scale = _scale_grad(grad_out, input_ids, word_weight, ctx.num_prompt, scale_tensor)
+    return None, grad_word, grad_prompt, None, None, grad_scale, None, None
+
+
+def _op_word_grad(grad_out, input_ids, num_prompt, num_word_rows, scale, padding_idx, dtype):
+    scale_float, scale_tensor = (None, scale) if isinstance(scale, torch.Tensor) else (scale, None)
+    return _word_grad_op(
+        grad_out, input_ids, num_prompt, num_word_rows, scale_float, scale_tensor, padding_idx, dtype
+    )
+
+
+def _backward(ctx, grad_out):
+    """The registered autograd (torch.compile, opcheck, torch.ops calls): through the backward ops."""
+    return _grads(ctx, grad_out, _prompt_grad_op, _op_word_grad)
 
 
 _prompt_concat_op.register_autograd(_backward, setup_context=_setup_context)
@@ -189,27 +226,44 @@ class _EagerPromptConcat(torch.autograd.Function):
     """The same autograd as registered on the op, as a plain ``autograd.Function`` for eager calls.
 
     ``register_autograd`` is what ``torch.compile``, ``opcheck`` and direct ``torch.ops`` calls use;
-    in eager mode its generic wrapper costs ~40 us per call (pytree walks, metadata objects), which
-    dominates small shapes. This class runs the very same op (inside ``forward`` grad mode is off, so
-    the op takes its no-grad path) with the very same ``_setup_context`` / ``_backward``.
+    in eager mode its generic wrapper and the dispatcher cost tens of microseconds per call, which
+    dominates small shapes. This class runs the same implementations directly, on the backend
+    chosen once per call, with the same ``_setup_context`` and gradients.
     """
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _prompt_concat_op(*inputs)
+    def forward(
+        ctx, input_ids, word, prompt, pidx, scale_float, scale_tensor, padding_idx, check_bounds, backend
+    ):
+        scale = scale_tensor if scale_tensor is not None else scale_float
+        output = _forward_impl(input_ids, word, prompt, pidx, scale, check_bounds, backend)
+        inputs = (input_ids, word, prompt, pidx, scale_float, scale_tensor, padding_idx, check_bounds)
         _setup_context(ctx, inputs, output)
+        ctx.backend = backend
         return output
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
+        backend = ctx.backend
+
+        def prompt_grad(*args):
+            return _prompt_grad_impl(*args, backend)
+
+        def word_grad(*args):
+            return _word_grad_impl(*args, backend)
+
+        return (*_grads(ctx, grad_out, prompt_grad, word_grad), None)
 
 
 # ------------------------------------------------------------------------------------------ public API
 
 
 def _split_scale(embed_scale) -> tuple[Optional[float], Optional[torch.Tensor]]:
-    """(float scale, 0-dim tensor scale) for the op schema; at most one is not None."""
+    """(float scale, 0-dim tensor scale) for the op schema; at most one is not None.
+
+    A tensor scale keeps its autograd history (``reshape`` is differentiable): if it requires grad,
+    it gets its gradient.
+    """
     if embed_scale is None:
         return None, None
     if isinstance(embed_scale, torch.Tensor):
@@ -218,10 +272,26 @@ def _split_scale(embed_scale) -> tuple[Optional[float], Optional[torch.Tensor]]:
                 "embed_scale must be a number or a one-element floating-point tensor, got a "
                 f"{embed_scale.dtype} tensor of shape {tuple(embed_scale.shape)}"
             )
-        return None, embed_scale.detach().reshape(())
+        return None, embed_scale if embed_scale.dim() == 0 else embed_scale.reshape(())
     if isinstance(embed_scale, bool) or not isinstance(embed_scale, (int, float)):
         raise TypeError(f"embed_scale must be None, a float or a one-element tensor, got {embed_scale!r}")
     return float(embed_scale), None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors) -> bool:
+    """True when the call can skip the dispatcher: not compiling or tracing, no functorch transform,
+    no TorchDispatchMode active (a mode sees ``torch.ops.fastprompt.prompt_concat`` as always), and
+    plain tensors (a FakeTensor, DTensor or other subclass goes through the custom op)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack()
+    ):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def prompt_concat(
@@ -264,10 +334,30 @@ def prompt_concat(
         TypeError / ValueError: wrong dtypes, ranks, shapes or devices.
     """
     scale_float, scale_tensor = _split_scale(embed_scale)
-    # Checked here too, before dispatch: the dispatcher's own errors (e.g. for a list) name no argument.
+    # Checked once, here, before anything else: the dispatcher's own errors (e.g. for a list) name no
+    # argument. The custom op checks again only when it is the one called (compile, torch.ops).
     check_metadata(input_ids, word_weight, prompt_weight, prompt_indices, padding_idx, scale_tensor)
-    inputs = (input_ids, word_weight, prompt_weight, prompt_indices, scale_float, scale_tensor, padding_idx)
-    needs_grad = torch.is_grad_enabled() and (word_weight.requires_grad or prompt_weight.requires_grad)
-    if needs_grad and not torch.compiler.is_compiling():
-        return _EagerPromptConcat.apply(*inputs, check_bounds)
-    return _prompt_concat_op(*inputs, check_bounds)
+    if not _eager(input_ids, word_weight, prompt_weight, prompt_indices, scale_tensor):
+        inputs = (
+            input_ids,
+            word_weight,
+            prompt_weight,
+            prompt_indices,
+            scale_float,
+            scale_tensor,
+            padding_idx,
+        )
+        return _prompt_concat_op(*inputs, check_bounds)
+    backend = backend_for(input_ids.device)
+    needs_grad = torch.is_grad_enabled() and (
+        word_weight.requires_grad
+        or prompt_weight.requires_grad
+        or (scale_tensor is not None and scale_tensor.requires_grad)
+    )
+    if needs_grad:
+        return _EagerPromptConcat.apply(
+            input_ids, word_weight, prompt_weight, prompt_indices, scale_float, scale_tensor, padding_idx,
+            check_bounds, backend,
+        )  # fmt: skip
+    scale = scale_tensor if scale_tensor is not None else scale_float
+    return _forward_impl(input_ids, word_weight, prompt_weight, prompt_indices, scale, check_bounds, backend)

@@ -2,7 +2,8 @@
 
 Fused as far as eager PyTorch allows: the output is allocated once and written in place, so no
 ``[B, L, D]`` temporary and no ``cat``. Token rows are gathered by ``index_select(..., out=)``: one
-call over the whole flattened output when the prompt is short against the text (its positions take
+call into the token rows when B=1; one call over the whole flattened output when the prompt is short
+against the text (its positions take
 word row 0 as a placeholder, then the prompt rows overwrite them: at most 1/9 extra writes, for one
 parallel region instead of B), else one call per batch row (every element written once).
 Shapes: B batch, L tokens, T prompt tokens, D embedding size, V vocabulary rows, P prompt-table rows.
@@ -44,7 +45,14 @@ def forward(
     if batch == 0:
         return out
     ids = input_ids.long()
-    if seq_len > 0 and embed_scale is None and batch > 1 and num_prompt * 8 <= seq_len:
+    if batch == 1 and seq_len > 0:
+        # One row: its token rows are contiguous in the output, one gather (or gather and scale).
+        token_rows = out.view(num_prompt + seq_len, dim)[num_prompt:]
+        if embed_scale is None:
+            torch.index_select(word_weight, 0, ids.reshape(-1), out=token_rows)
+        else:
+            torch.mul(word_weight.index_select(0, ids.reshape(-1)), embed_scale, out=token_rows)
+    elif seq_len > 0 and embed_scale is None and num_prompt * 8 <= seq_len:
         # One gather for all B*(T+L) output rows instead of B per-row calls (each its own ATen call
         # and parallel region): the T prompt positions of each row read word row 0 (a placeholder,
         # overwritten below). Taken only while that costs at most T/(T+L) <= 1/9 extra writes;
@@ -61,11 +69,10 @@ def forward(
                 torch.mul(word_weight.index_select(0, ids[b]), embed_scale, out=out[b, num_prompt:])
     if num_prompt == 0:
         return out
-    if prompt_indices is None:  # all rows in order: the table itself, no index needed
-        out[:, :num_prompt].copy_(prompt_weight.unsqueeze(0).expand(batch, -1, -1))
+    if prompt_indices is None:  # all rows in order: the table itself (copy_ broadcasts it over B)
+        out[:, :num_prompt].copy_(prompt_weight)
     elif prompt_indices.dim() == 1:
-        prompt_rows = prompt_weight.index_select(0, prompt_indices.long())  # [T, D], read once
-        out[:, :num_prompt].copy_(prompt_rows.unsqueeze(0).expand(batch, -1, -1))
+        out[:, :num_prompt].copy_(prompt_weight.index_select(0, prompt_indices.long()))  # [T, D], read once
     else:
         indices = prompt_indices.long()
         for b in range(batch):
@@ -88,6 +95,8 @@ def prompt_grad(
     Rows repeated in ``prompt_indices`` get the sum of their gradients.
     """
     batch, _, dim = grad_out.shape
+    if prompt_indices is None and batch == 1:  # a sum of one: the rows themselves, in a fresh tensor
+        return grad_out[0, :num_prompt_rows].to(dtype, copy=True)
     if prompt_indices is None and batch > 0 and num_prompt_rows > 0:
         # All rows in order (prompt tuning's case): the gradient is the batch sum itself, without the
         # zero fill and the scatter (a third of the backward's time at B=1, T=10, D=768).
