@@ -15,22 +15,23 @@ from collections.abc import Iterable
 import torch
 
 from .config import PromptTuningInit
+from .deepspeed_zero3 import is_zero3_param
 from .prompted_embeds import prompted_inputs_embeds
 
 
 @contextlib.contextmanager
 def _gathered(params: Iterable[torch.nn.Parameter]):
-    """Gather ZeRO-3 sharded parameters while the word rows are read (as PEFT's ``gather_params_ctx``)."""
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        is_deepspeed_zero3_enabled = None
-    if is_deepspeed_zero3_enabled is None or not is_deepspeed_zero3_enabled():
+    """Gather DeepSpeed ZeRO-3 partitioned parameters while the word rows are read (as PEFT's
+    ``gather_params_ctx``, which does so only under HF's ZeRO-3 config: here any ZeRO-3 parameter is
+    gathered, so a model built under a plain ``deepspeed.zero.Init()`` works too). Read only: nothing is
+    written back."""
+    params = [p for p in params if is_zero3_param(p)]
+    if not params:
         yield
         return
-    import deepspeed  # pragma: no cover - needs DeepSpeed
+    import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):  # pragma: no cover
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
 
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from . import deepspeed_zero3
 from .ops import prompt_concat
-from .word_embeddings import FUSABLE_DTYPES, lookup_spec
+from .word_embeddings import FUSABLE_DTYPES, full_shape, lookup_spec
 
 logger = logging.getLogger("fastprompt")
 
@@ -29,12 +30,15 @@ CALLS: collections.Counter = collections.Counter()
 _UNFUSABLE_EMBEDDING_OPTIONS = ("max_norm", "scale_grad_by_freq", "sparse")
 
 
-def prompt_table(prompt_embedding: torch.nn.Module) -> torch.Tensor | None:
+def prompt_table(
+    prompt_embedding: torch.nn.Module, *, ignore_hook=None, partitioned: bool = False
+) -> torch.Tensor | None:
     """The [P, D] weight a prompt-embedding module looks its rows up in, or None where calling the module
     could give something else (a custom ``forward``, hooks, ``max_norm`` ...).
 
     ``prompt_embedding``: fastprompt's or PEFT's ``PromptEmbedding`` (anything whose ``embedding``
-    attribute is the ``nn.Embedding`` its ``forward`` calls).
+    attribute is the ``nn.Embedding`` its ``forward`` calls). ``ignore_hook`` / ``partitioned``: as in
+    :func:`fastprompt.word_embeddings.lookup_spec`, for a caller that gathers the table itself.
     """
     embedding = getattr(prompt_embedding, "embedding", None)
     if not isinstance(embedding, torch.nn.Embedding):
@@ -44,10 +48,14 @@ def prompt_table(prompt_embedding: torch.nn.Module) -> torch.Tensor | None:
     if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
         return None
     for module in (prompt_embedding, embedding):
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
-            return None
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks):
+            if any(ignore_hook is None or not ignore_hook(hook) for hook in hooks.values()):
+                return None
     weight = embedding.weight
-    if weight.dim() != 2 or weight.dtype not in FUSABLE_DTYPES or weight.numel() == 0 or weight.is_meta:
+    shape = full_shape(weight) if partitioned else tuple(weight.shape)
+    if len(shape) != 2 or weight.dtype not in FUSABLE_DTYPES or weight.is_meta:
+        return None
+    if weight.numel() == 0 and not (partitioned and shape != tuple(weight.shape)):
         return None  # ZeRO-3 sharded or not materialized: the module call gathers it
     return weight
 
@@ -181,6 +189,14 @@ def prompted_inputs_embeds(
     modules = _as_modules(prompt_embeddings)
     num_prompt = _num_prompt(modules, num_prompt)
     index = _table_index(table_index, len(modules), input_ids.shape[0], input_ids.device)
+    if deepspeed_zero3.is_zero3(word_embeddings, modules):
+        # ZeRO-3: the tables are gathered by ZeRO-3's own module hooks around the fused op.
+        out = deepspeed_zero3.fused_with_gathered_tables(
+            input_ids, word_embeddings, modules, index, num_prompt
+        )
+        if out is None:
+            return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "ZeRO-3 modules")
+        return out
     spec = lookup_spec(word_embeddings)
     if spec is None:
         return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "word-embedding module")
@@ -190,6 +206,13 @@ def prompted_inputs_embeds(
     weight = spec.weight
     if input_ids.device != weight.device:
         return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "devices")
+    return fused(input_ids, spec, tables, index, num_prompt)
+
+
+def fused(input_ids, spec, tables: list[torch.Tensor], index, num_prompt: int) -> torch.Tensor:
+    """The one ``prompt_concat`` call, once the word-embedding ``spec`` and the [P, D] ``tables`` are
+    checked (and, under ZeRO-3, gathered): [B, N + L, D] as :func:`prompted_inputs_embeds` says."""
+    weight = spec.weight
     tables = [t if t.device == weight.device else t.to(weight.device) for t in tables]
     if index is None:
         rows = tables[0] if num_prompt == tables[0].shape[0] else tables[0][:num_prompt]

@@ -64,6 +64,13 @@ class LookupSpec:
     require_grad_hook: bool
 
 
+def full_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``weight`` once gathered: ``ds_shape`` for a DeepSpeed ZeRO-3 parameter (whose
+    local data is a flat shard, empty while it is released), else ``weight.shape``."""
+    ds_shape = getattr(weight, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(weight.shape)
+
+
 def _defining_class(cls: type, name: str) -> type | None:
     for klass in cls.__mro__:
         if name in klass.__dict__:
@@ -121,18 +128,25 @@ _GLOBAL_HOOK_DICTS = (
 _MODULE_HOOK_DICTS = ("_forward_pre_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def _hooks_allow_fusion(module: torch.nn.Module) -> tuple[bool, bool]:
+def _has_hooks(hooks, ignore_hook) -> bool:
+    return any(ignore_hook is None or not ignore_hook(hook) for hook in (hooks or {}).values())
+
+
+def _hooks_allow_fusion(module: torch.nn.Module, ignore_hook=None) -> tuple[bool, bool]:
     """(fusable, has the require-grad hook) given the module's and the global hooks.
 
     Any hook would run if the module were called: only the require-grad forward hook, whose effect
-    the caller reproduces on the fused output, allows fusion.
+    the caller reproduces on the fused output, allows fusion, and hooks for which ``ignore_hook(hook)``
+    is true (the caller runs them itself by calling the module: DeepSpeed ZeRO-3's gathering hooks).
     """
     if any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOK_DICTS):
         return False, False
-    if any(getattr(module, name, None) for name in _MODULE_HOOK_DICTS):
+    if any(_has_hooks(getattr(module, name, None), ignore_hook) for name in _MODULE_HOOK_DICTS):
         return False, False
     require_grad = False
     for hook_id, hook in module._forward_hooks.items():
+        if ignore_hook is not None and ignore_hook(hook):
+            continue
         if getattr(hook, "__name__", None) not in _REQUIRE_GRAD_HOOK_NAMES:
             return False, False
         if hook_id in getattr(module, "_forward_hooks_with_kwargs", {}):
@@ -141,8 +155,15 @@ def _hooks_allow_fusion(module: torch.nn.Module) -> tuple[bool, bool]:
     return True, require_grad
 
 
-def lookup_spec(module: torch.nn.Module | None) -> LookupSpec | None:
-    """The fused equivalent of ``module(input_ids)``, or None where the module must be called."""
+def lookup_spec(
+    module: torch.nn.Module | None, *, ignore_hook=None, partitioned: bool = False
+) -> LookupSpec | None:
+    """The fused equivalent of ``module(input_ids)``, or None where the module must be called.
+
+    ``ignore_hook`` and ``partitioned`` are for a caller that gathers the table itself before the op
+    (``fastprompt.deepspeed_zero3``): hooks with ``ignore_hook(hook)`` true are allowed, and a
+    0-element ZeRO-3 shard is checked by its full shape (``weight.ds_shape``).
+    """
     if module is None:
         return None
     kind = forward_kind(type(module))
@@ -150,14 +171,16 @@ def lookup_spec(module: torch.nn.Module | None) -> LookupSpec | None:
         return None
     if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
         return None
-    fusable, require_grad = _hooks_allow_fusion(module)
+    fusable, require_grad = _hooks_allow_fusion(module, ignore_hook)
     if not fusable:
         return None
     weight = module.weight
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in FUSABLE_DTYPES:
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in FUSABLE_DTYPES or weight.is_meta:
         return None
-    if weight.is_meta or weight.numel() == 0:  # meta, or ZeRO-3 sharded (the module gathers it)
+    if len(full_shape(weight) if partitioned else weight.shape) != 2:
         return None
+    if weight.numel() == 0 and not (partitioned and full_shape(weight) != weight.shape):
+        return None  # empty, or ZeRO-3 sharded without a caller that gathers it (the module does)
     scale = None
     if kind == FLOAT_SCALE:
         scale = module.embed_scale

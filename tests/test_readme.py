@@ -10,7 +10,7 @@ import pytest
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 RUNNABLE = (
     "### Without PEFT: `PromptEmbedding.prepend`",
-    # "### Several prompt-tuning adapters in one batch": enabled with CausalLM generate(adapter_names=)
+    "### Several prompt-tuning adapters in one batch",
 )
 
 

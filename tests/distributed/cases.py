@@ -1,0 +1,203 @@
+"""What the distributed tests train, shared by the 2-process worker (``worker.py``) and the single-process
+references computed in the pytest process (``tests/test_distributed.py``).
+
+Every case prompt-tunes a tiny GPT-2 (tied word embeddings: the hard case for ZeRO-3) for ``STEPS`` SGD
+steps on a global batch of ``GLOBAL_BATCH`` rows; with W processes, rank r trains rows
+``[r * B/W, (r + 1) * B/W)`` of each step's batch. Same token count in every row (no padding), so the
+mean loss of a half batch averaged over the ranks is the mean loss of the whole batch: the trained
+tables must equal one process training on the whole batch (fp32, 1e-5).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+STEPS = 3
+GLOBAL_BATCH = 8
+SEQ_LEN = 6
+NUM_VIRTUAL_TOKENS = 3
+LR = 0.5
+FAMILY = "gpt2"
+TASK = "CAUSAL_LM"
+MIXED_ADAPTERS = ("a", "b")
+INIT_TEXT = "classify the sentiment of this review"
+
+# Trainer cases: 4 steps, a checkpoint after 2, then a resumed run to 4.
+TRAINER_STEPS = 4
+TRAINER_SAVE_AT = 2
+
+
+def batches(steps: int = STEPS) -> torch.Tensor:
+    """[steps, GLOBAL_BATCH, SEQ_LEN] int64 token ids in [4, VOCAB)."""
+    import tiny_models
+
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(4, tiny_models.VOCAB, (steps, GLOBAL_BATCH, SEQ_LEN), generator=generator)
+
+
+def rows(rank: int, world: int) -> slice:
+    """The rows of a global batch that ``rank`` of ``world`` trains."""
+    per_rank = GLOBAL_BATCH // world
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def mixed_names(batch_rows: slice) -> list[str]:
+    """Adapter of each row of a mixed batch: rows alternate "a", "b" (every rank's half has both)."""
+    return [MIXED_ADAPTERS[i % 2] for i in range(batch_rows.start, batch_rows.stop)]
+
+
+def peft_config(**kwargs):
+    import peft
+
+    return peft.PromptTuningConfig(task_type=TASK, num_virtual_tokens=NUM_VIRTUAL_TOKENS, **kwargs)
+
+
+def base_model():
+    """The tiny GPT-2 (random weights from seed 0), in train mode (its dropouts are 0)."""
+    import tiny_models
+
+    return tiny_models.build(FAMILY, TASK, seed=0).train()
+
+
+def prompt_model(get_peft_model, base=None, adapters=("default",), **config):
+    """``get_peft_model`` (fastprompt's or PEFT's) on the base model; each adapter's table from its own
+    seed (1, 2, ...); every table trainable."""
+    base = base_model() if base is None else base
+    torch.manual_seed(1)
+    model = get_peft_model(base, peft_config(**config), adapter_name=adapters[0])
+    for k, name in enumerate(adapters[1:]):
+        torch.manual_seed(2 + k)
+        model.add_adapter(name, peft_config(**config))
+    for name in adapters:
+        table(model, name).requires_grad_(True)
+    return model
+
+
+def table(model, name: str = "default") -> torch.nn.Parameter:
+    return model.prompt_encoder[name].embedding.weight
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def reference_tables(adapters=("default",), mixed: bool = False, base=None, **config) -> dict:
+    """PEFT's own code path (not fastprompt), one process, the whole batch each step: {adapter: table}.
+
+    ``mixed``: rows alternate adapters "a" / "b"; PEFT cannot mix prompt adapters in a batch, so each
+    adapter's rows run as their own sub-batch (``set_adapter``) and the losses are weighted by their
+    row counts: the mean over the whole batch, as one mixed forward computes it.
+    """
+    import peft
+
+    model = prompt_model(peft.get_peft_model, base=base, adapters=adapters, **config)
+    optimizer = torch.optim.SGD(trainable(model), lr=LR)
+    for ids in batches():
+        if mixed:
+            names = mixed_names(slice(0, GLOBAL_BATCH))
+            loss = 0.0
+            for name in adapters:
+                picked = torch.tensor([n == name for n in names])
+                model.set_adapter(name)
+                for other in adapters:
+                    table(model, other).requires_grad_(True)  # set_adapter freezes the others
+                sub = ids[picked]
+                loss = loss + model(input_ids=sub, labels=sub).loss * (len(sub) / GLOBAL_BATCH)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {name: table(model, name).detach().clone() for name in adapters}
+
+
+def text_init_config(data_dir: str) -> dict:
+    return dict(
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text=INIT_TEXT,
+        tokenizer_name_or_path=os.path.join(data_dir, "tokenizer"),
+    )
+
+
+def own_prompt_embeddings(word_embeddings, data_dir: str) -> dict:
+    """fastprompt.PromptEmbedding's TEXT and SAMPLE_VOCAB init from ``word_embeddings``: {init: table}."""
+    from fastprompt import PromptEmbedding, PromptTuningConfig
+
+    out = {}
+    for init, extra in (("TEXT", text_init_config(data_dir)), ("SAMPLE_VOCAB", {})):
+        config = PromptTuningConfig(
+            task_type=TASK,
+            num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+            token_dim=word_embeddings.embedding_dim,
+            num_transformer_submodules=1,
+            **{**extra, "prompt_tuning_init": init},
+        )
+        torch.manual_seed(7)
+        out[init] = PromptEmbedding(config, word_embeddings).embedding.weight.detach().clone()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- Trainer
+
+
+class TrainerData(torch.utils.data.Dataset):
+    """TRAINER_STEPS global batches of causal-LM rows (labels = ids)."""
+
+    def __init__(self):
+        self.ids = batches(TRAINER_STEPS).reshape(-1, SEQ_LEN)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def trainer_args(output_dir, max_steps: int, per_device_batch: int, save: bool = False, **kwargs):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="steps" if save else "no",
+        save_steps=TRAINER_SAVE_AT,
+        save_only_model=False,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **kwargs,
+    )
+
+
+def train_with_trainer(model, output_dir, max_steps: int, per_device_batch: int, save=False, resume=None):
+    """``Trainer(model, ...).train(resume_from_checkpoint=resume)``; returns the trainer."""
+    from transformers import Trainer
+
+    args = trainer_args(output_dir, max_steps, per_device_batch, save=save)
+    trainer = Trainer(model=model, args=args, train_dataset=TrainerData())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def reference_trainer_tables(output_dir) -> dict:
+    """One process, PEFT's path, the Trainer over the whole global batch: {step: table} after
+    TRAINER_SAVE_AT and TRAINER_STEPS steps."""
+    import peft
+
+    tables = {}
+    for steps in (TRAINER_SAVE_AT, TRAINER_STEPS):
+        model = prompt_model(peft.get_peft_model)
+        train_with_trainer(model, os.path.join(str(output_dir), f"ref{steps}"), steps, GLOBAL_BATCH)
+        tables[steps] = table(model).detach().clone()
+    return tables
