@@ -61,7 +61,7 @@ class Launch:
 
 def _prepare_data(directory) -> str:
     """The saved tiny GPT-2 and tokenizer the ZeRO-3 init case loads."""
-    import tiny_models
+    from fastprompt.testing import tiny_models
 
     cases.base_model().save_pretrained(os.path.join(directory, "model"))
     tiny_models.save_tokenizer(os.path.join(directory, "tokenizer"))

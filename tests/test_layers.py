@@ -21,6 +21,7 @@ LAYERS = {
     "embedding": 2,
     "prompted_embeds": 2,
     "word_embeddings": 2,
+    "deepspeed_zero3": 2,
     "integrations": 3,
     "": 3,  # fastprompt/__init__.py: the public facade over the layers up to integrations
     "testing": 4,

@@ -193,8 +193,10 @@ def run_grid(
     budget_s: float = 0.4,
     with_model: bool = True,
     notes: list[str] | None = None,
+    beyond_peft: bool = False,
 ) -> list[Result]:
-    """The whole grid: op-level shapes, then (``with_model``) the model-level workloads.
+    """The whole grid: op-level shapes, then (``with_model``) the model-level workloads, then
+    (``beyond_peft``) mixed-adapter batches and prompt-KV reuse on the built-in tiny Llama.
 
     ``base_model`` is the model of the model-level rows (None: none); with ``real_model`` the op-level
     shapes also come from it (its embedding table, D, vocabulary and dtype). What was shrunk, skipped
@@ -225,4 +227,20 @@ def run_grid(
             )
     if with_model and base_model is not None:
         results += model_results(base_model, model_label, device, budget_s=budget_s, notes=notes)
+    if beyond_peft:
+        from ..testing.tiny_models import load_base_model
+        from .mixed import mixed_results
+        from .prompt_kv import prompt_kv_results
+
+        llama = load_base_model("tiny-llama").to(device)
+        results += mixed_results(llama, "tiny-llama", device, budget_s=budget_s, progress=progress)
+        # "peft" is left out: its cached generation is wrong on transformers >= 5.24 and uncached it is slow;
+        # `python -m fastprompt.benchmarks.prompt_kv` times it.
+        results += prompt_kv_results(
+            "tiny-llama",
+            device,
+            budget_s=budget_s,
+            progress=progress,
+            providers=("reuse", "no reuse", "no prompt"),
+        )
     return results

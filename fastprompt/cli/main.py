@@ -163,6 +163,7 @@ def _bench(args: argparse.Namespace) -> int:
             budget_s=args.budget,
             with_model=not args.no_model,
             notes=notes,
+            beyond_peft=not args.no_model and args.model is None,
         )
     )
     meta["model"] = model_name
@@ -172,7 +173,9 @@ def _bench(args: argparse.Namespace) -> int:
     print(
         "median time of one call; IQR/med: the interquartile range of the timed calls over the median;\n"
         "GB/s from the bytes that must move (inputs read once, output written once);\n"
-        "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up)."
+        "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up);\n"
+        "mixed rows: 'vs peft' is against the per-adapter loop (set_adapter per sub-batch); prompt-KV rows:\n"
+        "against generation without reuse."
     )
     if notes:
         print("\nNotes:")

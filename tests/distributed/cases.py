@@ -31,7 +31,7 @@ TRAINER_SAVE_AT = 2
 
 def batches(steps: int = STEPS) -> torch.Tensor:
     """[steps, GLOBAL_BATCH, SEQ_LEN] int64 token ids in [4, VOCAB)."""
-    import tiny_models
+    from fastprompt.testing import tiny_models
 
     generator = torch.Generator().manual_seed(0)
     return torch.randint(4, tiny_models.VOCAB, (steps, GLOBAL_BATCH, SEQ_LEN), generator=generator)
@@ -56,7 +56,7 @@ def peft_config(**kwargs):
 
 def base_model():
     """The tiny GPT-2 (random weights from seed 0), in train mode (its dropouts are 0)."""
-    import tiny_models
+    from fastprompt.testing import tiny_models
 
     return tiny_models.build(FAMILY, TASK, seed=0).train()
 
