@@ -1,4 +1,4 @@
-"""The GPU check of issue 4: one prepared script, ``python bench/gpu_check.py`` on a CUDA machine.
+"""The GPU check: one prepared script, ``python bench/gpu_check.py`` on a CUDA machine.
 
 It is designed to end within about 4 minutes on an H200 (``--budget``, default 190 s of work after
 start-up, and a hard stop 25 s after that); it has not yet run on a GPU, so that is a design target,
@@ -301,10 +301,54 @@ def backward_section(device: torch.device, budget: Budget) -> list[tuple[bool, s
     return lines
 
 
+def mixed_batch_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """K=4 adapters x 4 rows on the tiny Llama: the mixed batch equals the per-adapter loop (forward
+    logits, greedy tokens); times of loop, mixed and one adapter (batching gains more on a GPU)."""
+    from fastprompt.benchmarks import mixed
+    from fastprompt.testing.tiny_models import load_base_model
+
+    model = mixed.mixed_model(load_base_model("tiny-llama").to(device))
+    batch = len(model.names)
+    lines = []
+    for label, length, run in (
+        ("forward", mixed.FORWARD_LEN, mixed._forward),
+        ("generate", mixed.GENERATE_LEN, mixed._greedy),
+    ):
+        calls = mixed._calls(model, mixed._token_batch(model.model, batch, length, 1), run)
+        same = mixed._check(calls, exact=label == "generate")
+        lines.append((same, f"mixed {label} equals the per-adapter loop: {same}"))
+        with torch.no_grad():
+            times = timings_each(calls, device, budget_s=min(1.0, max(0.2, budget.left() / 20)))
+        listed = ", ".join(f"{name} {t.median * 1e3:.2f} ms" for name, t in times.items())
+        lines.append((True, f"mixed {label} times: {listed}"))
+    return lines
+
+
+def prompt_kv_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """Generation with prompt-KV reuse on the tiny Llama, N=100: tokens equal to reuse off; the rows."""
+    from fastprompt.benchmarks.prompt_kv import prompt_kv_results
+
+    results = prompt_kv_results(
+        "tiny-llama",
+        device,
+        budget_s=min(0.5, max(0.2, budget.left() / 40)),
+        num_virtual_tokens=(100,),
+        progress=log,
+        providers=("reuse", "no reuse", "no prompt"),
+    )
+    return [
+        (
+            r.matches_peft,
+            f"{r.workload} {r.provider}: {r.seconds * 1e3:.2f} ms, x{r.speedup or 0:.2f} vs no reuse",
+        )
+        for r in results
+    ]
+
+
 SECTIONS = [
     ("Backward kernels", backward_section, 20.0),
-    # ("Mixed-prompt batches (adapter_names)", mixed_batch_section, 20.0),   <- the integrator adds these
-    # ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
+    ("Mixed-prompt batches (adapter_names)", mixed_batch_section, 20.0),
+    ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
 ]
 
 
@@ -433,7 +477,7 @@ def time_runs(
 
 
 def targets(results: list[Result], empty: dict[str, float], latency: dict[str, float]) -> list[str]:
-    """Where each GPU target of issue 4 stands, one line each."""
+    """Where each GPU target stands, one line each."""
     lines = []
     forward = [r for r in results if r.workload == "forward"]
     for r in forward:
