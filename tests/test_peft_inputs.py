@@ -103,3 +103,24 @@ def test_valid_edge_inputs_still_equal_peft(family, task, input_ids, attention_m
     expected = main_output(_call(reference, task, input_ids, attention_mask))
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reuse", [None, False])
+def test_causal_lm_generate_checks_inputs(reuse):
+    """CausalLM generate (with or without prompt-KV reuse) gives the same clear errors as forward."""
+    import fastprompt
+
+    model = fastprompt.get_peft_model(
+        tiny_models.build("llama", "CAUSAL_LM"),
+        peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+    ).eval()
+    ids = tiny_models.batch()["input_ids"]
+    settings = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, reuse_prompt_kv=reuse)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(
+            input_ids=ids, attention_mask=torch.ones(ids.shape[0], 2, dtype=torch.long), **settings
+        )
+    with pytest.raises(TypeError, match="input_ids"):
+        model.generate(input_ids=ids.float(), **settings)
+    with pytest.raises(TypeError, match="input_ids"):
+        model.generate(ids.float(), **settings)

@@ -218,6 +218,11 @@ def _wrap_causal_lm_generate(original):
             and not getattr(self, "_adapters_disabled", False)
             and kwargs.get("inputs_embeds", None) is None
         ):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is not None:
+                mask = kwargs.get("attention_mask", None)
+                two_d_mask = mask if getattr(mask, "dim", lambda: 2)() == 2 else None  # 4-D masks: as given
+                check_prompt_inputs(input_ids, two_d_mask)
             return peft_generate.causal_lm_generate(self, original, args, kwargs, reuse_prompt_kv)
         if kwargs.get(ADAPTER_NAMES) is not None and kwargs.get("inputs_embeds") is not None:
             raise ValueError(
