@@ -21,13 +21,11 @@ import torch
 
 from . import deepspeed_zero3
 from .ops import prompt_concat
-from .word_embeddings import FUSABLE_DTYPES, full_shape, lookup_spec
+from .word_embeddings import FUSABLE_DTYPES, full_shape, lookup_spec, plain_lookup_options
 
 logger = logging.getLogger("fastprompt")
 
 CALLS: collections.Counter = collections.Counter()
-
-_UNFUSABLE_EMBEDDING_OPTIONS = ("max_norm", "scale_grad_by_freq", "sparse")
 
 
 def prompt_table(
@@ -45,7 +43,7 @@ def prompt_table(
         return None
     if type(embedding).forward is not torch.nn.Embedding.forward or "forward" in embedding.__dict__:
         return None
-    if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+    if not plain_lookup_options(embedding):
         return None
     for module in (prompt_embedding, embedding):
         for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks):

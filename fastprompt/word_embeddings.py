@@ -155,6 +155,12 @@ def _hooks_allow_fusion(module: torch.nn.Module, ignore_hook=None) -> tuple[bool
     return True, require_grad
 
 
+def plain_lookup_options(embedding: torch.nn.Embedding) -> bool:
+    """Whether ``embedding``'s options leave its forward a plain row lookup (no ``max_norm`` renorm,
+    no ``scale_grad_by_freq``, no sparse gradient), which ``prompt_concat`` can reproduce."""
+    return embedding.max_norm is None and not embedding.scale_grad_by_freq and not embedding.sparse
+
+
 def lookup_spec(
     module: torch.nn.Module | None, *, ignore_hook=None, partitioned: bool = False
 ) -> LookupSpec | None:
@@ -169,7 +175,7 @@ def lookup_spec(
     kind = forward_kind(type(module))
     if kind is None or "forward" in module.__dict__:
         return None
-    if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+    if not plain_lookup_options(module):
         return None
     fusable, require_grad = _hooks_allow_fusion(module, ignore_hook)
     if not fusable:
