@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .adapter_batches import pop_adapter_names, rows_for_adapters
-from .prompted_embeds import model_inputs_embeds
+from .peft_inputs_embeds import model_inputs_embeds
 
 
 def _prefix_mask(attention_mask: torch.Tensor | None, batch_size: int, num_virtual_tokens: int):

@@ -25,7 +25,7 @@ import torch
 
 from . import prompt_kv
 from .adapter_batches import RowAdapters, pop_adapter_names, rows_for_adapters
-from .prompted_embeds import model_inputs_embeds
+from .peft_inputs_embeds import model_inputs_embeds
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
 
