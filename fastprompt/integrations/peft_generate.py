@@ -91,6 +91,9 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
         model_kwargs["input_ids"] = model_kwargs["input_ids"][:, -1:]
 
     _prefixed_generation_mask(model_kwargs, kwargs.get("attention_mask"), num_prompt)
+    # generate() builds position ids at every step (0.. over the tokens): PEFT drops them for prompt tuning,
+    # with a warning about ids the user never passed; dropped here without it.
+    model_kwargs.pop("position_ids", None)
     peft_model._adjust_prompt_learning_kwargs(config, kwargs=model_kwargs)
 
     if not reuse_prefill and (cache is None or _is_empty_cache(cache)):

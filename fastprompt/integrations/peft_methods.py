@@ -196,7 +196,14 @@ def _wrap_seq2seq_generate(original):
     original = original_of(original)
 
     @functools.wraps(original)
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, reuse_prompt_kv=None, **kwargs):
+        if reuse_prompt_kv is not None and not isinstance(reuse_prompt_kv, bool):
+            raise TypeError(f"reuse_prompt_kv must be True, False or None, got {reuse_prompt_kv!r}.")
+        if reuse_prompt_kv:
+            raise ValueError(
+                "reuse_prompt_kv=True applies to CausalLM generation only: a Seq2Seq model's prompt is in "
+                "the encoder input, which generate() encodes once anyway. Leave it out (or pass False)."
+            )
         if (
             not args
             and _prompt_tuning_active(self)
