@@ -345,25 +345,32 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     fields = dict(output.items())
     if task != "SEQ_CLS":
         prompt_logits = prompt.output.logits  # [K, N, V]
-        row_prompt_logits = (
-            prompt_logits.expand(batch, -1, -1) if index is None else prompt_logits.index_select(0, index)
-        )
-        token_logits = output.logits
+        token_logits = output.logits  # [B, L, V]
         if labels is not None:  # the last virtual position predicts the first label; the rest only -100
             first = torch.full((batch, 1), -100, dtype=labels.dtype, device=labels.device)
+            last = _rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
             fields["loss"] = base_model.loss_function(
-                logits=torch.cat((row_prompt_logits[:, -1:], token_logits), dim=1),
+                logits=torch.cat((last, token_logits), dim=1),
                 labels=torch.cat((first, labels), dim=1),
                 vocab_size=token_logits.shape[-1],
                 **loss_kwargs,
             )
-        fields["logits"] = torch.cat((row_prompt_logits, token_logits), dim=1)
+        fields["logits"] = torch.cat((_rows(prompt_logits, index, batch), token_logits), dim=1)
     if not _uses_cache(base_model, use_cache, mode):
         for key in _CACHE_KEYWORDS:
             fields.pop(key, None)
     output = type(output)(**fields)  # the fields in the model output's own order
     CALLS["shared"] += 1
     return output if return_dict is not False else output.to_tuple()
+
+
+def _rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """[K, ...] per prompt -> [B, ...] per batch row (``index``: the prompt of each row; None: K = 1)."""
+    return (
+        per_prompt.expand(batch, *per_prompt.shape[1:])
+        if index is None
+        else per_prompt.index_select(0, index)
+    )
 
 
 def _uses_cache(base_model, use_cache, checkpointing_mode) -> bool:
