@@ -29,7 +29,15 @@ peft = pytest.importorskip("peft")
 
 WORLD = 2
 TORCH_CASES = ["ddp", "fsdp2", "mixed_ddp", "trainer", "ddp_shared", "fsdp2_shared", "mixed_ddp_shared"]
-DEEPSPEED_CASES = ["zero2", "zero3", "zero3_mixed", "zero3_init", "zero2_shared"]
+DEEPSPEED_CASES = [
+    "zero2",
+    "zero3",
+    "zero3_mixed",
+    "zero3_init",
+    "zero2_shared",
+    "zero3_shared",
+    "zero3_mixed_shared",
+]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 LAUNCH_TIMEOUT_S = 900
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -157,6 +165,8 @@ def test_trains_like_one_process(launch, reference, mixed_reference, case):
         "fsdp2_shared",  # every block runs twice per forward: the prompt pass, then the tokens
         "mixed_ddp_shared",  # one prompt pass of batch 2 (both adapters) per step
         pytest.param("zero2_shared", marks=needs_deepspeed),
+        pytest.param("zero3_shared", marks=needs_deepspeed),  # every parameter partitioned
+        pytest.param("zero3_mixed_shared", marks=needs_deepspeed),
     ],
 )
 def test_shared_prompt_trains_like_one_process(launch, reference, mixed_reference, case):

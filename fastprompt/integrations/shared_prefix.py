@@ -183,8 +183,6 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
     dropout = _active_dropout(base_model)
     if dropout is not None:
         return f"active dropout in training mode ({dropout}): the rows would share one dropout mask"
-    if _zero3(peft_model):
-        return "DeepSpeed ZeRO-3 parameters"
     if torch.is_grad_enabled():
         layers = _checkpointed_layers(base_model)
         if layers and model_type not in CHECKPOINT_ARCHITECTURES:
@@ -194,10 +192,6 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
             if reason is not None:
                 return reason
     return None
-
-
-def _zero3(peft_model) -> bool:
-    return any(hasattr(p, "ds_id") for p in peft_model.parameters())
 
 
 @functools.lru_cache(maxsize=64)

@@ -180,6 +180,15 @@ def case_zero2() -> dict:
     return _deepspeed_train(cases.prompt_model(fastprompt.get_peft_model), stage=2)
 
 
+def case_zero3_shared() -> dict:
+    return _deepspeed_train(cases.prompt_model(_get_peft_model(share=True)), stage=3)
+
+
+def case_zero3_mixed_shared() -> dict:
+    model = cases.prompt_model(_get_peft_model(share=True), adapters=cases.MIXED_ADAPTERS)
+    return _deepspeed_train(model, stage=3, mixed=True)
+
+
 def case_zero2_shared() -> dict:
     return _deepspeed_train(cases.prompt_model(_get_peft_model(share=True)), stage=2)
 
