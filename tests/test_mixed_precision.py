@@ -254,6 +254,23 @@ def test_generate_under_accelerate_with_adapter_names_and_reuse_prompt_kv():
     assert ops.forward == 1 and seen[-1] is True
 
 
+def test_prompt_kv_is_not_reused_across_autocast_states():
+    """A prompt KV computed under ``torch.autocast`` is not reused without it (and the reverse): generation
+    with reuse equals generation without, in each state."""
+    _, model = _pair("get_peft_model")
+    inputs = tiny_models.batch()
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=tiny_models.PAD, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    prompt_kv.CALLS.clear()
+    for autocast in (False, True, False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            reused = model.generate(**inputs, reuse_prompt_kv=True, **greedy)
+            plain = model.generate(**inputs, reuse_prompt_kv=False, **greedy)
+        assert torch.equal(reused.sequences, plain.sequences)
+        torch.testing.assert_close(reused.scores, plain.scores, atol=2e-2 if autocast else 1e-5, rtol=0)
+    assert prompt_kv.CALLS == {"computed": 4}
+
+
 # ---------------------------------------------------------------------------------------- Trainer
 
 
