@@ -103,9 +103,29 @@ class MixedPrecisionStep(TrainStep):
         return out.loss.detach()
 
 
+@contextlib.contextmanager
+def _same_prompt_tables(models: dict):
+    """While open, fastprompt's prompt tables hold PEFT's (timed steps may have trained them apart)."""
+    pairs = [
+        (models["fastprompt"].prompt_encoder[name].embedding.weight, encoder.embedding.weight)
+        for name, encoder in models["peft"].prompt_encoder.items()
+    ]
+    saved = [fast.detach().clone() for fast, _ in pairs]
+    with torch.no_grad():
+        for fast, reference in pairs:
+            fast.copy_(reference)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (fast, _), table in zip(pairs, saved, strict=True):
+                fast.copy_(table)
+
+
 def autocast_check(models: dict, dtype: torch.dtype, batch: int = 4, seq: int = 32) -> tuple[bool, str]:
     """(ok, what was seen): under ``autocast_forward`` every model's base model runs with autocast on and
-    its logits come back fp32, and fastprompt's logits are close to PEFT's (bf16/fp16 tolerance)."""
+    its logits come back fp32, and fastprompt's logits are close to PEFT's (bf16/fp16 tolerance; with
+    PEFT's prompt tables, put back after)."""
     ids = token_batch(models["peft"], batch, seq)
     seen, logits = {}, {}
     for name, model in models.items():
@@ -117,7 +137,7 @@ def autocast_check(models: dict, dtype: torch.dtype, batch: int = 4, seq: int = 
             )
         )
         try:
-            with torch.no_grad(), autocast_forward(model.eval(), dtype):
+            with torch.no_grad(), _same_prompt_tables(models), autocast_forward(model.eval(), dtype):
                 logits[name] = model(input_ids=ids).logits
         finally:
             hook.remove()
