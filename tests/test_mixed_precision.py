@@ -23,8 +23,7 @@ from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 accelerate = pytest.importorskip("accelerate")
-from fastprompt.integrations import prompt_kv  # noqa: E402
-from fastprompt.integrations.peft_methods import WrappedBeforeFastpromptWarning  # noqa: E402
+from fastprompt.integrations import WrappedBeforeFastpromptWarning, prompt_kv  # noqa: E402
 
 ENTRY_POINTS = ["accelerate", "get_peft_model", "patch_peft"]
 
