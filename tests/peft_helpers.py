@@ -91,3 +91,13 @@ def train(model, output_dir, *, max_steps: int = 3, **arguments) -> list[float]:
     trainer = Trainer(model=model, args=args, train_dataset=CausalRows())
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def reset_accelerator_state() -> None:
+    """Forget accelerate's process-wide ``AcceleratorState`` (its mixed precision among others): an
+    ``Accelerator`` or ``Trainer`` with another ``mixed_precision`` than an earlier one raises otherwise."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return
+    AcceleratorState._reset_state()

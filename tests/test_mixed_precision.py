@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from peft_helpers import FastpromptOps, peft_config, train
+from peft_helpers import FastpromptOps, peft_config, reset_accelerator_state, train
 
 import fastprompt
 from fastprompt.testing import tiny_models
@@ -29,9 +29,12 @@ ENTRY_POINTS = ["accelerate", "get_peft_model", "patch_peft"]
 
 
 @pytest.fixture(autouse=True)
-def _unpatch_after():
+def _clean_state():
+    """Each test starts and ends unpatched, with no accelerate state (mixed precision) left over."""
+    reset_accelerator_state()
     yield
     fastprompt.unpatch_peft()
+    reset_accelerator_state()
 
 
 def _fast_model(entry: str, base, config):

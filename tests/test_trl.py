@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_helpers import FastpromptOps
+from peft_helpers import FastpromptOps, reset_accelerator_state
 
 import fastprompt
 from fastprompt.testing import tiny_models
@@ -16,6 +16,14 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each run builds its own Accelerator (bf16 or not): no accelerate state left over either way."""
+    reset_accelerator_state()
+    yield
+    reset_accelerator_state()
 
 
 @pytest.fixture(scope="module")
