@@ -16,7 +16,10 @@ runs while the budget lasts:
 4. ``torch.compile(fullgraph=True)`` of a function calling ``prompt_concat``: forward and backward
    equal to eager, for each index mode (skipped when under 45 s of the budget is left); then
    forward and backward captured in one CUDA graph and replayed on new inputs (no host sync allowed).
-5. The rest of ``SUITE_SHAPES["cuda"]``, forward and forward+backward, while the budget lasts (the
+5. The sections (``SECTIONS``): backward kernels, mixed-adapter batches, prompt-KV reuse, and a training
+   step under bf16 autocast and under fp16 autocast with a GradScaler (as ``Trainer(bf16=True)`` /
+   ``fp16=True`` run it), PEFT vs fastprompt: autocast active inside the base model, timings.
+6. The rest of ``SUITE_SHAPES["cuda"]``, forward and forward+backward, while the budget lasts (the
    ``compile`` provider only while 45 s are left: its first compile of a shape takes seconds).
 
 Timings: ``triton.testing.do_bench`` (median), on several input sets used in turn (``do_bench`` also
@@ -345,10 +348,41 @@ def prompt_kv_section(device: torch.device, budget: Budget) -> list[tuple[bool, 
     ]
 
 
+def mixed_precision_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """One training step of the tiny Llama (B=8, L=256, 20 virtual tokens), PEFT vs fastprompt, under the
+    autocast wrapper ``Trainer(bf16=True)`` / ``fp16=True`` sets on ``model.forward``: bf16, and fp16 with
+    a GradScaler. Checks that autocast is active inside both base models and the logits agree; times
+    both, with the fp32 step for comparison."""
+    from fastprompt.benchmarks.models import MixedPrecisionStep, TrainStep, autocast_check
+    from fastprompt.testing.tiny_models import load_base_model, prompt_tuned_pair
+
+    base = load_base_model("tiny-llama").to(device)
+    models = dict(zip(("peft", "fastprompt"), prompt_tuned_pair(base, 20), strict=True))
+    lines = []
+    budget_s = min(0.5, max(0.2, budget.left() / 40))
+    steps = {"fp32": lambda m: TrainStep(m, 8, 256)}
+    for label, dtype in (("bf16", torch.bfloat16), ("fp16 + GradScaler", torch.float16)):
+        ok, detail = autocast_check(models, dtype)
+        lines.append((ok, f"{label}: {detail}"))
+        steps[label] = lambda m, dtype=dtype: MixedPrecisionStep(m, 8, 256, dtype)
+    for label, make in steps.items():
+        calls = {name: make(model) for name, model in models.items()}
+        for call in calls.values():
+            call()  # warm-up: AdamW's state, the kernels' first compiles
+        times = timings_each(calls, device, budget_s=budget_s)
+        peft_ms, fast_ms = (times[name].median * 1e3 for name in ("peft", "fastprompt"))
+        lines.append(
+            (True, f"train step {label}: peft {peft_ms:.2f} ms, fastprompt {fast_ms:.2f} ms "
+                   f"(x{peft_ms / fast_ms:.2f})")
+        )  # fmt: skip
+    return lines
+
+
 SECTIONS = [
     ("Backward kernels", backward_section, 20.0),
     ("Mixed-prompt batches (adapter_names)", mixed_batch_section, 20.0),
     ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
+    ("Mixed precision (autocast) train step", mixed_precision_section, 15.0),
 ]
 
 

@@ -1,6 +1,7 @@
 """Model level: a built-in tiny causal LM prompt-tuned by PEFT and by fastprompt, side by side.
 
-One training step (forward with labels, backward, AdamW step on the prompt) and greedy generation.
+One training step (forward with labels, backward, AdamW step on the prompt), the same step under bf16
+autocast set on ``model.forward`` (as ``Trainer(bf16=True)`` does), and greedy generation.
 Both models share the base weights and the prompt weights, and give the same logits (checked first).
 Generation: fastprompt with its KV cache; PEFT with its cache where that is correct, without it on
 transformers >= 5.24 (``peft_generation_uses_cache``; each result's ``extra_info`` says which).
@@ -15,7 +16,13 @@ import pytest
 import torch
 
 from fastprompt.benchmarks.measure import peak_extra_bytes
-from fastprompt.benchmarks.models import TrainStep, greedy_generate, peft_generation_uses_cache
+from fastprompt.benchmarks.models import (
+    MixedPrecisionStep,
+    TrainStep,
+    autocast_check,
+    greedy_generate,
+    peft_generation_uses_cache,
+)
 from fastprompt.testing.tiny_models import TINY_MODELS, load_base_model, prompt_tuned_pair, token_batch
 
 NUM_VIRTUAL_TOKENS = 20
@@ -47,6 +54,23 @@ def test_train_step(benchmark, measure, record, device, model_name, provider):
         warnings.simplefilter("ignore")
         measure(step)
     record(peak=peak, model=model_name, provider=provider)
+
+
+@pytest.mark.parametrize("provider", MODEL_PROVIDERS)
+@pytest.mark.parametrize("model_name", sorted(TINY_MODELS))
+def test_train_step_bf16_autocast(benchmark, measure, record, device, model_name, provider):
+    """One prompt-tuning step under bf16 autocast set on ``model.forward`` (``Trainer(bf16=True)``),
+    batch 8 x 64 tokens after 20 virtual tokens; first a check that autocast reaches both base models."""
+    models = _models(model_name, device)
+    ok, detail = autocast_check(models, torch.bfloat16)
+    assert ok, f"{model_name}: {detail}"
+    step = MixedPrecisionStep(models[provider], batch=8, seq=64, dtype=torch.bfloat16)
+    peak = peak_extra_bytes(step, device)
+    benchmark.group = f"train step bf16 autocast {model_name} B=8 L=64 T={NUM_VIRTUAL_TOKENS}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        measure(step)
+    record(peak=peak, model=model_name, provider=provider, autocast="bf16")
 
 
 @pytest.mark.parametrize("provider", MODEL_PROVIDERS)

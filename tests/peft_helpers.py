@@ -61,3 +61,43 @@ def main_output(output) -> torch.Tensor:
         if key in output:
             return output[key]
     raise KeyError(list(output.keys()))
+
+
+class CausalRows(torch.utils.data.Dataset):
+    """``n`` causal-LM rows of random tokens (labels = inputs, full attention mask), the same every time."""
+
+    def __init__(self, n: int = 8, seq_len: int = 6):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(4, tiny_models.VOCAB, (n, seq_len), generator=generator)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def train(model, output_dir, *, max_steps: int = 3, **arguments) -> list[float]:
+    """``Trainer`` over :class:`CausalRows` on the CPU (batch 4, lr 0.1, seed 0, ``arguments`` added to the
+    ``TrainingArguments``); returns the logged losses."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=0.1,
+        report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0,
+        **arguments,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=CausalRows())
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def reset_accelerator_state() -> None:
+    """Forget accelerate's process-wide ``AcceleratorState`` (its mixed precision among others): an
+    ``Accelerator`` or ``Trainer`` with another ``mixed_precision`` than an earlier one raises otherwise."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return
+    AcceleratorState._reset_state()

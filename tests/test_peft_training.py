@@ -4,52 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft_helpers import FastpromptOps, model_pair
+from peft_helpers import FastpromptOps, model_pair, train
 
 from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int = 8, seq_len: int = 6):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(4, tiny_models.VOCAB, (n, seq_len), generator=generator)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def _train(model, output_dir) -> list[float]:
-    from transformers import Trainer, TrainingArguments
-
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=0.1,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=_Data())
-    trainer.train()
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
 def test_trainer_trains_like_peft(tmp_path):
     reference, fast = model_pair("llama", "CAUSAL_LM")
     before = fast.prompt_encoder["default"].embedding.weight.detach().clone()
-    losses_ref = _train(reference, tmp_path / "peft")
+    losses_ref = train(reference, tmp_path / "peft")
     with FastpromptOps() as ops:
-        losses_fast = _train(fast, tmp_path / "fast")
+        losses_fast = train(fast, tmp_path / "fast")
     assert ops.forward == 3 and any(name.startswith("prompt_concat_prompt_grad") for name in ops.names)
     weight = fast.prompt_encoder["default"].embedding.weight
     assert not torch.equal(weight, before)  # it trained

@@ -2,8 +2,10 @@
 
 For each shape of the grid (``QUICK_SHAPES``, or shapes from ``--model``'s own table) every provider's
 result is checked against ``peft`` first, then the providers are timed side by side and their peak
-memory measured. Then the model-level workloads of a prompt-tuned model: one training step and greedy
-generation, PEFT vs fastprompt, after a check that both give the same logits.
+memory measured. Then the model-level workloads of a prompt-tuned model: one training step (fp32, and
+bf16 under the autocast wrapper ``Trainer(bf16=True)`` sets on ``model.forward``) and greedy generation,
+PEFT vs fastprompt, after a check that both give the same logits (under bf16: that autocast reaches the
+base model of both).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import torch
 
 from ..testing.tiny_models import prompt_tuned_pair, token_batch
 from .measure import copy_bandwidth, peak_extra_bytes, timings_each
-from .models import TrainStep, fit_lengths, greedy_generate, max_positions, peft_generation_uses_cache
+from .models import (
+    MixedPrecisionStep,
+    TrainStep,
+    autocast_check,
+    fit_lengths,
+    greedy_generate,
+    max_positions,
+    peft_generation_uses_cache,
+)
 from .providers import PROVIDERS, assert_matches_peft, make_inputs, op_call
 from .report import Result, timed_result
 from .shapes import QUICK_SHAPES, Shape, bytes_moved, device_kind
@@ -132,6 +142,10 @@ def model_results(
             lambda m: TrainStep(m, 8, seq),
             lambda: _same_logits(models, min(32, seq)),
         )
+        workloads[f"train step bf16 autocast B=8 L={seq} T={tokens}"] = (
+            lambda m: MixedPrecisionStep(m, 8, seq, torch.bfloat16),
+            lambda: _autocast_reaches_base(models, label, min(32, seq)),
+        )
     if generate is not None:
         prompt, new = generate["prompt"], generate["new"]
         peft_label = "" if peft_cache else ", peft uncached"
@@ -168,6 +182,14 @@ def _same_logits(models: dict, seq: int) -> bool:
     with torch.no_grad():
         logits = {name: m.eval()(input_ids=ids).logits for name, m in models.items()}
     return bool(torch.allclose(logits["peft"], logits["fastprompt"], atol=1e-5, rtol=1e-4))
+
+
+def _autocast_reaches_base(models: dict, label: str, seq: int) -> bool:
+    """Under bf16 autocast set on ``model.forward``: autocast inside both base models, logits close."""
+    ok, detail = autocast_check(models, torch.bfloat16, seq=seq)
+    if not ok:
+        progress(f"model {label}: bf16 autocast: {detail}")
+    return ok
 
 
 def _same_generation(models: dict, prompt: int, new: int, peft_cache: bool) -> bool:

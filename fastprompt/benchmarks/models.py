@@ -1,6 +1,9 @@
 """Model-level workloads of a prompt-tuned causal LM (timed by ``pytest bench`` and the CLI).
 
 - ``TrainStep``: one prompt-tuning step (forward with labels, backward, AdamW step on the prompt).
+- ``MixedPrecisionStep``: the same step the way ``Trainer(bf16=True)`` / ``fp16=True`` runs it: through
+  an autocast wrapper set on ``model.forward`` (``autocast_forward``, as accelerate's ``prepare_model``
+  sets it), fp16 with a ``GradScaler``; ``autocast_check``: autocast reaches the base model, same logits.
 - ``greedy_generate`` (from ``fastprompt.testing.tiny_models``): greedy decoding of a few new tokens.
 - ``peft_generation_uses_cache``: whether PEFT's own cached generation can be timed here, or only its
   uncached one gives the right tokens.
@@ -9,11 +12,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import types
+
 import torch
 
 from ..testing.tiny_models import greedy_generate, token_batch
 
-__all__ = ["TrainStep", "fit_lengths", "greedy_generate", "max_positions", "peft_generation_uses_cache"]
+__all__ = [
+    "MixedPrecisionStep",
+    "TrainStep",
+    "autocast_check",
+    "autocast_forward",
+    "fit_lengths",
+    "greedy_generate",
+    "max_positions",
+    "peft_generation_uses_cache",
+]
 
 
 class TrainStep:
@@ -33,6 +49,104 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out.loss.detach()
+
+
+def _to_fp32(output):
+    """``output`` with its fp16 / bf16 tensors cast to fp32 (accelerate's ``convert_to_fp32``)."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+    if isinstance(output, dict):  # ModelOutput too
+        for key, value in output.items():
+            output[key] = _to_fp32(value)
+    return output
+
+
+@contextlib.contextmanager
+def autocast_forward(model, dtype: torch.dtype):
+    """While open, ``model.forward`` is what ``Accelerator(mixed_precision=...).prepare`` sets on the
+    instance: ``torch.autocast(device, dtype)`` around ``model.forward.__func__``, outputs cast to fp32,
+    each layer a ``functools.wraps`` wrapper (so a model that passed over such a wrapper would show here
+    as an fp32 step). Removed again on exit."""
+    function = model.forward.__func__
+    device_type = model.device.type
+
+    @functools.wraps(function)
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return _to_fp32(function(self, *args, **kwargs))
+
+    model.forward = types.MethodType(forward, model)
+    try:
+        yield model
+    finally:
+        del model.forward
+
+
+class MixedPrecisionStep(TrainStep):
+    """:class:`TrainStep` under ``autocast_forward(model, dtype)``; fp16 scales the loss with a
+    ``torch.amp.GradScaler`` (``Trainer(fp16=True)``), bf16 does not."""
+
+    def __init__(self, model, batch: int, seq: int, dtype: torch.dtype, **kwargs):
+        super().__init__(model, batch, seq, **kwargs)
+        self.dtype = dtype
+        enabled = dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=enabled)
+
+    def __call__(self) -> torch.Tensor:
+        self.model.train()
+        with autocast_forward(self.model, self.dtype) as model:
+            out = model(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+
+@contextlib.contextmanager
+def _same_prompt_tables(models: dict):
+    """While open, fastprompt's prompt tables hold PEFT's (timed steps may have trained them apart)."""
+    pairs = [
+        (models["fastprompt"].prompt_encoder[name].embedding.weight, encoder.embedding.weight)
+        for name, encoder in models["peft"].prompt_encoder.items()
+    ]
+    saved = [fast.detach().clone() for fast, _ in pairs]
+    with torch.no_grad():
+        for fast, reference in pairs:
+            fast.copy_(reference)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (fast, _), table in zip(pairs, saved, strict=True):
+                fast.copy_(table)
+
+
+def autocast_check(models: dict, dtype: torch.dtype, batch: int = 4, seq: int = 32) -> tuple[bool, str]:
+    """(ok, what was seen): under ``autocast_forward`` every model's base model runs with autocast on and
+    its logits come back fp32, and fastprompt's logits are close to PEFT's (bf16/fp16 tolerance; with
+    PEFT's prompt tables, put back after)."""
+    ids = token_batch(models["peft"], batch, seq)
+    seen, logits = {}, {}
+    for name, model in models.items():
+        states: list[bool] = []
+        base = model.get_base_model()
+        hook = base.register_forward_pre_hook(
+            lambda module, args, states=states, kind=base.device.type: states.append(
+                torch.is_autocast_enabled(kind)
+            )
+        )
+        try:
+            with torch.no_grad(), _same_prompt_tables(models), autocast_forward(model.eval(), dtype):
+                logits[name] = model(input_ids=ids).logits
+        finally:
+            hook.remove()
+        seen[name] = states
+    active = all(states == [True] for states in seen.values())
+    fp32 = all(value.dtype == torch.float32 for value in logits.values())
+    close = bool(torch.allclose(logits["fastprompt"], logits["peft"], atol=3e-2, rtol=3e-2))
+    detail = f"autocast inside the base model {seen}, fp32 outputs {fp32}, logits close to PEFT's {close}"
+    return active and fp32 and close, detail
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ from .adapter_batches import AdapterNamesCollator
 from .adapter_files import AdapterFileError
 from .input_checks import check_prompt_inputs
 from .peft_inputs_embeds import CALLS
-from .peft_methods import is_patched
+from .peft_methods import WrappedBeforeFastpromptWarning, is_patched
 from .peft_patch import accelerate, get_peft_model, patch_peft, unpatch_peft
 from .peft_version import UntestedPeftWarning
 from .prompt_kv import PromptKVStore, prompt_kv_store
@@ -18,6 +18,7 @@ __all__ = [
     "AdapterNamesCollator",
     "PromptKVStore",
     "UntestedPeftWarning",
+    "WrappedBeforeFastpromptWarning",
     "accelerate",
     "check_prompt_inputs",
     "get_peft_model",

@@ -11,10 +11,14 @@
   behind elsewhere then defers to PEFT.
 - ``forward`` and ``prepare_inputs_for_generation`` sit on the classes as :class:`PatchedMethod`, a data
   descriptor: PEFT's ``disable_adapter()`` stores those two on the instance as bound methods of the class
-  as it was then, and the descriptor sees through such stale entries (no heap walk needed).
+  as it was then, and the descriptor sees through such stale entries (no heap walk needed). Anything
+  else set on the instance (accelerate's autocast wrapper, a dispatch hook, a user's wrapper) is called,
+  exactly as on PEFT's own classes.
 
 Each wrapper keeps PEFT's original as ``__fastprompt_original__`` and ``__wrapped__`` (so
-``inspect.signature`` shows PEFT's signature, which transformers' ``Trainer`` reads).
+``inspect.signature`` shows PEFT's signature, which transformers' ``Trainer`` reads), and itself as
+``__fastprompt_wrapper__`` (``functools.wraps`` copies that attribute onto a wrapper of the wrapper, where
+it then names another function: :func:`is_fastprompt_wrapper` tells them apart by identity).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import warnings
+import weakref
 
 from ..config import PROMPT_TUNING
 from . import peft_forward, peft_generate
@@ -77,17 +83,62 @@ def original_of(func):
     return getattr(func, "__fastprompt_original__", func)
 
 
+def is_fastprompt_wrapper(func) -> bool:
+    """Whether ``func`` is one of fastprompt's method wrappers itself (not a wrapper made around one with
+    ``functools.wraps``, which copies its attributes)."""
+    return getattr(func, "__fastprompt_wrapper__", None) is func
+
+
+def _mark_wrapper(wrapper, original):
+    wrapper.__fastprompt_original__ = original
+    wrapper.__fastprompt_wrapper__ = wrapper
+    return wrapper
+
+
+class WrappedBeforeFastpromptWarning(UserWarning):
+    """A wrapper set on a model's instance (accelerate's autocast, a hook) calls PEFT's own method,
+    captured before the model was accelerated or ``patch_peft()`` ran: that wrapper keeps working, but the
+    fused path is not taken."""
+
+
+_warned: weakref.WeakSet = weakref.WeakSet()  # wrappers already warned about
+
+
+def _inner_callables(value, limit: int = 64):
+    """``value``, then what it wraps: ``__func__`` of bound methods, ``func`` of partials and the
+    ``__wrapped__`` chain that ``functools.wraps`` / ``update_wrapper`` leave (at most ``limit`` steps)."""
+    for _ in range(limit):
+        if value is None:
+            return
+        yield value
+        if isinstance(value, types.MethodType):
+            value = value.__func__
+        elif isinstance(value, functools.partial) and not hasattr(value, "__wrapped__"):
+            value = value.func
+        else:
+            value = getattr(value, "__wrapped__", None)
+
+
 class PatchedMethod:
     """A method on a PEFT class that wins over stale copies of it in the instance dict.
 
     PEFT's ``disable_adapter()`` runs ``old = self.forward; self.forward = base_model.forward; ...;
     self.forward = old``, which leaves a bound method of the class *as it was then* in the instance
     dict, hiding any later class method. As a data descriptor (it defines ``__set__``), this object is
-    looked up before the instance dict: an instance entry that is a bound method of the same instance
-    over ``function``'s PEFT original (or any wrapper of it) counts as stale and is passed over; any
-    other entry (``base_model.forward`` inside ``disable_adapter()``, a hook's wrapper, a user's
-    function) is returned as before. Assigning a stale value removes the instance entry instead of
-    storing it, so ``disable_adapter()`` under fastprompt leaves nothing behind.
+    looked up before the instance dict. The rule: an instance entry is stale exactly when it is a bound
+    method of the same instance whose function IS a function this method has been on a class as: PEFT's
+    original, a fastprompt wrapper of it (:func:`is_fastprompt_wrapper`) or this descriptor. Such an entry
+    calls the class method as it was, so it is passed over (the current class method is returned); any
+    other entry, including a wrapper around one of those functions (accelerate's autocast and fp32
+    conversion, ``accelerate.hooks.add_hook_to_module``, ``base_model.forward`` inside
+    ``disable_adapter()``, a user's function or ``MethodType``), is returned and called, exactly as on
+    PEFT's own classes. Assigning a stale value removes the instance entry instead of storing it, so
+    ``disable_adapter()`` under fastprompt leaves nothing behind (and ``accelerate``'s ``unwrap_model``
+    putting the unwrapped method back leaves the class method in force).
+
+    A wrapper that was made around PEFT's original *before* the model was accelerated or ``patch_peft()``
+    ran calls PEFT's code, not the fused path: it is still called, with one
+    :class:`WrappedBeforeFastpromptWarning` (accelerate or patch first, then prepare / wrap).
 
     On the class (``cls.forward``) it is itself, callable as the function, so code that saves
     ``cls.forward`` and assigns it back later restores it exactly.
@@ -102,11 +153,50 @@ class PatchedMethod:
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
 
+    def _is_class_function(self, func) -> bool:
+        """``func`` is this method as some class carried it: PEFT's original or a fastprompt wrapper of it."""
+        return (
+            func is self
+            or func is self.__fastprompt_original__
+            or (is_fastprompt_wrapper(func) and func.__fastprompt_original__ is self.__fastprompt_original__)
+        )
+
     def _is_stale(self, instance, value) -> bool:
         return (
             isinstance(value, types.MethodType)
             and value.__self__ is instance
-            and original_of(value.__func__) is self.__fastprompt_original__
+            and self._is_class_function(value.__func__)
+        )
+
+    def _warn_if_it_bypasses(self, instance, value) -> None:
+        """One warning when ``value`` (kept) ends in PEFT's original without passing a fastprompt wrapper."""
+        try:
+            if value in _warned:
+                return
+        except TypeError:  # not weak-referenceable: check (cheap) every time
+            pass
+        for inner in _inner_callables(value):
+            func = inner.__func__ if isinstance(inner, types.MethodType) else inner
+            if func is self or is_fastprompt_wrapper(func):
+                return
+            if func is self.__fastprompt_original__:
+                break
+        else:
+            return
+        if not _prompt_tuning_active(instance):
+            return
+        try:
+            _warned.add(value)
+        except TypeError:
+            pass
+        wrapper = getattr(value, "__qualname__", type(value).__name__)
+        warnings.warn(
+            f"{type(instance).__name__}.{self.name} is set on this model to {wrapper}, which calls PEFT's "
+            f"own {self.name} captured before fastprompt.accelerate / patch_peft: the wrapper is called but "
+            "the fused prompt concat is not used. Accelerate the model (or call patch_peft()) before "
+            "accelerator.prepare / dispatch_model / wrapping its methods.",
+            WrappedBeforeFastpromptWarning,
+            stacklevel=3,
         )
 
     def __get__(self, instance, owner=None):
@@ -115,6 +205,7 @@ class PatchedMethod:
         value = instance.__dict__.get(self.name, self)
         if value is self or self._is_stale(instance, value):
             return types.MethodType(self.function, instance)
+        self._warn_if_it_bypasses(instance, value)
         return value
 
     def __set__(self, instance, value) -> None:
@@ -164,7 +255,7 @@ def _wrap_forward(original, impl):
                 )
         return original(self, *args, **kwargs)
 
-    forward.__fastprompt_original__ = original
+    _mark_wrapper(forward, original)
     forward.__signature__ = _with_adapter_names(signature)
     return forward
 
@@ -188,7 +279,7 @@ def _wrap_prepare_inputs_for_generation(original):
             return peft_generate.causal_lm_prepare_inputs_for_generation(self, args, kwargs)
         return original(self, *args, task_ids=task_ids, **kwargs)
 
-    prepare_inputs_for_generation.__fastprompt_original__ = original
+    _mark_wrapper(prepare_inputs_for_generation, original)
     return prepare_inputs_for_generation
 
 
@@ -219,7 +310,7 @@ def _wrap_seq2seq_generate(original):
             )
         return original(self, *args, **kwargs)
 
-    generate.__fastprompt_original__ = original
+    _mark_wrapper(generate, original)
     return generate
 
 
@@ -246,7 +337,7 @@ def _wrap_causal_lm_generate(original):
             )
         return original(self, *args, **kwargs)  # no virtual tokens here: nothing to reuse
 
-    generate.__fastprompt_original__ = original
+    _mark_wrapper(generate, original)
     return generate
 
 

@@ -12,7 +12,7 @@ Never stale: an entry is reused only while
   all change them), with the same dtype, device and shape;
 - every parameter and buffer of the base model is the same tensor (same storage, same dtype and device)
   at the same version counter (``Tensor._version``: in-place updates bump it), and the attention
-  implementation is the same.
+  implementation and the autocast state (``torch.autocast`` on the model's devices) are the same.
 
 Anything else recomputes. At most ``max_adapters`` entries are kept (least recently used dropped first);
 an entry is freed when its adapter's prompt module is freed (``delete_adapter``) and whenever the store
@@ -168,13 +168,23 @@ def _prompt_rows(peft_model, name: str) -> torch.Tensor:
 
 def base_fingerprint(base_model) -> tuple:
     """What the prompt KV depend on in the base model: every parameter and buffer (storage, version,
-    dtype, device) and the attention implementation."""
+    dtype, device), the attention implementation, and the autocast state (``torch.autocast``: enabled and
+    dtype) of the devices it is on."""
     tensors = tuple(
         (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
         for t in (*base_model.parameters(), *base_model.buffers())
     )
     attn = getattr(base_model.config, "_attn_implementation", None)
-    return (id(base_model), attn, tensors)
+    device_types = sorted({t[3].type for t in tensors})
+    autocast = tuple(_autocast_state(kind) for kind in device_types)
+    return (id(base_model), attn, autocast, tensors)
+
+
+def _autocast_state(device_type: str) -> tuple:
+    try:
+        return (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    except RuntimeError:  # a device type without autocast (meta, ...)
+        return (device_type, False, None)
 
 
 def compute_prompt_kv(peft_model, rows: torch.Tensor) -> tuple[list, list]:
