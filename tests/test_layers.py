@@ -1,7 +1,7 @@
 """The package's shape: one direction of imports, one definition of each shared name.
 
 Layers, each importing only itself and those before it: ``fastprompt.kernels`` <- ``fastprompt.ops`` <-
-the module layer (``config``, ``embedding``, ``prompted_embeds``, ``word_embeddings``) <-
+the module layer (``config``, ``embedding``, ``prompted_embeds``, ``word_embeddings``, ``adapter_files``) <-
 ``integrations`` <- ``testing`` <- ``benchmarks`` <- ``cli``. The benchmark suite in ``bench/`` uses
 ``fastprompt.benchmarks``, not the command line.
 """
@@ -21,6 +21,7 @@ LAYERS = {
     "embedding": 2,
     "prompted_embeds": 2,
     "word_embeddings": 2,
+    "adapter_files": 2,
     "deepspeed_zero3": 2,
     "integrations": 3,
     "": 3,  # fastprompt/__init__.py: the public facade over the layers up to integrations
@@ -84,8 +85,8 @@ def test_benchmark_suite_does_not_use_the_command_line():
 
 def test_shared_names_defined_once():
     """The dtype set, the peft type and the config file name each have one definition."""
-    from fastprompt import config, word_embeddings
-    from fastprompt.integrations import adapter_files, peft_methods
+    from fastprompt import adapter_files, config, word_embeddings
+    from fastprompt.integrations import peft_methods
     from fastprompt.ops import checks
     from fastprompt.testing import tolerances
 
