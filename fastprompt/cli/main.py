@@ -257,6 +257,7 @@ def _adapter_dirs(pairs: list[str]) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    adapters = _adapter_dirs(args.adapter)
     try:
         from ..serving.server import serve
     except ImportError as err:
@@ -265,7 +266,7 @@ def _serve(args: argparse.Namespace) -> int:
         ) from None
     serve(
         args.model,
-        _adapter_dirs(args.adapter),
+        adapters,
         host=args.host,
         port=args.port,
         engine_args=args.engine_args,

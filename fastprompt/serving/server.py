@@ -23,8 +23,10 @@ import contextvars
 import signal
 from http import HTTPStatus
 
+from fastapi import Request  # a module global: FastAPI resolves the routes' annotations here
+from fastapi.responses import JSONResponse
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelPermission
+from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse, ModelCard, ModelPermission
 from vllm.inputs.engine import embeds_input
 
 from ..adapter_files import AdapterFileError
@@ -60,6 +62,14 @@ class _PromptServing:
         if self._adapter(request) is not None:
             return None  # no LoRA: the soft prompt travels in the prompt embeddings
         return super()._maybe_get_adapters(request, *args, **kwargs)
+
+    async def _answer(self, handler, request, raw_request):
+        """``handler(request, raw_request)`` with the requested adapter known to the models object."""
+        token = _REQUESTED.set(self._adapter(request))
+        try:
+            return await handler(request, raw_request)
+        finally:
+            _REQUESTED.reset(token)
 
     def _unsupported(self, request) -> ErrorResponse | None:
         for field in ("echo", "prompt_logprobs", "prompt_embeds", "suffix"):
@@ -97,11 +107,7 @@ class _PromptServing:
 
 class _PromptCompletion(_PromptServing):
     async def create_completion(self, request, raw_request=None):
-        token = _REQUESTED.set(self._adapter(request))
-        try:
-            return await super().create_completion(request, raw_request)
-        finally:
-            _REQUESTED.reset(token)
+        return await self._answer(super().create_completion, request, raw_request)
 
     async def render_completion_request(self, request):
         name = self._adapter(request)
@@ -115,11 +121,7 @@ class _PromptCompletion(_PromptServing):
 
 class _PromptChat(_PromptServing):
     async def create_chat_completion(self, request, raw_request=None):
-        token = _REQUESTED.set(self._adapter(request))
-        try:
-            return await super().create_chat_completion(request, raw_request)
-        finally:
-            _REQUESTED.reset(token)
+        return await self._answer(super().create_chat_completion, request, raw_request)
 
     async def render_chat_request(self, request):
         name = self._adapter(request)
@@ -193,14 +195,12 @@ def install(state, adapters: PromptAdapters) -> None:
 
 def add_adapter_routes(app, adapters: PromptAdapters) -> None:
     """``POST /v1/load_prompt_adapter`` and ``POST /v1/unload_prompt_adapter``."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-    from vllm.entrypoints.serve import create_error_response
 
     def error(message: str, status: HTTPStatus, param: str) -> JSONResponse:
+        # vLLM's create_error_response would mask paths; here the client gave the path, so it is named
         err_type = "NotFoundError" if status == HTTPStatus.NOT_FOUND else "BadRequestError"
-        body = create_error_response(message, err_type, status, param).model_dump()
-        return JSONResponse(body, status_code=status.value)
+        info = ErrorInfo(message=message, type=err_type, param=param, code=status.value)
+        return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status.value)
 
     async def fields(raw: Request, *names):
         try:
