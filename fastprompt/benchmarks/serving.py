@@ -105,14 +105,15 @@ def _summary(times: list[float]) -> tuple[float, float]:
     return median, (max(times) - min(times)) / median
 
 
-def _transformers_model(base: str, adapters: dict):
-    """The base model prompt-tuned with ``adapters`` by PEFT, accelerated by fastprompt (fp32, eval)."""
+def _transformers_model(base: str, adapters: dict, device):
+    """The base model prompt-tuned with ``adapters`` by PEFT, accelerated by fastprompt (fp32, eval), on
+    ``device``."""
     import peft
     from transformers import AutoModelForCausalLM
 
     from ..integrations import accelerate
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first, *rest = adapters.items()
@@ -122,7 +123,7 @@ def _transformers_model(base: str, adapters: dict):
     return accelerate(model).eval()
 
 
-def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transformers: bool) -> dict:
+def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transformers: bool, device) -> dict:
     """Each provider's batch times, interleaved (soft prompt, no prompt, transformers, then again) so a
     busy machine slows all of them alike; the last outputs and the cached rows per request."""
     from vllm import SamplingParams
@@ -132,14 +133,14 @@ def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transfo
     names = [list(adapters)[i % len(adapters)] for i in range(REQUESTS)]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     llm = LLM(base, prompt_adapters=adapters, **engine)
-    model = _transformers_model(base, adapters) if with_transformers else None
+    model = _transformers_model(base, adapters, device) if with_transformers else None
 
     def on_vllm(seed, with_prompt):
         prompts = [{"prompt_token_ids": ids} for ids in request_ids(seed)]
         return llm.generate(prompts, params, adapter_names=names if with_prompt else None, use_tqdm=False)
 
     def on_transformers(seed):
-        ids = torch.tensor(request_ids(seed))
+        ids = torch.tensor(request_ids(seed), device=device)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids,
@@ -150,7 +151,7 @@ def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transfo
                 do_sample=False,
                 pad_token_id=0,
             )
-        return out[:, -NEW_TOKENS:].tolist()
+        return out[:, -NEW_TOKENS:].tolist()  # .tolist() waits for the device
 
     calls = {
         "vllm soft prompt": lambda seed: on_vllm(seed, True),
@@ -185,13 +186,15 @@ def serving_results(
     repeats: int = 5,
     with_transformers: bool = True,
     engine: dict | None = None,
+    device="cpu",
     progress=print,
     notes=None,
 ) -> list[Result]:
     """The serving rows for each (hidden size, layers) in ``sizes`` (see the module docstring).
 
     ``notes`` (a list) gets one line per size: soft prompt over floor, the cached rows per request, and how
-    many requests' tokens the transformers path matched. ``engine``: vLLM arguments over ``ENGINE``.
+    many requests' tokens the transformers path matched. ``engine``: vLLM arguments over ``ENGINE``;
+    ``device``: where the transformers path runs (vLLM runs on its platform's device).
     """
     engine = {**ENGINE, **(engine or {})}
     results = []
@@ -202,7 +205,7 @@ def serving_results(
             progress(f"serving: saving a D={hidden} {layers}-layer Llama and {ADAPTERS} adapters")
             base, adapters = save_workload(directory, hidden, layers)
             progress(f"serving: {repeats} batches per provider, interleaved")
-            measured = _measure(base, adapters, repeats, engine, with_transformers)
+            measured = _measure(base, adapters, repeats, engine, with_transformers, device)
         summaries = {name: _summary(times) for name, times in measured["times"].items()}
         reference = summaries.get("transformers", (None,))[0]
         for name, (median, spread) in summaries.items():
