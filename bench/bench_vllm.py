@@ -27,9 +27,6 @@ def main() -> int:
     )
     parser.add_argument("--json", help="also write the rows as JSON")
     args = parser.parse_args()
-    # vLLM's CPU backend keeps a core to itself unless told otherwise; the benchmark gives it all of them
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     from fastprompt.benchmarks.report import text_table
     from fastprompt.benchmarks.serving import serving_results
 

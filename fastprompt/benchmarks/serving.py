@@ -197,6 +197,10 @@ def serving_results(
     ``device``: where the transformers path runs (vLLM runs on its platform's device).
     """
     engine = {**ENGINE, **(engine or {})}
+    # vLLM's CPU backend keeps one core to itself unless told otherwise; the benchmark gives it all of
+    # them, as the transformers path has them (variables already set are left alone)
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
     results = []
     workload = f"serve {REQUESTS} req/{ADAPTERS} adapters"
     for hidden, layers in sizes:
