@@ -15,6 +15,8 @@ tables:
   ``adapter_names=[...]`` and ``reuse_prompt_kv=True`` on a PEFT model accelerated by fastprompt (needs
   PEFT), its prompt KV stored by a warm-up call.
 
+The two vLLM providers run interleaved on one engine (a busy machine slows both alike); the transformers
+path runs after the engine is shut down (vLLM's idle worker threads would slow it), on the same ids.
 ``Result.speedup`` is the transformers time over the row's. The vLLM engine runs in float32 with
 ``enforce_eager`` and ``block_size=32`` on the CPU (100 rows: 3 full blocks cached per adapter).
 
@@ -123,9 +125,25 @@ def _transformers_model(base: str, adapters: dict, device):
     return accelerate(model).eval()
 
 
+def _interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
+    """({name: times}, {name: last output}): a warm-up call each, then ``repeats`` rounds calling each
+    provider in turn on the same fresh ids, so a busy machine slows them alike."""
+    for call in calls.values():
+        call(10_000)  # warm-up: the adapters' blocks enter vLLM's cache, their KV transformers' store
+    times = {name: [] for name in calls}
+    outputs = {}
+    for repetition in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            outputs[name] = call(repetition)
+            times[name].append(time.perf_counter() - start)
+    return times, outputs
+
+
 def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transformers: bool, device) -> dict:
-    """Each provider's batch times, interleaved (soft prompt, no prompt, transformers, then again) so a
-    busy machine slows all of them alike; the last outputs and the cached rows per request."""
+    """Each provider's batch times (vLLM with and without soft prompts interleaved on one engine; then,
+    with the engine shut down, the transformers path on the same ids); the last outputs and the cached
+    rows per request."""
     from vllm import SamplingParams
 
     from ..serving.offline import LLM
@@ -133,7 +151,7 @@ def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transfo
     names = [list(adapters)[i % len(adapters)] for i in range(REQUESTS)]
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     llm = LLM(base, prompt_adapters=adapters, **engine)
-    model = _transformers_model(base, adapters, device) if with_transformers else None
+    model = None
 
     def on_vllm(seed, with_prompt):
         prompts = [{"prompt_token_ids": ids} for ids in request_ids(seed)]
@@ -157,20 +175,16 @@ def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transfo
         "vllm soft prompt": lambda seed: on_vllm(seed, True),
         "vllm no prompt": lambda seed: on_vllm(seed, False),
     }
-    if model is not None:
-        calls["transformers"] = on_transformers
     try:
-        for call in calls.values():
-            call(10_000)  # warm-up: the adapters' blocks enter vLLM's cache, their KV transformers' store
-        times = {name: [] for name in calls}
-        outputs = {}
-        for repetition in range(repeats):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                outputs[name] = call(repetition)  # the same fresh ids for every provider
-                times[name].append(time.perf_counter() - start)
+        times, outputs = _interleaved(calls, repeats)
     finally:
         llm.engine.llm_engine.engine_core.shutdown()
+    if with_transformers:
+        # after the engine is gone: its idle worker threads would slow the transformers path down
+        model = _transformers_model(base, adapters, device)
+        more_times, more_outputs = _interleaved({"transformers": on_transformers}, repeats)
+        times.update(more_times)
+        outputs.update(more_outputs)
     soft = outputs["vllm soft prompt"]
     return {
         "times": times,
