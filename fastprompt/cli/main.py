@@ -168,14 +168,14 @@ def _bench(args: argparse.Namespace) -> int:
             beyond_peft=not args.no_model and args.model is None,
         )
     )
-    if not args.no_model and not args.no_serving and device.type == "cpu":
+    if args.model is None and not args.no_model and not args.no_serving and device.type == "cpu":
         from ..benchmarks.serving import serving_results, vllm_available
 
         if vllm_available():
             progress("serving on vLLM (fastprompt.vllm): D=512 x6 Llama, see bench/bench_vllm.py for more")
             results += serving_results(((512, 6),), repeats=3, progress=progress, notes=notes)
         else:
-            notes.append("serving rows skipped: vLLM is not installed (README, 'Serving with vLLM')")
+            progress("no serving rows: vLLM is not installed (README, 'Serving with vLLM')")
     meta["model"] = model_name
     meta["notes"] = notes
     print(f"fastprompt bench: {meta['device']}, backend {meta['fastprompt_backend']}, torch {meta['torch']}")
@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-serving",
         action="store_true",
-        help="no serving rows (vLLM, measured on the CPU when vLLM is installed; GPU: bench/gpu_check.py)",
+        help="no serving rows (vLLM: measured on the CPU with the built-in models when vLLM is installed; "
+        "GPU: bench/gpu_check.py)",
     )
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="PATH.png", help="also draw the speedups (needs matplotlib)")
