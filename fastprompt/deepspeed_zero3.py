@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused_concat import fused, prompt_table
 from .word_embeddings import lookup_spec
 
 # Where DeepSpeed's ZeRO-3 module hooks are defined (some are wrapped by its NVTX decorator).
@@ -67,8 +68,6 @@ def fused_with_gathered_tables(
 
     Returns [B, N + L, D] in the word table's dtype, as ``prompted_inputs_embeds``.
     """
-    from .prompted_embeds import fused, prompt_table
-
     spec = lookup_spec(word_embeddings, ignore_hook=is_zero3_hook, partitioned=True)
     tables = [prompt_table(m, ignore_hook=is_zero3_hook, partitioned=True) for m in prompt_modules]
     if spec is None or any(t is None for t in tables) or input_ids.device != spec.weight.device:

@@ -1,6 +1,7 @@
 """Prompt tuning on 2 processes (CPU, gloo): DDP, FSDP2, HF Trainer (checkpoint + resume), mixed-adapter
 batches under DDP, DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned, tied GPT-2 word table),
-ZeRO-3 init (HF ``from_pretrained`` partitioned, TEXT / SAMPLE_VOCAB init).
+ZeRO-3 init (HF ``from_pretrained`` partitioned, TEXT / SAMPLE_VOCAB init), and the shared prompt prefix
+(``share_prompt_prefix=True``) under DDP, FSDP2, mixed DDP and ZeRO-2.
 
 One ``torchrun --nproc-per-node 2`` launch runs every case in sequence (``tests/distributed/worker.py``);
 each test compares its case's trained tables, from BOTH ranks, with PEFT's own path in this process on
@@ -27,8 +28,8 @@ import cases  # noqa: E402
 peft = pytest.importorskip("peft")
 
 WORLD = 2
-TORCH_CASES = ["ddp", "fsdp2", "mixed_ddp", "trainer"]
-DEEPSPEED_CASES = ["zero2", "zero3", "zero3_mixed", "zero3_init"]
+TORCH_CASES = ["ddp", "fsdp2", "mixed_ddp", "trainer", "ddp_shared", "fsdp2_shared", "mixed_ddp_shared"]
+DEEPSPEED_CASES = ["zero2", "zero3", "zero3_mixed", "zero3_init", "zero2_shared"]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 LAUNCH_TIMEOUT_S = 900
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -104,6 +105,7 @@ def _check_fused(results: list[dict], forwards: int) -> None:
     """Every rank ran ``forwards`` fused concats (the op reached the dispatcher) and no unfused one."""
     for rank, result in enumerate(results):
         assert result["world"] == WORLD
+        assert result["shared"] == 0, f"rank {rank} shared the prompt {result['shared']}x"
         assert result["unfused"] == 0, f"rank {rank} fell back to the unfused path {result['unfused']}x"
         assert result["fused"] == forwards, f"rank {rank}: {result['fused']} fused, {forwards} forwards"
         assert result["ops"] == forwards, f"rank {rank}: {result['ops']} prompt_concat calls"
@@ -145,6 +147,26 @@ def test_trains_like_one_process(launch, reference, mixed_reference, case):
     if case.startswith("zero3"):
         assert all(r["partitioned"] == {"word": True, "prompt": True} for r in results)
     _check_fused(results, cases.STEPS)
+    _check_tables(results, mixed_reference if "mixed" in case else reference)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ddp_shared",
+        "fsdp2_shared",  # every block runs twice per forward: the prompt pass, then the tokens
+        "mixed_ddp_shared",  # one prompt pass of batch 2 (both adapters) per step
+        pytest.param("zero2_shared", marks=needs_deepspeed),
+    ],
+)
+def test_shared_prompt_trains_like_one_process(launch, reference, mixed_reference, case):
+    """share_prompt_prefix=True under the engines: every forward shares, the tables equal PEFT's."""
+    results = launch.results(case)
+    for rank, result in enumerate(results):
+        assert result["shared"] == cases.STEPS, f"rank {rank} shared {result['shared']} of {cases.STEPS}"
+        assert result["unfused"] == 0
+    if case == "fsdp2_shared":
+        assert all(r["sharded"] for r in results)
     _check_tables(results, mixed_reference if "mixed" in case else reference)
 
 

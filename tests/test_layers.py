@@ -21,6 +21,7 @@ LAYERS = {
     "config": 2,
     "embedding": 2,
     "prompted_embeds": 2,
+    "fused_concat": 2,
     "word_embeddings": 2,
     "adapter_files": 2,
     "deepspeed_zero3": 2,
@@ -87,6 +88,35 @@ def test_serving_and_the_peft_integration_do_not_import_each_other(module, path)
     others = _SIDE_BY_SIDE[module.split(".")[1]]
     crossing = [t for t in _imports(module, path) if len(t.split(".")) > 1 and t.split(".")[1] in others]
     assert not crossing, f"{module} imports {crossing}"
+
+
+def test_no_import_cycles():
+    """Within a layer too, imports go one way (module-level and deferred imports alike)."""
+    modules = dict(_module_files())
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for target in _imports(module, path):
+            while target and target not in modules and f"{target}.__init__" not in modules:
+                target = target.rpartition(".")[0]
+            target = target if target in modules else f"{target}.__init__"
+            if target in modules and target != module and not target.endswith("__init__"):
+                targets.add(target)
+        graph[module] = targets
+
+    state: dict = {}
+
+    def visit(node, trail):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", " -> ".join([*trail, node])
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            visit(target, [*trail, node])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        visit(module, [])
 
 
 def test_benchmark_suite_does_not_use_the_command_line():

@@ -151,3 +151,24 @@ def test_seq2seq_generate(family):
         fast.generate(inputs_embeds=torch.zeros(1, 2, tiny_models.HIDDEN))
     # the base model's prepare_inputs_for_generation is restored
     assert fast.base_model.prepare_inputs_for_generation == fast.base_model_prepare_inputs_for_generation
+
+
+def test_seq2seq_generate_reuse_prompt_kv_is_fastprompts_own_error():
+    reference, fast = model_pair("t5", "SEQ_2_SEQ_LM")
+    inputs = tiny_models.batch()
+    kwargs = dict(max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match="reuse_prompt_kv=True applies to CausalLM generation only"):
+        fast.generate(**inputs, **kwargs, reuse_prompt_kv=True)
+    with pytest.raises(TypeError, match="reuse_prompt_kv must be True, False or None"):
+        fast.generate(**inputs, **kwargs, reuse_prompt_kv="yes")
+    expected = reference.generate(**inputs, **kwargs)
+    assert torch.equal(fast.generate(**inputs, **kwargs, reuse_prompt_kv=False), expected)  # nothing to reuse
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_generation_warns_of_no_position_ids_it_made_itself(reuse, recwarn):
+    """generate() builds position ids itself at every step: dropping them (as PEFT does) is no warning."""
+    _, fast = model_pair("llama", "CAUSAL_LM")
+    inputs = tiny_models.batch()
+    fast.generate(**inputs, max_new_tokens=3, do_sample=False, reuse_prompt_kv=reuse)
+    assert not [w for w in recwarn if "Position ids" in str(w.message)]

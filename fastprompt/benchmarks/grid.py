@@ -196,7 +196,8 @@ def run_grid(
     beyond_peft: bool = False,
 ) -> list[Result]:
     """The whole grid: op-level shapes, then (``with_model``) the model-level workloads, then
-    (``beyond_peft``) mixed-adapter batches and prompt-KV reuse on the built-in tiny Llama.
+    (``beyond_peft``) mixed-adapter batches and prompt-KV reuse on the built-in tiny Llama, and training
+    steps with the shared prompt prefix on a 4-layer Llama.
 
     ``base_model`` is the model of the model-level rows (None: none); with ``real_model`` the op-level
     shapes also come from it (its embedding table, D, vocabulary and dtype). What was shrunk, skipped
@@ -243,4 +244,7 @@ def run_grid(
             progress=progress,
             providers=("reuse", "no reuse", "no prompt"),
         )
+        from .shared_prefix import shared_prefix_results
+
+        results += shared_prefix_results(device, budget_s=budget_s, progress=progress, notes=notes)
     return results

@@ -6,11 +6,11 @@ Nothing here imports PEFT until a function that needs it is called.
 from ..adapter_files import AdapterFileError
 from .adapter_batches import AdapterNamesCollator
 from .input_checks import check_prompt_inputs
+from .peft_inputs_embeds import CALLS
 from .peft_methods import is_patched
 from .peft_patch import accelerate, get_peft_model, patch_peft, unpatch_peft
 from .peft_version import UntestedPeftWarning
 from .prompt_kv import PromptKVStore, prompt_kv_store
-from .prompted_embeds import CALLS
 
 __all__ = [
     "CALLS",

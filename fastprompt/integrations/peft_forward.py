@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from . import shared_prefix
 from .adapter_batches import pop_adapter_names, rows_for_adapters
-from .prompted_embeds import model_inputs_embeds
+from .peft_inputs_embeds import model_inputs_embeds
 
 
 def _prefix_mask(attention_mask: torch.Tensor | None, batch_size: int, num_virtual_tokens: int):
@@ -50,11 +51,14 @@ def _prepare_kwargs(
     """What every prompt-tuning forward of PEFT does to the call before building the embeddings:
     the attention mask prefixed with ones, position ids (and token type ids where PEFT does) dropped
     with PEFT's warning, and the named arguments in ``passed`` handed on. ``adapter_names`` (a mixed
-    batch, beyond PEFT) is taken out of ``kwargs``. Returns (input_ids, B, N, rows): ``rows`` says which
-    adapter each batch row takes (None: the active adapter)."""
+    batch, beyond PEFT) and ``share_prompt_prefix`` are taken out of ``kwargs``. Returns (input_ids, B, N,
+    rows, share): ``rows`` says which adapter each batch row takes (None: the active adapter), ``share``
+    the requested ``share_prompt_prefix`` (the call's, else the model's default)."""
     config = peft_model.active_peft_config
     input_ids = args["input_ids"]
     batch_size, n = input_ids.shape[0], config.num_virtual_tokens
+    share = kwargs.pop(shared_prefix.SHARE_PROMPT_PREFIX, shared_prefix.model_default(peft_model))
+    shared_prefix.check_request(share)
     adapter_names = pop_adapter_names(kwargs)
     rows = None if adapter_names is None else rows_for_adapters(peft_model, adapter_names, batch_size)
     if rows is not None:
@@ -70,12 +74,17 @@ def _prepare_kwargs(
         return_dict=return_dict,
         **{key: args[key] for key in passed},
     )
-    return input_ids, batch_size, n, rows
+    return input_ids, batch_size, n, rows, share
+
+
+def _shares(peft_model, task: str, share, kwargs: dict, input_ids, n: int, rows) -> bool:
+    prompts = 1 if rows is None else len(rows.names)
+    return shared_prefix.decide(peft_model, share, task, kwargs, input_ids, prompts, n)
 
 
 def causal_lm_forward(peft_model, args: dict, kwargs: dict):
-    """``PeftModelForCausalLM.forward``, prompt tuning: labels prefixed with -100."""
-    input_ids, batch_size, n, rows = _prepare_kwargs(
+    """``PeftModelForCausalLM.forward``, prompt tuning: labels prefixed with -100 (or the prompt shared)."""
+    input_ids, batch_size, n, rows, share = _prepare_kwargs(
         peft_model,
         args,
         kwargs,
@@ -83,6 +92,8 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
         remove_token_type_ids=True,
         passed=("labels",),
     )
+    if _shares(peft_model, "CAUSAL_LM", share, kwargs, input_ids, n, rows):
+        return shared_prefix.shared_forward(peft_model, "CAUSAL_LM", input_ids, n, rows, kwargs)
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     labels = args["labels"]
     if labels is not None:
@@ -91,25 +102,40 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
-def _encoder_task_forward(peft_model, args: dict, kwargs: dict, target_keys: tuple[str, ...]):
+def _encoder_task_forward(
+    peft_model, args: dict, kwargs: dict, target_keys: tuple[str, ...], task: str | None = None
+):
     """The prompt-tuning forward shared by PEFT's encoder task classes: token_type_ids prefixed with
-    zeros (when passed through ``**kwargs``), the task's targets passed through unshifted."""
+    zeros (when passed through ``**kwargs``), the task's targets passed through unshifted. ``task``:
+    the task type, where a decoder-only base may share the prompt (sequence / token classification)."""
     return_dict = _return_dict(peft_model, args["return_dict"])
-    input_ids, batch_size, n, rows = _prepare_kwargs(
+    input_ids, batch_size, n, rows, share = _prepare_kwargs(
         peft_model, args, kwargs, return_dict=return_dict, remove_token_type_ids=False, passed=target_keys
     )
+    if task is not None and kwargs.get("token_type_ids") is None:
+        if _shares(peft_model, task, share, kwargs, input_ids, n, rows):
+            return shared_prefix.shared_forward(peft_model, task, input_ids, n, rows, kwargs)
+    elif share:
+        raise ValueError(f"share_prompt_prefix=True cannot apply: {_why_task(task, kwargs)}.")
     _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
-def _classification_forward(peft_model, args: dict, kwargs: dict):
-    """``PeftModelForSequenceClassification`` / ``ForTokenClassification.forward``, prompt tuning."""
-    return _encoder_task_forward(peft_model, args, kwargs, ("labels",))
+def _why_task(task: str | None, kwargs: dict) -> str:
+    if task is None:
+        return f"this task type (sharing applies to {', '.join(shared_prefix.TASKS)})"
+    return "token_type_ids were given (the prompt positions take type 0)"
 
 
-seq_cls_forward = _classification_forward
-token_cls_forward = _classification_forward
+def seq_cls_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForSequenceClassification.forward``, prompt tuning."""
+    return _encoder_task_forward(peft_model, args, kwargs, ("labels",), "SEQ_CLS")
+
+
+def token_cls_forward(peft_model, args: dict, kwargs: dict):
+    """``PeftModelForTokenClassification.forward``, prompt tuning."""
+    return _encoder_task_forward(peft_model, args, kwargs, ("labels",), "TOKEN_CLS")
 
 
 def question_answering_forward(peft_model, args: dict, kwargs: dict):
@@ -119,16 +145,18 @@ def question_answering_forward(peft_model, args: dict, kwargs: dict):
 
 def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForFeatureExtraction.forward``, prompt tuning."""
-    input_ids, _, n, rows = _prepare_kwargs(
+    input_ids, _, n, rows, share = _prepare_kwargs(
         peft_model, args, kwargs, return_dict=args["return_dict"], remove_token_type_ids=True, passed=()
     )
+    if share:
+        raise ValueError(f"share_prompt_prefix=True cannot apply: {_why_task(None, kwargs)}.")
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
 def seq2seq_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForSeq2SeqLM.forward``, prompt tuning: the encoder gets N of the 2N prompt rows."""
-    input_ids, _, n, rows = _prepare_kwargs(
+    input_ids, _, n, rows, share = _prepare_kwargs(
         peft_model,
         args,
         kwargs,
@@ -136,6 +164,8 @@ def seq2seq_forward(peft_model, args: dict, kwargs: dict):
         remove_token_type_ids=True,
         passed=("decoder_attention_mask", "labels"),
     )
+    if share:
+        raise ValueError(f"share_prompt_prefix=True cannot apply: {_why_task(None, kwargs)}.")
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     return peft_model.base_model(
         inputs_embeds=inputs_embeds,

@@ -25,7 +25,8 @@ import torch
 
 from . import prompt_kv
 from .adapter_batches import RowAdapters, pop_adapter_names, rows_for_adapters
-from .prompted_embeds import model_inputs_embeds
+from .peft_inputs_embeds import model_inputs_embeds
+from .prompt_pass import LAYER_TYPES, fill_prefix_cache
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
 
@@ -90,6 +91,9 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
         model_kwargs["input_ids"] = model_kwargs["input_ids"][:, -1:]
 
     _prefixed_generation_mask(model_kwargs, kwargs.get("attention_mask"), num_prompt)
+    # generate() builds position ids at every step (0.. over the tokens): PEFT drops them for prompt tuning,
+    # with a warning about ids the user never passed; dropped here without it.
+    model_kwargs.pop("position_ids", None)
     peft_model._adjust_prompt_learning_kwargs(config, kwargs=model_kwargs)
 
     if not reuse_prefill and (cache is None or _is_empty_cache(cache)):
@@ -107,8 +111,6 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
 
 # ------------------------------------------------------------------ CausalLM: prompt-KV reuse
 
-# Cache layer types whose ``update`` with N keys is what the model's own N-token forward does to them.
-_LAYER_TYPES = ("DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer")
 _REUSE_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")
 _REUSE_CACHES = (None, "dynamic", "static")
 
@@ -156,38 +158,19 @@ class GenerationState:
 
 
 def fill_prompt_kv(cache, pending: PendingKV, rows: int) -> None:
-    """Write the prompt KV into an empty generation ``cache`` for ``rows`` batch rows, layer by layer.
-
-    ``cache.update(keys, values, layer)`` with the N prompt positions does to each layer (full,
-    sliding-window, static) exactly what the model's own forward over them would: the sliding layers
-    keep their window and count N tokens seen. The stored tensors are never written to.
-    """
+    """Write the pending prompt KV into the empty generation ``cache`` for ``rows`` batch rows
+    (``num_beams`` / ``num_return_sequences`` repeat each of the call's rows consecutively)."""
     if cache is None:
         raise RuntimeError("reuse_prompt_kv: generate() prepared no cache for the prefill.")
-    if cache.get_seq_length():
-        raise RuntimeError("reuse_prompt_kv: the generation cache is not empty at the prefill.")
-    layers = getattr(cache, "layers", None)
-    if layers and (
-        len(layers) != len(pending.keys) or any(type(layer).__name__ not in _LAYER_TYPES for layer in layers)
-    ):
-        kinds = sorted({type(layer).__name__ for layer in layers})
-        raise RuntimeError(
-            f"reuse_prompt_kv: unsupported generation cache {type(cache).__name__} with layers {kinds} "
-            f"({len(layers)} layers, the prompt KV has {len(pending.keys)}); pass reuse_prompt_kv=False."
-        )
     index = pending.table_index
     if index is not None:
         if rows % pending.batch_size:
             raise RuntimeError(f"reuse_prompt_kv: {rows} rows at the prefill, batch of {pending.batch_size}.")
         index = index.repeat_interleave(rows // pending.batch_size)
-    for layer_idx, (keys, values) in enumerate(zip(pending.keys, pending.values, strict=True)):
-        if index is None:
-            keys = keys.expand(rows, -1, -1, -1)
-            values = values.expand(rows, -1, -1, -1)
-        else:
-            keys = keys.index_select(0, index.to(keys.device))
-            values = values.index_select(0, index.to(values.device))
-        cache.update(keys, values, layer_idx)
+    try:
+        fill_prefix_cache(cache, pending.keys, pending.values, index, rows)
+    except RuntimeError as error:
+        raise RuntimeError(f"reuse_prompt_kv: {error} Pass reuse_prompt_kv=False.") from None
 
 
 def _effective_generation_config(base_model, kwargs: dict):
@@ -235,7 +218,7 @@ def _why_no_reuse(peft_model, kwargs: dict) -> tuple[str | None, bool]:
 
     probe = DynamicCache(config=base_model.config)
     kinds = {type(layer).__name__ for layer in probe.layers}
-    if not kinds <= set(_LAYER_TYPES) or not base_model._supports_default_dynamic_cache():
+    if not kinds <= set(LAYER_TYPES) or not base_model._supports_default_dynamic_cache():
         return f"the model's cache layers {sorted(kinds)} are not plain key/value layers", False
     return None, False
 

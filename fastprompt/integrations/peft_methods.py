@@ -28,6 +28,7 @@ from . import peft_forward, peft_generate
 from .adapter_batches import ADAPTER_NAMES
 from .input_checks import check_prompt_inputs
 from .peft_version import fused_path_allowed
+from .shared_prefix import SHARE_PROMPT_PREFIX, check_request
 
 # PEFT task class name -> the prompt-tuning forward that replaces its ``forward``
 FORWARDS = {
@@ -153,6 +154,14 @@ def _wrap_forward(original, impl):
                     "adapter_names (one prompt-tuning adapter per batch row) needs input_ids and no "
                     "inputs_embeds: the prompts are put before the embeddings of input_ids"
                 )
+        if SHARE_PROMPT_PREFIX in kwargs:  # PEFT's own path: nothing to share
+            share = kwargs.pop(SHARE_PROMPT_PREFIX)
+            check_request(share)
+            if share:
+                raise ValueError(
+                    "share_prompt_prefix=True cannot apply: the prompt-tuning fused path needs input_ids "
+                    "and no inputs_embeds (or the active adapter is not prompt tuning)"
+                )
         return original(self, *args, **kwargs)
 
     forward.__fastprompt_original__ = original
@@ -161,14 +170,13 @@ def _wrap_forward(original, impl):
 
 
 def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
-    """PEFT's signature plus a keyword-only ``adapter_names`` before ``**kwargs`` (Trainer reads the
-    signature to decide which dataset columns to keep)."""
+    """PEFT's signature plus keyword-only ``adapter_names`` and ``share_prompt_prefix`` before
+    ``**kwargs`` (Trainer reads the signature to decide which dataset columns to keep)."""
     params = list(signature.parameters.values())
-    if ADAPTER_NAMES in signature.parameters:
-        return signature
-    extra = inspect.Parameter(ADAPTER_NAMES, inspect.Parameter.KEYWORD_ONLY, default=None)
+    names = [name for name in (ADAPTER_NAMES, SHARE_PROMPT_PREFIX) if name not in signature.parameters]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
     at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
-    return signature.replace(parameters=[*params[:at], extra, *params[at:]])
+    return signature.replace(parameters=[*params[:at], *extra, *params[at:]])
 
 
 def _wrap_prepare_inputs_for_generation(original):
@@ -188,7 +196,14 @@ def _wrap_seq2seq_generate(original):
     original = original_of(original)
 
     @functools.wraps(original)
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, reuse_prompt_kv=None, **kwargs):
+        if reuse_prompt_kv is not None and not isinstance(reuse_prompt_kv, bool):
+            raise TypeError(f"reuse_prompt_kv must be True, False or None, got {reuse_prompt_kv!r}.")
+        if reuse_prompt_kv:
+            raise ValueError(
+                "reuse_prompt_kv=True applies to CausalLM generation only: a Seq2Seq model's prompt is in "
+                "the encoder input, which generate() encodes once anyway. Leave it out (or pass False)."
+            )
         if (
             not args
             and _prompt_tuning_active(self)

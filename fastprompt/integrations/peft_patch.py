@@ -21,12 +21,13 @@ import threading
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
 from .peft_methods import FORWARDS, PROMPT_TUNING, FastPromptModel, original_of, set_patched, task_methods
 from .peft_version import fused_path_allowed
+from .shared_prefix import check_request, set_global_default, set_model_default
 
 __all__ = ["accelerate", "get_peft_model", "patch_peft", "unpatch_peft"]
 
 _lock = threading.RLock()
-_patched: dict = {}  # (class, attribute name) -> the class __dict__ entry before patching (or _MISSING)
 _MISSING = object()
+_patched: dict = {}  # (class, attribute name) -> the class __dict__ entry before patching (or _MISSING)
 _fast_classes: dict = {}
 
 
@@ -40,13 +41,18 @@ def _peft_classes() -> dict:
 # ------------------------------------------------------------------------------------ public API
 
 
-def patch_peft() -> None:
+def patch_peft(*, share_prompt_prefix=_MISSING) -> None:
     """Route every PEFT prompt-tuning model through ``prompt_concat`` (idempotent).
 
     Patches PEFT's classes (not module attributes), so models built or loaded afterwards by any route
     (``get_peft_model``, ``PeftModel.from_pretrained``, ``AutoPeftModel...``, imported before or after)
     use the fused op, and so do existing models of those classes. Other adapter types are untouched.
+
+    ``share_prompt_prefix``: the default of every model without one of its own (see :func:`accelerate`);
+    not given: left as it is (None at first).
     """
+    if share_prompt_prefix is not _MISSING:
+        set_global_default(share_prompt_prefix)
     with _lock:
         if _patched or not fused_path_allowed():
             return
@@ -63,7 +69,8 @@ def patch_peft() -> None:
 
 
 def unpatch_peft() -> None:
-    """Put PEFT's original class attributes back, exactly (idempotent)."""
+    """Put PEFT's original class attributes back, exactly, and the global ``share_prompt_prefix``
+    default to None (idempotent)."""
     with _lock:
         for (cls, attribute), original in _patched.items():
             if original is _MISSING:
@@ -73,6 +80,7 @@ def unpatch_peft() -> None:
                 setattr(cls, attribute, original)
         _patched.clear()
         set_patched(False)
+        set_global_default(None)
 
 
 def _fast_class(cls: type) -> type:
@@ -127,20 +135,28 @@ def _has_prompt_tuning_adapter(peft_model) -> bool:
     return any(getattr(config, "peft_type", None) == PROMPT_TUNING for config in configs)
 
 
-def accelerate(peft_model):
+def accelerate(peft_model, *, share_prompt_prefix=_MISSING):
     """Make ``peft_model`` (a PEFT prompt-tuning model) build its inputs with ``prompt_concat``.
 
     In place and idempotent; returns the same object. Models that are not prompt tuning, plain
     ``PeftModel`` instances (no task type: PEFT adds no prompts there), and every model when the
     installed PEFT is outside the tested range (after one ``UntestedPeftWarning``) are returned unchanged.
 
+    Args:
+        share_prompt_prefix: the model's default for ``forward(..., share_prompt_prefix=...)`` when a call
+            does not pass it: None (share where exact and it pays), True (share or raise), False (PEFT's
+            path). Not given: the model's default is left as it is (None on a new model).
+
     Raises:
-        TypeError: ``peft_model`` is not a ``peft.PeftModel``.
+        TypeError: ``peft_model`` is not a ``peft.PeftModel``, or ``share_prompt_prefix`` is not
+            True / False / None.
     """
     from peft import PeftModel
 
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"accelerate() expects a peft.PeftModel, got {type(peft_model).__name__}.")
+    if share_prompt_prefix is not _MISSING:
+        set_model_default(peft_model, share_prompt_prefix)
     if isinstance(peft_model, FastPromptModel) or not _has_prompt_tuning_adapter(peft_model):
         return peft_model
     cls = type(peft_model)
@@ -151,8 +167,9 @@ def accelerate(peft_model):
     return peft_model
 
 
-def get_peft_model(model, peft_config, *args, **kwargs):
+def get_peft_model(model, peft_config, *args, share_prompt_prefix=None, **kwargs):
     """``peft.get_peft_model`` then :func:`accelerate`. ``peft_config`` may be fastprompt's or PEFT's.
+    ``share_prompt_prefix``: the model's default for ``forward`` (see :func:`accelerate`).
 
     Raises:
         ValueError: a prompt-tuning config without a valid ``task_type`` or ``prompt_tuning_init``.
@@ -164,7 +181,8 @@ def get_peft_model(model, peft_config, *args, **kwargs):
     check_for_model(peft_config)  # a ValueError naming the choices, not PEFT's KeyError: None
     if isinstance(peft_config, PromptTuningConfig):
         peft_config = to_peft_config(peft_config)
+    check_request(share_prompt_prefix)
     peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
     if isinstance(peft_model, peft.PeftModel):
-        accelerate(peft_model)
+        accelerate(peft_model, share_prompt_prefix=share_prompt_prefix)
     return peft_model

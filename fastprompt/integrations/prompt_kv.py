@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import weakref
 
 import torch
+
+from .prompt_pass import run_prompt
 
 DEFAULT_MAX_ADAPTERS = 8
 
@@ -176,37 +177,20 @@ def base_fingerprint(base_model) -> tuple:
     return (id(base_model), attn, tensors)
 
 
-def cache_argument(base_model) -> str:
-    """The name the model's ``forward`` takes its cache under: ``cache`` (transformers >= 5.24) or
-    ``past_key_values`` (before)."""
-    parameters = inspect.signature(base_model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 def compute_prompt_kv(peft_model, rows: torch.Tensor) -> tuple[list, list]:
-    """Run the base model over the N prompt rows alone: positions 0..N-1, no mask, a full-attention cache.
+    """The prompt pass (:func:`fastprompt.integrations.prompt_pass.run_prompt`) over one adapter's N
+    prompt rows, without grad.
 
     The rows are cast to the word embeddings' dtype exactly as the prefill's ``inputs_embeds`` would be
-    (PEFT: ``prompts.to(inputs_embeds.dtype)``). Every layer keeps all N keys/values (a sliding-window
-    layer's own cache would keep only the last window; the generation cache gets all N, as if the prompt
-    had been part of the prefill, and applies its own window).
+    (PEFT: ``prompts.to(inputs_embeds.dtype)``).
 
     Returns:
         (keys, values): per layer ``[1, H_kv, N, head_dim]`` tensors in the model's dtype.
     """
-    from transformers import DynamicCache
-
-    base_model = peft_model.get_base_model()
     word_embeddings = peft_model.word_embeddings
     dtype = word_embeddings.weight.dtype if hasattr(word_embeddings, "weight") else rows.dtype
     device = word_embeddings.weight.device if hasattr(word_embeddings, "weight") else rows.device
     inputs_embeds = rows.detach().to(device=device, dtype=dtype)[None]  # [1, N, D]
-    cache = DynamicCache()
-    kwargs = {cache_argument(base_model): cache, "use_cache": True, "return_dict": True}
-    if "logits_to_keep" in inspect.signature(base_model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
     with torch.no_grad():
-        base_model(inputs_embeds=inputs_embeds, **kwargs)
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
-    return keys, values
+        prompt = run_prompt(peft_model.get_base_model(), inputs_embeds, all_logits=False)
+    return prompt.keys, prompt.values

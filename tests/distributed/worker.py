@@ -3,9 +3,10 @@
 Runs the named cases one after another in one process group (gloo, CPU), so the whole suite pays for
 one launch. For each case every rank writes ``DIR/<case>.rank<R>.pt``: the trained prompt table(s) (whole,
 gathered where the engine shards them), the number of fused and unfused concats it ran (fastprompt's
-``CALLS``) and of ``torch.ops.fastprompt.prompt_concat`` calls that reached the dispatcher, and what the
-case checked about sharding. A case that raises writes ``DIR/<case>.rank<R>.error`` and the rank exits
-(torchrun then stops the other one): the tests of the cases after it report that they did not run.
+``CALLS``) and of ``torch.ops.fastprompt.prompt_concat`` calls that reached the dispatcher, how many
+forwards shared the prompt (``share_prompt_prefix``), and what the case checked about sharding. A case
+that raises writes ``DIR/<case>.rank<R>.error`` and the rank exits (torchrun then stops the other one):
+the tests of the cases after it report that they did not run.
 
 ``--data DIR`` holds what the ZeRO-3 init case loads: a saved tiny GPT-2 (``model/``) and tokenizer
 (``tokenizer/``), written by the test.
@@ -30,6 +31,7 @@ import cases  # noqa: E402
 from peft_helpers import FastpromptOps  # noqa: E402
 
 import fastprompt  # noqa: E402
+from fastprompt.integrations import shared_prefix  # noqa: E402
 from fastprompt.prompted_embeds import CALLS  # noqa: E402
 
 
@@ -63,11 +65,19 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ torch engines
 
 
-def case_ddp(mixed: bool = False) -> dict:
+def _get_peft_model(share: bool):
+    """fastprompt's get_peft_model, with ``share_prompt_prefix=True`` as the model's default if ``share``
+    (the cases' batches are too small for the default to share)."""
+    if not share:
+        return fastprompt.get_peft_model
+    return lambda *args, **kwargs: fastprompt.get_peft_model(*args, share_prompt_prefix=True, **kwargs)
+
+
+def case_ddp(mixed: bool = False, share: bool = False) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     adapters = cases.MIXED_ADAPTERS if mixed else ("default",)
-    model = cases.prompt_model(fastprompt.get_peft_model, adapters=adapters)
+    model = cases.prompt_model(_get_peft_model(share), adapters=adapters)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(cases.trainable(model), lr=cases.LR)
     _train(ddp, _torch_step(ddp, optimizer), mixed=mixed)
@@ -78,10 +88,22 @@ def case_mixed_ddp() -> dict:
     return case_ddp(mixed=True)
 
 
-def case_fsdp2() -> dict:
+def case_ddp_shared() -> dict:
+    return case_ddp(share=True)
+
+
+def case_mixed_ddp_shared() -> dict:
+    return case_ddp(mixed=True, share=True)
+
+
+def case_fsdp2_shared() -> dict:
+    return case_fsdp2(share=True)
+
+
+def case_fsdp2(share: bool = False) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    model = cases.prompt_model(fastprompt.get_peft_model)
+    model = cases.prompt_model(_get_peft_model(share))
     for block in model.base_model.transformer.h:
         fully_shard(block)
     fully_shard(model)
@@ -158,6 +180,10 @@ def case_zero2() -> dict:
     return _deepspeed_train(cases.prompt_model(fastprompt.get_peft_model), stage=2)
 
 
+def case_zero2_shared() -> dict:
+    return _deepspeed_train(cases.prompt_model(_get_peft_model(share=True)), stage=2)
+
+
 def case_zero3() -> dict:
     return _deepspeed_train(cases.prompt_model(fastprompt.get_peft_model), stage=3)
 
@@ -220,6 +246,7 @@ def main() -> None:
     for name in ARGS.cases.split(","):
         dist.barrier()
         before = collections.Counter(CALLS)
+        shared_before = shared_prefix.CALLS["shared"]
         try:
             with FastpromptOps() as ops:
                 result = CASES[name]()
@@ -233,6 +260,7 @@ def main() -> None:
             fused=CALLS["fused"] - before["fused"],
             unfused=CALLS["unfused"] - before["unfused"],
             ops=ops.forward,
+            shared=shared_prefix.CALLS["shared"] - shared_before,
             world=dist.get_world_size(),
         )
         torch.save(result, os.path.join(ARGS.out, f"{name}.rank{rank}.pt"))

@@ -1,7 +1,7 @@
 """A PEFT prompt-tuning model's ``inputs_embeds``: routes to the module layer's fused operation.
 
-The model's word-embedding module and its prompt-embedding module(s) go to
-:func:`fastprompt.prompted_embeds.prompted_inputs_embeds`; nothing here touches a table.
+The PEFT model's word-embedding module and its prompt-embedding module(s) go to
+:func:`fastprompt.prompted_embeds.prompted_inputs_embeds` (the module layer); nothing here touches a table.
 """
 
 from __future__ import annotations

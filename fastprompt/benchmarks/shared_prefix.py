@@ -1,0 +1,199 @@
+"""Training with the shared prompt prefix measured: one prompt-tuning step, PEFT against fastprompt.
+
+The model: a Llama built here from a config (``BENCH_LLAMA``: hidden 256, 4 layers, vocabulary 8000),
+random weights, no dropout. The workload: one training step (forward with labels, backward, AdamW step
+on the prompt table) at each (N, L, B) of ``SHAPES``, on the same base weights and prompt table.
+
+Providers:
+
+- ``peft``: PEFT's own model (the N virtual tokens run through every layer for every row);
+- ``fastprompt``: fastprompt's model with its default ``share_prompt_prefix=None`` (the prompt runs once
+  per batch where the cost rule says it pays, else PEFT's path with the fused concat);
+- ``no share``: fastprompt with ``share_prompt_prefix=False`` (only in ``python -m
+  fastprompt.benchmarks.shared_prefix --providers ...``).
+
+Before timing, the first step's loss and prompt gradient of every provider are checked against PEFT's
+(fp32 rounding). ``Result.speedup`` is PEFT's time over the row's; ``memory_ratio`` the row's peak over
+PEFT's. Entry points: :func:`shared_prefix_results` (the CLI's rows), :func:`train_steps`
+(``bench/test_bench_shared_prefix.py``); ``python -m fastprompt.benchmarks.shared_prefix`` prints a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from .measure import peak_extra_bytes, timings_each
+from .models import TrainStep
+from .report import Result, timed_result
+
+SHAPES = ((100, 64, 8), (20, 128, 8), (8, 128, 2), (200, 256, 4))  # (N, L, B)
+PROVIDERS = ("peft", "fastprompt", "no share")
+DEFAULT_PROVIDERS = ("peft", "fastprompt")
+MODEL_LABEL = "bench-llama"
+
+BENCH_LLAMA = dict(
+    vocab_size=8000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+
+def base_model(*, seed: int = 0):
+    """The benchmark Llama (``BENCH_LLAMA``), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**BENCH_LLAMA))
+
+
+def _models(base, num_virtual_tokens: int, providers, seed: int) -> dict:
+    """{provider: prompt-tuned model} on copies of ``base`` with the same prompt table."""
+    import peft
+
+    import fastprompt
+
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {"peft": peft.get_peft_model(copy.deepcopy(base), config)}
+        for name in providers:
+            if name != "peft":
+                share = None if name == "fastprompt" else False
+                model = fastprompt.get_peft_model(copy.deepcopy(base), config, share_prompt_prefix=share)
+                model.load_state_dict(models["peft"].state_dict())
+                models[name] = model
+    return models
+
+
+def train_steps(base, shape: tuple[int, int, int], providers=DEFAULT_PROVIDERS, *, seed: int = 0) -> dict:
+    """{provider: TrainStep} for one (N, L, B), every provider on the same batch and prompt table."""
+    n, length, batch = shape
+    models = _models(base, n, providers, seed)
+    return {name: TrainStep(models[name], batch, length, seed=seed) for name in providers}
+
+
+def _first_step_matches(steps: dict) -> dict[str, bool]:
+    """Each provider's loss and prompt gradient of one step against PEFT's (fp32 rounding)."""
+    outcome = {}
+    reference = None
+    for name in ("peft", *[p for p in steps if p != "peft"]):
+        step = steps[name]
+        step.model.train()
+        out = step.model(input_ids=step.input_ids, attention_mask=step.attention_mask, labels=step.input_ids)
+        out.loss.backward()
+        grad = step.model.prompt_encoder["default"].embedding.weight.grad.detach().clone()
+        step.model.zero_grad(set_to_none=True)
+        if reference is None:
+            reference = (out.loss.detach(), grad)
+        loss_ok = torch.allclose(out.loss.detach(), reference[0], rtol=1e-5, atol=1e-6)
+        grad_ok = (grad - reference[1]).abs().max() <= 1e-4 * reference[1].abs().max()
+        outcome[name] = bool(loss_ok and grad_ok)
+    return outcome
+
+
+def shared_prefix_results(
+    device,
+    *,
+    budget_s: float = 0.4,
+    shapes=SHAPES,
+    providers=DEFAULT_PROVIDERS,
+    progress=print,
+    seed=0,
+    notes: list[str] | None = None,
+) -> list[Result]:
+    """One row per (shape, provider): time of one training step, peak memory, speedup and memory ratio
+    against ``peft`` (always run), and whether the first step matched PEFT's. Which shapes fastprompt's
+    default shared the prompt at is appended to ``notes`` (and said by ``progress``)."""
+    from ..integrations import shared_prefix
+
+    providers = ("peft", *[p for p in providers if p != "peft"])
+    base = base_model(seed=seed).to(device)
+    results, shared_at = [], []
+    for shape in shapes:
+        n, length, batch = shape
+        workload = f"train step N={n} L={length} B={batch}"
+        steps = train_steps(base, shape, providers, seed=seed)
+        before = shared_prefix.CALLS["shared"]
+        matches = _first_step_matches(steps)
+        shares = shared_prefix.CALLS["shared"] > before
+        progress(f"model {MODEL_LABEL}: {workload} (fastprompt {'shares' if shares else 'does not share'})")
+        shared_at.append(f"{'' if shares else 'not '}at N={n} L={length} B={batch}")
+        for name, ok in matches.items():
+            if not ok:
+                progress(f"MISMATCH model {MODEL_LABEL}: {workload}: {name} differs from peft")
+        peaks = {name: peak_extra_bytes(step, device) for name, step in steps.items()}
+        timings = timings_each(steps, device, budget_s=budget_s)
+        peft_time, peft_peak = timings["peft"].median, peaks["peft"]
+        for name in steps:
+            results.append(
+                timed_result(
+                    workload,
+                    MODEL_LABEL,
+                    name,
+                    timings[name],
+                    peaks[name],
+                    speedup=peft_time / timings[name].median,
+                    memory_ratio=peaks[name] / peft_peak if peft_peak else None,
+                    matches_peft=matches[name],
+                )
+            )
+    if notes is not None:
+        notes.append(
+            f"{MODEL_LABEL} train steps: fastprompt's default shared the prompt {', '.join(shared_at)}"
+        )
+    return results
+
+
+def _table(results: list[Result]) -> str:
+    lines = ["| workload | provider | median ms | IQR/med | vs peft | peak MB | vs peft mem | same |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+        memory = "" if r.memory_ratio is None else f"{r.memory_ratio:.2f}x"
+        lines.append(
+            f"| {r.workload} | {r.provider} | {r.seconds * 1e3:.1f} | {r.spread:.0%} | {r.speedup:.2f}x | "
+            f"{peak} | {memory} | {'yes' if r.matches_peft else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from .measure import keep_freed_memory
+    from .shapes import bench_device
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=1.0, help="timing seconds per provider and shape")
+    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"of {', '.join(PROVIDERS)}")
+    parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES), help="N,L,B;...")
+    args = parser.parse_args(argv)
+    device = bench_device()
+    if device.type == "cpu":
+        keep_freed_memory()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
+    results = shared_prefix_results(
+        device,
+        budget_s=args.budget,
+        shapes=shapes,
+        providers=args.providers.split(","),
+        progress=lambda msg: print(msg, file=sys.stderr),
+    )
+    print(_table(results), flush=True)
+    return 0 if all(r.matches_peft for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
