@@ -178,7 +178,7 @@ def _measure(base: str, adapters: dict, repeats: int, engine: dict, with_transfo
     try:
         times, outputs = _interleaved(calls, repeats)
     finally:
-        llm.engine.llm_engine.engine_core.shutdown()
+        llm.shutdown()
     if with_transformers:
         # after the engine is gone: its idle worker threads would slow the transformers path down
         model = _transformers_model(base, adapters, device)

@@ -66,6 +66,10 @@ class LLM:
         """The names of the loaded adapters."""
         return self.adapters.names()
 
+    def shutdown(self) -> None:
+        """Stop vLLM's engine processes now (otherwise they stop when the interpreter exits)."""
+        self.engine.llm_engine.engine_core.shutdown()
+
     def get_tokenizer(self):
         """vLLM's tokenizer of the base model."""
         return self.engine.get_tokenizer()

@@ -29,7 +29,7 @@ def llm(base_dir, adapter_dirs):
 
     engine = LLM(base_dir, prompt_adapters=dict(adapter_dirs), **ENGINE)
     yield engine
-    engine.engine.llm_engine.engine_core.shutdown()
+    engine.shutdown()
 
 
 def greedy(new_tokens=NEW):

@@ -33,4 +33,4 @@ def test_offline_example_runs(base_dir, adapter_dirs, tmp_path, capsys):
         assert llm.adapter_names == ["sentiment"]  # translate deleted, sentiment replaced
         assert len(namespace["outputs"]) == 3 and "[" in capsys.readouterr().out
     finally:
-        llm.engine.llm_engine.engine_core.shutdown()
+        llm.shutdown()
