@@ -102,15 +102,11 @@ def test_completion_tokens_equal_transformers(server, base_dir, adapter_dirs, re
     assert body["usage"]["prompt_tokens"] == rows + len(tokenize(text))
 
 
-def test_streaming(server, adapter_dirs, reference, tokenize):
-    text = "the food was bad"
+def _stream(url, body):
+    """(token ids, the models named, whether [DONE] came) of a streamed request."""
     tokens, models, done = [], set(), False
-    body = {"model": "beta", "prompt": text, "max_tokens": NEW, "temperature": 0.0, "ignore_eos": True}
     with httpx.stream(
-        "POST",
-        f"{server}/v1/completions",
-        json={**body, "stream": True, "return_token_ids": True},
-        timeout=120,
+        "POST", url, json={**body, "stream": True, "return_token_ids": True}, timeout=120
     ) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
@@ -122,7 +118,15 @@ def test_streaming(server, adapter_dirs, reference, tokenize):
                 continue
             chunk = json.loads(line[len("data: ") :])
             models.add(chunk["model"])
-            tokens += chunk["choices"][0].get("token_ids") or []
+            if chunk["choices"]:
+                tokens += chunk["choices"][0].get("token_ids") or []
+    return tokens, models, done
+
+
+def test_streaming(server, adapter_dirs, reference, tokenize):
+    text = "the food was bad"
+    body = {"model": "beta", "prompt": text, "max_tokens": NEW, "temperature": 0.0, "ignore_eos": True}
+    tokens, models, done = _stream(f"{server}/v1/completions", body)
     assert done and models == {"beta"}
     assert tokens == reference(_table(adapter_dirs, "beta"), tokenize(text), NEW)
 
@@ -139,7 +143,10 @@ def test_chat_completion_uses_the_template_and_the_soft_prompt(server, base_dir,
     rendered = AutoTokenizer.from_pretrained(base_dir)(
         "answer the question about the text ", add_special_tokens=False
     )["input_ids"]
-    assert answer["choices"][0]["token_ids"] == reference(_table(adapter_dirs, "alpha"), rendered, NEW)
+    expected = reference(_table(adapter_dirs, "alpha"), rendered, NEW)
+    assert answer["choices"][0]["token_ids"] == expected
+    tokens, models, done = _stream(f"{server}/v1/chat/completions", body)
+    assert done and models == {"alpha"} and tokens == expected
 
 
 def test_unknown_model_is_an_openai_404(server):
