@@ -16,9 +16,10 @@ runs while the budget lasts:
 4. ``torch.compile(fullgraph=True)`` of a function calling ``prompt_concat``: forward and backward
    equal to eager, for each index mode (skipped when under 45 s of the budget is left); then
    forward and backward captured in one CUDA graph and replayed on new inputs (no host sync allowed).
-5. The sections (``SECTIONS``): backward kernels, mixed-adapter batches, prompt-KV reuse, and a training
+5. The sections (``SECTIONS``): backward kernels, mixed-adapter batches, prompt-KV reuse, a training
    step under bf16 autocast and under fp16 autocast with a GradScaler (as ``Trainer(bf16=True)`` /
-   ``fp16=True`` run it), PEFT vs fastprompt: autocast active inside the base model, timings.
+   ``fp16=True`` run it), PEFT vs fastprompt: autocast active inside the base model, timings; and soft
+   prompts served on vLLM (only where vLLM is installed).
 6. The rest of ``SUITE_SHAPES["cuda"]``, forward and forward+backward, while the budget lasts (the
    ``compile`` provider only while 45 s are left: its first compile of a shape takes seconds).
 
@@ -378,11 +379,37 @@ def mixed_precision_section(device: torch.device, budget: Budget) -> list[tuple[
     return lines
 
 
+def serving_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """Soft prompts served on vLLM (``fastprompt.vllm``), when vLLM is installed: 32 requests over 4
+    adapters (N=100, 12+16 tokens, fp32 Llama D=512 x6, CUDA graphs on), against the same engine with no
+    soft prompt (target: within 1.3x) and fastprompt's transformers path on this GPU (target: vLLM at
+    least 1.3x faster); whether the tokens agree is reported."""
+    from fastprompt.benchmarks.serving import serving_results, vllm_available
+
+    if not vllm_available():
+        return [(True, "skipped: vLLM is not installed (pip install 'fastprompt[vllm]')")]
+    notes: list[str] = []
+    results = serving_results(
+        ((512, 6),),
+        repeats=5,
+        engine={"enforce_eager": False, "gpu_memory_utilization": 0.3},
+        device=device,
+        progress=log,
+        notes=notes,
+    )
+    lines = [
+        (True, f"{r.shape} {r.provider}: {r.seconds * 1e3:.2f} ms, x{r.speedup or 0:.2f} vs transformers")
+        for r in results
+    ]
+    return lines + [(True, line) for line in notes]
+
+
 SECTIONS = [
     ("Backward kernels", backward_section, 20.0),
     ("Mixed-prompt batches (adapter_names)", mixed_batch_section, 20.0),
     ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
     ("Mixed precision (autocast) train step", mixed_precision_section, 15.0),
+    ("Serving soft prompts on vLLM", serving_section, 60.0),
 ]
 
 

@@ -1,9 +1,10 @@
 """The package's shape: one direction of imports, one definition of each shared name.
 
 Layers, each importing only itself and those before it: ``fastprompt.kernels`` <- ``fastprompt.ops`` <-
-the module layer (``config``, ``embedding``, ``prompted_embeds``, ``word_embeddings``) <-
-``integrations`` <- ``testing`` <- ``benchmarks`` <- ``cli``. The benchmark suite in ``bench/`` uses
-``fastprompt.benchmarks``, not the command line.
+the module layer (``config``, ``embedding``, ``prompted_embeds``, ``word_embeddings``, ``adapter_files``) <-
+``integrations`` and ``serving`` (vLLM; beside each other, neither imports the other) <- ``testing``
+<- ``benchmarks`` <- ``cli``. The benchmark suite in ``bench/`` uses ``fastprompt.benchmarks``, not the
+command line.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ LAYERS = {
     "prompted_embeds": 2,
     "fused_concat": 2,
     "word_embeddings": 2,
+    "adapter_files": 2,
     "deepspeed_zero3": 2,
     "integrations": 3,
+    "serving": 3,  # serving soft prompts on vLLM: the module layer and vllm, never integrations (below)
+    "vllm": 3,
     "": 3,  # fastprompt/__init__.py: the public facade over the layers up to integrations
     "testing": 4,
     "benchmarks": 5,
@@ -73,6 +77,19 @@ def test_imports_go_one_way(module, path):
     assert not upward, f"{module} (layer {own}) imports {upward} from a later layer"
 
 
+_SIDE_BY_SIDE = {"serving": ("integrations",), "vllm": ("integrations",), "integrations": ("serving", "vllm")}
+
+
+@pytest.mark.parametrize(
+    "module,path", [(m, p) for m, p in _module_files() if m.split(".")[1] in _SIDE_BY_SIDE], ids=str
+)
+def test_serving_and_the_peft_integration_do_not_import_each_other(module, path):
+    """Serving needs no PEFT: it never imports the PEFT integration, nor the integration the serving."""
+    others = _SIDE_BY_SIDE[module.split(".")[1]]
+    crossing = [t for t in _imports(module, path) if len(t.split(".")) > 1 and t.split(".")[1] in others]
+    assert not crossing, f"{module} imports {crossing}"
+
+
 def test_no_import_cycles():
     """Within a layer too, imports go one way (module-level and deferred imports alike)."""
     modules = dict(_module_files())
@@ -114,8 +131,8 @@ def test_benchmark_suite_does_not_use_the_command_line():
 
 def test_shared_names_defined_once():
     """The dtype set, the peft type and the config file name each have one definition."""
-    from fastprompt import config, word_embeddings
-    from fastprompt.integrations import adapter_files, peft_methods
+    from fastprompt import adapter_files, config, word_embeddings
+    from fastprompt.integrations import peft_methods
     from fastprompt.ops import checks
     from fastprompt.testing import tolerances
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from peft_helpers import FastpromptOps, main_output, model_pair, peft_config
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import fastprompt
 from fastprompt.integrations import AdapterFileError
 from fastprompt.testing import tiny_models
+from fastprompt.testing.adapter_files import BAD_FILES, corrupt_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -133,53 +134,6 @@ def _saved_adapter(tmp_path, family="gpt2", task="CAUSAL_LM"):
     return tmp_path
 
 
-def _corrupt(directory, how: str):
-    path = os.path.join(directory, "adapter_model.safetensors")
-    if how == "truncated":
-        data = open(path, "rb").read()
-        open(path, "wb").write(data[: len(data) - 40])
-    elif how == "garbage":
-        open(path, "wb").write(b"not a safetensors file at all")
-    elif how == "missing_key":
-        tensors = load_file(path)
-        save_file({"something_else": tensors["prompt_embeddings"]}, path, metadata={"format": "pt"})
-    elif how == "wrong_shape":
-        tensors = load_file(path)
-        save_file({"prompt_embeddings": tensors["prompt_embeddings"][:2]}, path, metadata={"format": "pt"})
-    elif how == "wrong_dim":
-        config_path = os.path.join(directory, "adapter_config.json")
-        config = json.load(open(config_path))
-        config["token_dim"] = 2 * tiny_models.HIDDEN
-        json.dump(config, open(config_path, "w"))
-        save_file(
-            {"prompt_embeddings": torch.zeros(3, 2 * tiny_models.HIDDEN)}, path, metadata={"format": "pt"}
-        )
-    elif how == "no_weights":
-        os.remove(path)
-    elif how in ("nan", "inf", "nan_bin"):
-        table = load_file(path)["prompt_embeddings"]
-        table[1, 2] = float("nan") if how != "inf" else float("inf")
-        table[0, 0] = float("-inf") if how != "nan" else float("nan")
-        if how == "nan_bin":  # PEFT's other format: the pickle, read when there is no safetensors file
-            os.remove(path)
-            torch.save({"prompt_embeddings": table}, os.path.join(directory, "adapter_model.bin"))
-        else:
-            save_file({"prompt_embeddings": table}, path, metadata={"format": "pt"})
-
-
-BAD = [
-    "truncated",
-    "garbage",
-    "missing_key",
-    "wrong_shape",
-    "wrong_dim",
-    "no_weights",
-    "nan",
-    "inf",
-    "nan_bin",
-]
-
-
 def _state(model):
     return (
         list(model.peft_config),
@@ -199,10 +153,10 @@ def _assert_unchanged(model, before):
         assert now[name].requires_grad == flags[name], name
 
 
-@pytest.mark.parametrize("how", BAD)
+@pytest.mark.parametrize("how", BAD_FILES)
 def test_load_adapter_bad_file_leaves_model_as_it_was(tmp_path, how):
     directory = _saved_adapter(tmp_path)
-    _corrupt(directory, how)
+    corrupt_adapter(directory, how)
     _, fast = model_pair("gpt2", "CAUSAL_LM")
     before = _state(fast)
     with pytest.raises(AdapterFileError) as info:
@@ -218,7 +172,7 @@ def test_load_adapter_bad_file_leaves_model_as_it_was(tmp_path, how):
 @pytest.mark.parametrize("how", ["truncated", "missing_key", "wrong_shape"])
 def test_from_pretrained_bad_file_under_patch(tmp_path, how):
     directory = _saved_adapter(tmp_path)
-    _corrupt(directory, how)
+    corrupt_adapter(directory, how)
     base = tiny_models.build("gpt2", "CAUSAL_LM")
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
     fastprompt.patch_peft()
@@ -235,7 +189,7 @@ def test_non_finite_table_is_refused_with_file_and_count(tmp_path, how):
     """PEFT loads a table holding NaN / Inf silently (every output is then NaN); fastprompt refuses it,
     naming the file and how many values are not finite, and the prompt table stays as it was."""
     directory = _saved_adapter(tmp_path)
-    _corrupt(directory, how)
+    corrupt_adapter(directory, how)
     reference, fast = model_pair("gpt2", "CAUSAL_LM")
     reference.load_adapter(directory, adapter_name="new")  # PEFT: no complaint
     assert not torch.isfinite(reference.prompt_encoder["new"].embedding.weight).all()

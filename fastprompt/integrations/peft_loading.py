@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .adapter_files import check_prompt_adapter_files, read_prompt_config
+from ..adapter_files import check_prompt_adapter_files, read_prompt_config
 from .peft_methods import PROMPT_TUNING, enabled, original_of
 
 

@@ -1,20 +1,25 @@
-"""Checks of prompt-tuning adapter files before PEFT loads them, so a bad file leaves the model as it was.
+"""Reading and checking PEFT prompt-tuning adapter files, without PEFT.
+
+Two users: serving (:func:`load_prompt_adapter` reads a saved adapter's table for an engine that never
+imports PEFT) and the PEFT integration (:func:`check_prompt_adapter_files`, run before PEFT loads a
+file, so a bad file leaves the model as it was).
 
 PEFT adds the adapter (random weights) before it reads the weights file, and ``from_pretrained`` freezes
 the base model before that; a truncated file, a missing ``prompt_embeddings`` key or a wrong shape then
-surfaces as a low-level error with the model already changed. :func:`check_prompt_adapter_files` reads
-the local ``adapter_config.json`` and the weights file first (the header and the table itself: its shape,
-and that every value is finite) and raises :class:`AdapterFileError` with what is wrong and where.
+surfaces as a low-level error with the model already changed. Both functions read the local
+``adapter_config.json`` and the weights file first (the header and the table itself: its shape, and that
+every value is finite) and raise :class:`AdapterFileError` with what is wrong and where.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple
 
 import torch
 
-from ..config import CONFIG_NAME, PROMPT_TUNING
+from .config import CONFIG_NAME, PROMPT_TUNING
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -113,7 +118,63 @@ def check_prompt_adapter_files(
     config = read_prompt_config(model_id, subfolder)
     if config is None:
         return
-    path = _adapter_dir(model_id, subfolder)
+    _checked_table(_adapter_dir(model_id, subfolder), config, model_dim, existing_shape)
+
+
+class PromptAdapter(NamedTuple):
+    """A prompt-tuning adapter read from PEFT's files.
+
+    ``table``: [num_virtual_tokens * num_transformer_submodules, token_dim], the dtype it was saved in
+    (PEFT saves float32); ``config``: ``adapter_config.json`` as a dict; ``weights_file``: the file read.
+    """
+
+    table: torch.Tensor
+    config: dict
+    weights_file: str
+
+
+def load_prompt_adapter(path, model_dim: int | None = None) -> PromptAdapter:
+    """Read and check the PEFT prompt-tuning adapter saved in the directory ``path``.
+
+    The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or, from older PEFT,
+    ``adapter_model.bin``), as ``PeftModel.save_pretrained`` writes them. Checked: the config is readable
+    and its ``peft_type`` is ``PROMPT_TUNING``; ``token_dim`` equals ``model_dim`` (when given); the
+    weights file is readable, has ``prompt_embeddings`` of shape [num_virtual_tokens *
+    num_transformer_submodules, token_dim], and every value is finite.
+
+    Raises:
+        AdapterFileError: naming the file and what is wrong with it.
+    """
+    path = os.fspath(path)
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path):
+        raise AdapterFileError(f"Adapter directory {path} does not exist (or is not a directory).")
+    if not os.path.isfile(config_file):
+        raise AdapterFileError(
+            f"No {CONFIG_NAME} in {path}: expected a PEFT prompt-tuning adapter saved with save_pretrained."
+        )
+    try:
+        with open(config_file) as file:
+            config = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise AdapterFileError(f"Cannot read {config_file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_file} holds a {type(config).__name__}, not a JSON object.")
+    if config.get("peft_type") != PROMPT_TUNING:
+        raise AdapterFileError(
+            f"{config_file} has peft_type={config.get('peft_type')!r}, expected {PROMPT_TUNING!r}: only "
+            "prompt-tuning adapters (soft prompts) can be served as prompt embeddings."
+        )
+    if expected_rows(config) is None:
+        raise AdapterFileError(
+            f"{config_file} has num_virtual_tokens={config.get('num_virtual_tokens')!r}, expected an int."
+        )
+    weights_file, table = _checked_table(path, config, model_dim, None)
+    return PromptAdapter(table, config, weights_file)
+
+
+def _checked_table(path: str, config: dict, model_dim: int | None, existing_shape: tuple | None):
+    """(weights file, table) of the adapter in ``path`` whose config is ``config``, checked."""
     config_file = os.path.join(path, CONFIG_NAME)
     token_dim = config.get("token_dim")
     if model_dim is not None and token_dim is not None and token_dim != model_dim:
@@ -144,3 +205,4 @@ def check_prompt_adapter_files(
             "finite (NaN or Inf): a prompt table like that makes every output NaN; not loaded, the model is "
             "left as it was."
         )
+    return weights_file, table

@@ -1,0 +1,105 @@
+"""The soft prompts a server holds, and the ``prompt_embeds`` of a request: adapter rows, then token rows.
+
+:class:`PromptAdapters` maps adapter names to prompt tables read from PEFT's files
+(``fastprompt.adapter_files``: no PEFT needed). :meth:`PromptAdapters.embeds` builds one request's
+[N + L, D] rows with ONE ``fastprompt.prompt_concat`` over the word table and the adapter's table, in the
+word table's dtype: the same adapter gives byte-identical prompt rows in every request, which is what lets
+vLLM's prefix cache (it hashes full KV blocks of ``prompt_embeds`` by their bytes) share them.
+
+Adding or replacing an adapter swaps one dict entry: a request takes its adapter's table when its
+embeddings are built, so it never mixes an old and a new table, and every later request sees the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from ..adapter_files import load_prompt_adapter
+from ..ops import prompt_concat
+from .word_table import WordTable
+
+
+class PromptAdapters:
+    """Named prompt tables for one base model (whose word table is ``word_table``).
+
+    ``reserved``: names that cannot be adapter names (the base model's served names).
+    """
+
+    def __init__(self, word_table: WordTable, reserved: tuple[str, ...] = ()):
+        self.word_table = word_table
+        self.reserved = tuple(reserved)
+        self._tables: dict[str, torch.Tensor] = {}
+        self._paths: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name in self._tables
+
+    def names(self) -> list[str]:
+        """The adapter names, in the order they were first added."""
+        return list(self._tables)
+
+    def path(self, name: str) -> str:
+        """The directory adapter ``name`` was loaded from."""
+        self._check_known(name)
+        return self._paths[name]
+
+    def load(self, path, name: str) -> None:
+        """Add adapter ``name`` from the PEFT adapter directory ``path``, or replace it.
+
+        The files are read and checked first (``AdapterFileError`` names the file and the problem); on any
+        error nothing changes and the adapters already held keep serving.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+        if name in self.reserved:
+            raise ValueError(
+                f"adapter_name {name!r} is the base model's name, which serves no soft prompt; pick another."
+            )
+        adapter = load_prompt_adapter(path, model_dim=self.word_table.dim)
+        table = adapter.table.detach().to("cpu").contiguous()
+        with self._lock:
+            self._tables[name] = table
+            self._paths[name] = os.fspath(path)
+
+    def delete(self, name: str) -> None:
+        """Remove adapter ``name`` (ValueError if there is none)."""
+        with self._lock:
+            self._check_known(name)
+            del self._tables[name]
+            del self._paths[name]
+
+    def _check_known(self, name) -> None:
+        if name not in self:
+            raise ValueError(
+                f"Unknown prompt adapter {name!r}; the loaded adapters are {self.names()} "
+                "(None: the base model, no soft prompt)."
+            )
+
+    def table(self, name: str) -> torch.Tensor:
+        """The [N, D] prompt table of adapter ``name`` (ValueError naming the known ones if unknown)."""
+        table = self._tables.get(name) if isinstance(name, str) else None
+        if table is None:
+            self._check_known(name)
+        return table
+
+    def embeds(self, name: str, token_ids) -> torch.Tensor:
+        """[N + L, D] prompt embeddings in the word table's dtype (CPU): adapter ``name``'s N rows, then the
+        word-embedding rows of ``token_ids`` (L ints), built by one ``prompt_concat``."""
+        table = self.table(name)
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long).reshape(1, -1)
+        vocab = self.word_table.weight.shape[0]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(
+                f"token ids must lie in [0, {vocab}) for this model's vocabulary; got ids from "
+                f"{int(ids.min())} to {int(ids.max())}"
+            )
+        word = self.word_table
+        with torch.no_grad():
+            out = prompt_concat(
+                ids, word.weight, table, embed_scale=word.embed_scale, padding_idx=word.padding_idx
+            )
+        return out[0]

@@ -1,0 +1,332 @@
+"""``python -m fastprompt serve``: vLLM's own OpenAI-compatible server, where ``"model": NAME`` picks a
+soft prompt.
+
+The server is vLLM's (its argument parser, engine, FastAPI app, routes and OpenAI serving classes); three
+of its objects are given a fastprompt subclass that changes what a model name means:
+
+- completions and chat completions: a request whose ``model`` is an adapter name is rendered by vLLM as
+  usual (tokenizer, chat template, truncation), then each token prompt becomes ``prompt_embeds`` (the
+  adapter's rows, then the token rows: ``PromptAdapters.embeds``), and the response says
+  ``"model": NAME``. The base model's name serves no soft prompt (vLLM unchanged).
+- ``/v1/models``: the base model, then one entry per adapter (``parent``: the base model).
+- an unknown model: vLLM's 404 ``{"error": {"message", "type", "param", "code"}}``, the message listing
+  the base model and the adapters.
+
+``--allow-adapter-updates`` adds ``POST /v1/load_prompt_adapter`` (``{"adapter_name", "adapter_path"}``:
+add or replace) and ``POST /v1/unload_prompt_adapter`` (``{"adapter_name"}``); off by default, since it
+reads files from the server's disk on request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import signal
+from http import HTTPStatus
+
+from fastapi import Request  # a module global: FastAPI resolves the routes' annotations here
+from fastapi.responses import JSONResponse
+from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse, ModelCard, ModelPermission
+from vllm.inputs.engine import embeds_input
+
+from ..adapter_files import AdapterFileError
+from .prompts import PromptAdapters
+from .settings import engine_defaults
+from .word_table import read_word_table
+
+# The adapter the request being handled asked for; read by the models object when vLLM's serving code
+# asks it for the name to put in the response (it does so before returning, in the request's task).
+_REQUESTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastprompt_adapter", default=None)
+
+
+class _PromptServing:
+    """What completions and chat completions share: adapter names are models, and their token prompts
+    become prompt embeddings. Mixed in before vLLM's own serving class."""
+
+    prompt_adapters: PromptAdapters
+
+    def _adapter(self, request) -> str | None:
+        return request.model if request.model in self.prompt_adapters else None
+
+    async def _check_model(self, request):
+        if self._adapter(request) is not None:
+            if self.request_logger is not None:
+                self.request_logger.log_request_body(request)
+            return None
+        error = await super()._check_model(request)
+        if error is not None and error.error.code == HTTPStatus.NOT_FOUND:
+            error.error.message = _unknown_model(request.model, self.models, self.prompt_adapters)
+        return error
+
+    def _maybe_get_adapters(self, request, *args, **kwargs):
+        if self._adapter(request) is not None:
+            return None  # no LoRA: the soft prompt travels in the prompt embeddings
+        return super()._maybe_get_adapters(request, *args, **kwargs)
+
+    async def _answer(self, handler, request, raw_request):
+        """``handler(request, raw_request)`` with the requested adapter known to the models object."""
+        token = _REQUESTED.set(self._adapter(request))
+        try:
+            return await handler(request, raw_request)
+        finally:
+            _REQUESTED.reset(token)
+
+    def _unsupported(self, request) -> ErrorResponse | None:
+        for field in ("echo", "prompt_logprobs", "prompt_embeds", "suffix"):
+            value = getattr(request, field, None)
+            if value not in (None, False):
+                return self.create_error_response(
+                    f"{field} is not supported with a soft prompt (model {request.model!r}): its prompt "
+                    "reaches the engine as prompt embeddings",
+                    param=field,
+                )
+        return None
+
+    def _with_soft_prompt(self, name: str, engine_inputs):
+        """vLLM's rendered token inputs -> embeds inputs carrying adapter ``name``'s rows first."""
+        converted = []
+        for engine_input in engine_inputs:
+            if engine_input.get("type") != "token":
+                return self.create_error_response(
+                    f"model {name!r} serves a soft prompt: its prompts must be text or token ids, not "
+                    f"{engine_input.get('type')} input",
+                    param="prompt",
+                )
+            try:
+                embeds = self.prompt_adapters.embeds(name, engine_input["prompt_token_ids"])
+            except ValueError as err:  # deleted meanwhile, or ids outside the vocabulary
+                return self.create_error_response(str(err), param="prompt")
+            new = embeds_input(
+                embeds, prompt=engine_input.get("prompt"), cache_salt=engine_input.get("cache_salt")
+            )
+            if "arrival_time" in engine_input:
+                new["arrival_time"] = engine_input["arrival_time"]
+            converted.append(new)
+        return converted
+
+
+class _PromptCompletion(_PromptServing):
+    async def create_completion(self, request, raw_request=None):
+        return await self._answer(super().create_completion, request, raw_request)
+
+    async def render_completion_request(self, request):
+        name = self._adapter(request)
+        if name is not None and (error := self._unsupported(request)) is not None:
+            return error
+        result = await super().render_completion_request(request)
+        if name is None or isinstance(result, ErrorResponse):
+            return result
+        return self._with_soft_prompt(name, result)
+
+
+class _PromptChat(_PromptServing):
+    async def create_chat_completion(self, request, raw_request=None):
+        return await self._answer(super().create_chat_completion, request, raw_request)
+
+    async def render_chat_request(self, request):
+        name = self._adapter(request)
+        if name is not None and (error := self._unsupported(request)) is not None:
+            return error
+        result = await super().render_chat_request(request)
+        if name is None or isinstance(result, ErrorResponse):
+            return result
+        conversation, engine_inputs = result
+        converted = self._with_soft_prompt(name, engine_inputs)
+        return converted if isinstance(converted, ErrorResponse) else (conversation, converted)
+
+
+class _PromptModels:
+    """``/v1/models`` lists the adapters; responses name the adapter that served them."""
+
+    prompt_adapters: PromptAdapters
+
+    def model_name(self, lora_request=None) -> str:
+        name = _REQUESTED.get()
+        if lora_request is None and name is not None:
+            return name
+        return super().model_name(lora_request)
+
+    async def show_available_models(self):
+        models = await super().show_available_models()
+        base = self.base_model_paths[0].name
+        models.data.extend(
+            ModelCard(
+                id=name,
+                root=self.prompt_adapters.path(name),
+                parent=base,
+                max_model_len=self.model_config.max_model_len,
+                permission=[ModelPermission()],
+            )
+            for name in self.prompt_adapters.names()
+        )
+        return models
+
+
+def _unknown_model(name, models: OpenAIServingModels, adapters: PromptAdapters) -> str:
+    bases = [model.name for model in models.base_model_paths]
+    return (
+        f"The model `{name}` does not exist. Served: {', '.join(bases)} (the base model, no soft prompt)"
+        + (f" and the prompt adapters {', '.join(adapters.names())}." if adapters.names() else ".")
+    )
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _adopt(obj, mixin: type, adapters: PromptAdapters) -> None:
+    """Give vLLM's serving object ``obj`` the fastprompt behaviour ``mixin`` (a subclass of its own class,
+    so every setting vLLM built it with stays) and the adapters."""
+    cls = type(obj)
+    key = (mixin, cls)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Prompt{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    obj.__class__ = _SUBCLASSES[key]
+    obj.prompt_adapters = adapters
+
+
+def install(state, adapters: PromptAdapters) -> None:
+    """Make the vLLM app whose ``app.state`` is ``state`` serve ``adapters`` by model name."""
+    _adopt(state.openai_serving_models, _PromptModels, adapters)
+    if getattr(state, "openai_serving_completion", None) is not None:
+        _adopt(state.openai_serving_completion, _PromptCompletion, adapters)
+    if getattr(state, "openai_serving_chat", None) is not None:
+        _adopt(state.openai_serving_chat, _PromptChat, adapters)
+
+
+def add_adapter_routes(app, adapters: PromptAdapters) -> None:
+    """``POST /v1/load_prompt_adapter`` and ``POST /v1/unload_prompt_adapter``."""
+
+    def error(message: str, status: HTTPStatus, param: str) -> JSONResponse:
+        # vLLM's create_error_response would mask paths; here the client gave the path, so it is named
+        err_type = "NotFoundError" if status == HTTPStatus.NOT_FOUND else "BadRequestError"
+        info = ErrorInfo(message=message, type=err_type, param=param, code=status.value)
+        return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status.value)
+
+    async def fields(raw: Request, *names):
+        try:
+            body = await raw.json()
+        except ValueError:
+            body = None
+        values = [body.get(n) if isinstance(body, dict) else None for n in names]
+        missing = [n for n, v in zip(names, values, strict=True) if not isinstance(v, str) or not v]
+        return values, missing
+
+    @app.post("/v1/load_prompt_adapter")
+    async def load_prompt_adapter(raw: Request):
+        (name, path), missing = await fields(raw, "adapter_name", "adapter_path")
+        if missing:
+            return error(f"expected a JSON body with strings {missing}", HTTPStatus.BAD_REQUEST, missing[0])
+        try:
+            adapters.load(path, name)
+        except (AdapterFileError, ValueError) as err:
+            return error(str(err), HTTPStatus.BAD_REQUEST, "adapter_path")
+        return JSONResponse({"adapter_name": name, "adapter_path": path})
+
+    @app.post("/v1/unload_prompt_adapter")
+    async def unload_prompt_adapter(raw: Request):
+        (name,), missing = await fields(raw, "adapter_name")
+        if missing:
+            return error(
+                "expected a JSON body with the string 'adapter_name'", HTTPStatus.BAD_REQUEST, "adapter_name"
+            )
+        try:
+            adapters.delete(name)
+        except ValueError as err:
+            return error(str(err), HTTPStatus.NOT_FOUND, "adapter_name")
+        return JSONResponse({"adapter_name": name})
+
+
+def parse_engine_args(model: str, host: str, port: int, engine_args: list[str]):
+    """vLLM's server arguments (its own parser) for ``model`` and ``engine_args``, with the settings soft
+    prompts need (``engine_defaults``) where the caller did not set them."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="python -m fastprompt serve MODEL [vLLM arguments]"))
+    args = parser.parse_args([*engine_args, "--host", host, "--port", str(port)])
+    args.model = model
+    args.model_tag = model
+    given = {"block_size": args.block_size, "enable_prefix_caching": args.enable_prefix_caching}
+    for key, value in engine_defaults({k: v for k, v in given.items() if v is not None}).items():
+        setattr(args, key, value)
+    validate_parsed_serve_args(args)
+    return args
+
+
+async def run_server(args, adapter_dirs: dict[str, str], *, allow_adapter_updates: bool = False) -> None:
+    """Start vLLM's engine and OpenAI app for ``args``, load the adapters, serve until stopped."""
+    import vllm.envs as envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    async with build_async_engine_client(args) as engine_client:
+        supported_tasks = await engine_client.get_supported_tasks()
+        app = build_app(args, supported_tasks, engine_client.model_config)
+        await init_app_state(engine_client, app.state, args, supported_tasks)
+        word_table = read_word_table(
+            args.model,
+            engine_client.model_config.dtype,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+        )
+        served = tuple(model.name for model in app.state.openai_serving_models.base_model_paths)
+        adapters = PromptAdapters(word_table, reserved=served)
+        for name, path in adapter_dirs.items():
+            adapters.load(path, name)
+        install(app.state, adapters)
+        if allow_adapter_updates:
+            add_adapter_routes(app, adapters)
+        uvicorn_kwargs = {}
+        log_config = get_uvicorn_log_config(args)
+        if log_config is not None:
+            uvicorn_kwargs["log_config"] = log_config
+        shutdown_task = await serve_http(
+            app,
+            sock=sock,
+            enable_ssl_refresh=args.enable_ssl_refresh,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers,
+            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count,
+            **uvicorn_kwargs,
+        )
+    try:
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+def serve(
+    model: str,
+    adapter_dirs: dict[str, str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    engine_args: list[str] = (),
+    allow_adapter_updates: bool = False,
+) -> None:
+    """``python -m fastprompt serve``: serve ``model`` and the adapters {name: directory} over HTTP."""
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    args = parse_engine_args(model, host, port, list(engine_args))
+    configure_logging_from_args(args)
+    uvloop.run(run_server(args, adapter_dirs, allow_adapter_updates=allow_adapter_updates))

@@ -1,0 +1,96 @@
+"""PEFT prompt-tuning adapter directories written without PEFT, and the ways such files go bad.
+
+``save_prompt_adapter(directory, table)`` writes what ``PeftModel.save_pretrained`` writes for a
+prompt-tuning adapter: ``adapter_config.json`` and ``adapter_model.safetensors`` (or the older
+``adapter_model.bin``) holding ``prompt_embeddings``. ``corrupt_adapter(directory, how)`` damages a saved
+adapter in one of the ways of ``BAD_FILES`` (the PEFT integration's tests and the serving tests share
+them); ``SERVING_BAD_FILES`` adds the cases only a PEFT-free reader sees (another PEFT type, a broken or
+missing config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..adapter_files import BIN_NAME, PROMPT_KEY, SAFETENSORS_NAME
+from ..config import CONFIG_NAME, PromptTuningConfig
+
+BAD_FILES = [
+    "truncated",
+    "garbage",
+    "missing_key",
+    "wrong_shape",
+    "wrong_dim",
+    "no_weights",
+    "nan",
+    "inf",
+    "nan_bin",
+]
+SERVING_BAD_FILES = [*BAD_FILES, "lora_config", "broken_config", "no_config"]
+
+
+def save_prompt_adapter(directory, table: torch.Tensor, *, task_type: str = "CAUSAL_LM", bin: bool = False):
+    """Write a prompt-tuning adapter for ``table`` ([N, D], any float dtype) into ``directory``, as PEFT
+    does: config with ``num_virtual_tokens=N`` and ``token_dim=D``, weights under ``prompt_embeddings``.
+    ``bin=True`` writes ``adapter_model.bin`` (``torch.save``) instead of the safetensors file."""
+    from safetensors.torch import save_file
+
+    rows, dim = table.shape
+    config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=rows, token_dim=dim)
+    config.inference_mode = True
+    config.save_pretrained(directory)
+    state = {PROMPT_KEY: table.detach().cpu().contiguous()}
+    if bin:
+        torch.save(state, os.path.join(directory, BIN_NAME))
+    else:
+        save_file(state, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def corrupt_adapter(directory, how: str) -> None:
+    """Damage the adapter saved in ``directory`` (safetensors) in the way ``how`` names (see the lists)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(directory, SAFETENSORS_NAME)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if how == "truncated":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) - 40])
+    elif how == "garbage":
+        open(path, "wb").write(b"not a safetensors file at all")
+    elif how == "missing_key":
+        tensors = load_file(path)
+        save_file({"something_else": tensors[PROMPT_KEY]}, path, metadata={"format": "pt"})
+    elif how == "wrong_shape":
+        tensors = load_file(path)
+        save_file({PROMPT_KEY: tensors[PROMPT_KEY][:2]}, path, metadata={"format": "pt"})
+    elif how == "wrong_dim":
+        config = json.load(open(config_path))
+        dim = 2 * load_file(path)[PROMPT_KEY].shape[1]
+        config["token_dim"] = dim
+        json.dump(config, open(config_path, "w"))
+        save_file({PROMPT_KEY: torch.zeros(3, dim)}, path, metadata={"format": "pt"})
+    elif how == "no_weights":
+        os.remove(path)
+    elif how in ("nan", "inf", "nan_bin"):
+        table = load_file(path)[PROMPT_KEY]
+        table[1, 2] = float("nan") if how != "inf" else float("inf")
+        table[0, 0] = float("-inf") if how != "nan" else float("nan")
+        if how == "nan_bin":  # PEFT's other format: the pickle, read when there is no safetensors file
+            os.remove(path)
+            torch.save({PROMPT_KEY: table}, os.path.join(directory, BIN_NAME))
+        else:
+            save_file({PROMPT_KEY: table}, path, metadata={"format": "pt"})
+    elif how == "lora_config":
+        config = json.load(open(config_path))
+        config["peft_type"] = "LORA"
+        json.dump(config, open(config_path, "w"))
+    elif how == "broken_config":
+        open(config_path, "w").write('{"peft_type": "PROMPT_TUNING", ')
+    elif how == "no_config":
+        os.remove(config_path)
+    else:
+        raise ValueError(f"how={how!r}: expected one of {SERVING_BAD_FILES}")

@@ -1,0 +1,68 @@
+"""The serving layer's parts that need no vLLM: the word table read from checkpoint files, and each
+request's prompt embeddings (adapter rows, then rows equal to the model's own embedding layer's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastprompt.serving.prompts import PromptAdapters
+from fastprompt.serving.word_table import read_word_table
+from fastprompt.testing import tiny_models
+from fastprompt.testing.adapter_files import save_prompt_adapter
+
+CASES = {
+    "llama": {},  # model.embed_tokens.weight, one safetensors file
+    "gpt2": {},  # transformer.wte.weight
+    "gemma3": {},  # scaled embeddings (a buffer)
+    "llama-sharded": {"max_shard_size": "20KB"},  # model.safetensors.index.json
+    "llama-bin": {},  # pytorch_model.bin (written below: transformers 5 saves safetensors only)
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_request_rows_equal_the_models_own_embedding_layer(tmp_path, case, dtype):
+    family = case.split("-")[0]
+    model = tiny_models.build(family, "CAUSAL_LM")
+    model.save_pretrained(tmp_path / "base", **CASES[case])
+    if case == "llama-bin":
+        (tmp_path / "base" / "model.safetensors").unlink()
+        torch.save(model.state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    files = sorted(p.name for p in (tmp_path / "base").iterdir())
+    expected_file = {"llama-sharded": "model.safetensors.index.json", "llama-bin": "pytorch_model.bin"}
+    assert expected_file.get(case, "model.safetensors") in files
+    word = read_word_table(str(tmp_path / "base"), dtype)
+    assert word.weight.dtype == dtype and word.dim == tiny_models.HIDDEN
+    table = torch.randn(5, tiny_models.HIDDEN, generator=torch.Generator().manual_seed(0))
+    save_prompt_adapter(tmp_path / "adapter", table)
+    adapters = PromptAdapters(word, reserved=("base",))
+    adapters.load(tmp_path / "adapter", "a")
+    ids = [1, 7, 30, 99]
+    embeds = adapters.embeds("a", ids)
+    with torch.no_grad():
+        rows = model.to(dtype).get_input_embeddings()(torch.tensor(ids))
+    assert embeds.shape == (5 + len(ids), tiny_models.HIDDEN) and embeds.dtype == dtype
+    assert torch.equal(embeds[:5], table.to(dtype)) and torch.equal(embeds[5:], rows)
+    assert torch.equal(embeds, adapters.embeds("a", ids))  # byte-identical from request to request
+
+
+def test_names_and_errors(tmp_path):
+    model = tiny_models.build("llama", "CAUSAL_LM")
+    model.save_pretrained(tmp_path / "base")
+    adapters = PromptAdapters(read_word_table(str(tmp_path / "base"), torch.float32), reserved=("base",))
+    save_prompt_adapter(tmp_path / "x", torch.zeros(3, tiny_models.HIDDEN))
+    with pytest.raises(ValueError, match="is the base model's name"):
+        adapters.load(tmp_path / "x", "base")
+    adapters.load(tmp_path / "x", "x")
+    assert adapters.names() == ["x"] and adapters.path("x") == str(tmp_path / "x")
+    with pytest.raises(ValueError, match=r"Unknown prompt adapter 'y'; the loaded adapters are \['x'\]"):
+        adapters.embeds("y", [1])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 128\)"):
+        adapters.embeds("x", [128])
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+    tiny_models.config("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="No checkpoint in"):
+        read_word_table(str(tmp_path), torch.float32)

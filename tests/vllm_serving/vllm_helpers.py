@@ -1,0 +1,17 @@
+"""Constants and helpers of the vLLM serving tests (fixtures are in this folder's conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+
+HIDDEN = 64  # head_dim 32: the CPU attention backend takes no smaller head
+BLOCK = 32
+# Every engine of the tests: fp32 explicitly (vLLM's "auto" runs fp32 checkpoints in bf16 on the CPU), a
+# small KV-cache reservation (its CPU share is a fraction of the machine's memory), no CUDA graphs.
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.05)
+ADAPTER_ROWS = {"alpha": 40, "beta": 36, "gamma": 40}
+
+
+def table(rows: int, seed: int) -> torch.Tensor:
+    """A prompt table [rows, HIDDEN] fp32, values of the size of the word embeddings' (std 0.2)."""
+    return 0.2 * torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed))
