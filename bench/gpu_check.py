@@ -18,8 +18,9 @@ runs while the budget lasts:
    forward and backward captured in one CUDA graph and replayed on new inputs (no host sync allowed).
 5. The sections (``SECTIONS``): backward kernels, mixed-adapter batches, prompt-KV reuse, a training
    step under bf16 autocast and under fp16 autocast with a GradScaler (as ``Trainer(bf16=True)`` /
-   ``fp16=True`` run it), PEFT vs fastprompt: autocast active inside the base model, timings; and soft
-   prompts served on vLLM (only where vLLM is installed).
+   ``fp16=True`` run it), PEFT vs fastprompt: autocast active inside the base model, timings; a training
+   step with the shared prompt prefix at the four shapes of issue 15; and soft prompts served on vLLM
+   (only where vLLM is installed).
 6. The rest of ``SUITE_SHAPES["cuda"]``, forward and forward+backward, while the budget lasts (the
    ``compile`` provider only while 45 s are left: its first compile of a shape takes seconds).
 
@@ -349,6 +350,34 @@ def prompt_kv_section(device: torch.device, budget: Budget) -> list[tuple[bool, 
     ]
 
 
+def shared_prefix_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """Training with the shared prompt prefix (issue 15): one step of the 4-layer bench Llama (hidden 256,
+    vocabulary 8000) at each (N, L, B) of ``shared_prefix.SHAPES``, PEFT vs fastprompt's default vs
+    ``share_prompt_prefix=False``: the first step's loss and prompt gradient equal PEFT's, time and peak
+    memory of a step (targets: >= 1.8x PEFT at N=100 L=64 B=8, >= 0.97x everywhere, less memory where
+    it shares)."""
+    from fastprompt.benchmarks.shared_prefix import shared_prefix_results
+
+    notes: list[str] = []
+    results = shared_prefix_results(
+        device,
+        budget_s=min(0.5, max(0.2, budget.left() / 60)),
+        providers=("peft", "fastprompt", "no share"),
+        progress=log,
+        notes=notes,
+    )
+    lines = []
+    for r in results:
+        memory = "" if r.memory_ratio is None else f", peak x{r.memory_ratio:.2f} of peft's"
+        lines.append(
+            (
+                r.matches_peft,
+                f"{r.workload} {r.provider}: {r.seconds * 1e3:.2f} ms, x{r.speedup:.2f} vs peft{memory}",
+            )
+        )
+    return lines + [(True, line) for line in notes]
+
+
 def mixed_precision_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
     """One training step of the tiny Llama (B=8, L=256, 20 virtual tokens), PEFT vs fastprompt, under the
     autocast wrapper ``Trainer(bf16=True)`` / ``fp16=True`` sets on ``model.forward``: bf16, and fp16 with
@@ -409,6 +438,7 @@ SECTIONS = [
     ("Mixed-prompt batches (adapter_names)", mixed_batch_section, 20.0),
     ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
     ("Mixed precision (autocast) train step", mixed_precision_section, 15.0),
+    ("Shared prompt prefix train step", shared_prefix_section, 20.0),
     ("Serving soft prompts on vLLM", serving_section, 60.0),
 ]
 
