@@ -293,3 +293,29 @@ def test_trainer_bf16_trains_like_peft(entry, tmp_path):
     assert not torch.equal(weight, before)
     torch.testing.assert_close(weight, reference.prompt_encoder["default"].embedding.weight, atol=0, rtol=0)
     assert losses == losses_peft
+
+
+def test_trainer_bf16_with_the_shared_prompt_prefix(tmp_path):
+    """``Trainer(bf16=True)`` on a model accelerated with ``share_prompt_prefix=True``: the prompt runs once
+    per batch (the first decoder layer never sees N+L positions) under autocast, and after 4 steps the
+    losses and the prompt table are PEFT's under bf16, up to bf16 rounding (the shared pass rounds in
+    another order, as much as PEFT's bf16 run differs from its fp32 run: about 3e-3 here)."""
+    from fastprompt.integrations import shared_prefix
+
+    reference, fast = _pair("get_peft_model")
+    fastprompt.accelerate(fast, share_prompt_prefix=True)
+    seen_peft, seen = _autocast_probe(reference), _autocast_probe(fast)
+    lengths = []
+    fast.get_base_model().model.layers[0].register_forward_pre_hook(
+        lambda module, args: lengths.append(args[0].shape[1])
+    )
+    losses_peft = train(reference, tmp_path / "peft", max_steps=4, bf16=True)
+    before = shared_prefix.CALLS["shared"]
+    losses = train(fast, tmp_path / "fast", max_steps=4, bf16=True)
+    assert shared_prefix.CALLS["shared"] - before == 4
+    assert seen_peft == [True] * 4 and seen == [True] * 8  # the prompt pass and the rows' pass, each step
+    n = fast.peft_config["default"].num_virtual_tokens
+    assert lengths[0::2] == [n] * 4 and n not in lengths[1::2]  # the prompt alone, then the rows alone
+    torch.testing.assert_close(losses, losses_peft, atol=0, rtol=2e-3)
+    table = fast.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(table, reference.prompt_encoder["default"].embedding.weight, atol=1e-2, rtol=0)
