@@ -458,3 +458,37 @@ def test_eval_under_no_grad_and_generation_unchanged():
         input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, reuse_prompt_kv=False
     )
     assert torch.equal(tokens, plain)
+
+
+def test_torch_compile_of_the_model_and_a_static_cache():
+    """``torch.compile(model)`` shares (dynamo runs the shared forward, graph breaks allowed) with PEFT's
+    loss, logits and gradient; a static cache passed in falls back to PEFT's path."""
+    from transformers import StaticCache
+
+    reference, fast = _pair("llama")
+    fastprompt.accelerate(fast, share_prompt_prefix=True)
+    ids, mask, labels = _batch()
+    reference.train(), fast.train()
+    expected = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    expected.loss.backward()
+    before = shared_prefix.CALLS["shared"]
+    actual = torch.compile(fast)(input_ids=ids, attention_mask=mask, labels=labels)
+    actual.loss.backward()
+    assert shared_prefix.CALLS["shared"] - before == 1
+    _close(actual.loss, expected.loss, "loss")
+    _close(actual.logits, expected.logits, "logits")
+    _close(_grad(fast), _grad(reference), "prompt gradient")
+
+    reference, fast = _pair("llama", n=40)  # a shape where the default would share
+    ids, mask, _ = _batch(batch=8, length=8)
+    reference.eval(), fast.eval()
+    config = fast.get_base_model().config
+    caches = [StaticCache(config=config, max_cache_len=40 + ids.shape[1]) for _ in range(3)]
+    before = dict(shared_prefix.CALLS)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, past_key_values=caches[0], use_cache=True)
+        actual = fast(input_ids=ids, attention_mask=mask, past_key_values=caches[1], use_cache=True)
+        with pytest.raises(ValueError, match="a cache was passed in"):
+            fast(input_ids=ids, attention_mask=mask, past_key_values=caches[2], share_prompt_prefix=True)
+    assert shared_prefix.CALLS["shared"] == before.get("shared", 0)
+    _close(actual.logits, expected.logits, "logits with a static cache")
