@@ -144,6 +144,38 @@ def test_loss_only_gradient_and_cache(backend):
         _close(layer.values, reference_layer.values, "cached values")
 
 
+@pytest.mark.parametrize("loss", ["default", "custom loss_function"])
+def test_loss_num_items_and_no_labels_left(loss):
+    """The loss with ``num_items_in_batch`` (int and tensor) and with every label ``-100`` (NaN, as PEFT's
+    mean over nothing), by transformers' ``ForCausalLMLoss`` (computed without the [B, L+1, V] copy) and by
+    any other ``loss_function``, which gets ``cat(last virtual, tokens)`` and ``[-100, labels]``."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    reference, fast = _pair("llama")
+    seen = []
+    if loss != "default":
+
+        def custom(logits, labels, **kwargs):
+            seen.append((tuple(logits.shape), labels[:, 0].tolist()))
+            return ForCausalLMLoss(logits, labels, **kwargs)
+
+        for model in (reference, fast):
+            model.get_base_model().loss_function = custom
+    ids, mask, labels = _batch()
+    for num_items in (None, 11, torch.tensor(13)):
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        expected = reference(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        actual = fast(input_ids=ids, attention_mask=mask, labels=labels, share_prompt_prefix=True, **extra)
+        _close(actual.loss, expected.loss, f"loss, num_items_in_batch={num_items}")
+    ignored = torch.full_like(labels, -100)
+    expected = reference(input_ids=ids, attention_mask=mask, labels=ignored)
+    actual = fast(input_ids=ids, attention_mask=mask, labels=ignored, share_prompt_prefix=True)
+    assert expected.loss.isnan() and actual.loss.isnan()
+    if loss != "default":
+        batch, length = ids.shape
+        assert (tuple(seen[1][0]), seen[1][1]) == ((batch, length + 1, tiny_models.VOCAB), [-100] * batch)
+
+
 def test_return_dict_false_gives_peft_tuple():
     reference, fast = _pair("llama")
     ids, mask, labels = _batch()

@@ -341,13 +341,9 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
         prompt_logits = prompt.output.logits  # [K, N, V]
         token_logits = output.logits  # [B, L, V]
         if labels is not None:  # the last virtual position predicts the first label; the rest only -100
-            first = torch.full((batch, 1), -100, dtype=labels.dtype, device=labels.device)
             last = _rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
-            fields["loss"] = base_model.loss_function(
-                logits=torch.cat((last, token_logits), dim=1),
-                labels=torch.cat((first, labels), dim=1),
-                vocab_size=token_logits.shape[-1],
-                **loss_kwargs,
+            fields["loss"] = _causal_lm_loss(
+                base_model.loss_function, last, token_logits, labels, loss_kwargs
             )
         fields["logits"] = torch.cat((_rows(prompt_logits, index, batch), token_logits), dim=1)
     if not _uses_cache(base_model, use_cache, mode):
@@ -356,6 +352,52 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     output = type(output)(**fields)  # the fields in the model output's own order
     CALLS["shared"] += 1
     return output if return_dict is not False else output.to_tuple()
+
+
+def _causal_lm_loss(loss_function, last, token_logits, labels, loss_kwargs: dict) -> torch.Tensor:
+    """The model's causal-LM loss over the positions ``[last virtual, tokens]`` of every row.
+
+    Args:
+        loss_function: the base model's ``loss_function``.
+        last: ``[B, 1, V]`` logits of each row's last virtual position (it predicts ``labels[:, 0]``).
+        token_logits: ``[B, L, V]`` logits of the token positions (the model's dtype).
+        labels: ``[B, L]`` int64, ``-100`` where ignored.
+        loss_kwargs: ``num_items_in_batch`` when the caller (``Trainer``) passed it.
+
+    Any loss function gets ``cat(last, token_logits)`` with the labels ``[-100, labels]``. transformers'
+    own ``ForCausalLMLoss`` (the default of causal LMs) is computed as it would on that input without the
+    ``[B, L+1, V]`` copy: the summed cross-entropy of the token positions and of the last virtual
+    positions (logits upcast to fp32 as it does), over ``num_items_in_batch`` or the number of labels
+    that are not ``-100`` (``reduction="mean"``'s count; 0/0 gives its NaN).
+    """
+    if loss_function is not _transformers_causal_lm_loss():
+        first = torch.full((labels.shape[0], 1), -100, dtype=labels.dtype, device=labels.device)
+        return loss_function(
+            logits=torch.cat((last, token_logits), dim=1),
+            labels=torch.cat((first, labels), dim=1),
+            vocab_size=token_logits.shape[-1],
+            **loss_kwargs,
+        )
+    vocab = token_logits.shape[-1]
+    labels = labels.to(token_logits.device)
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # token i predicts label i+1
+    total = torch.nn.functional.cross_entropy(
+        token_logits.float().reshape(-1, vocab), next_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    ) + torch.nn.functional.cross_entropy(
+        last.float().reshape(-1, vocab), labels[:, 0], ignore_index=-100, reduction="sum"
+    )
+    num_items = loss_kwargs.get("num_items_in_batch")
+    if num_items is None:
+        num_items = (labels != -100).sum()
+    elif torch.is_tensor(num_items):
+        num_items = num_items.to(total.device)
+    return total / num_items
+
+
+def _transformers_causal_lm_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss
 
 
 def _rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
