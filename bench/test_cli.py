@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -106,8 +107,12 @@ def test_bench_model_with_few_positions_fits_its_lengths(tmp_path, capsys):
     (uncached on transformers >= 5.24, where its cached path would also run past the 64 positions)."""
     from fastprompt.benchmarks.models import peft_generation_uses_cache
 
-    code, data, captured = _bench_small_gpt2(tmp_path, capsys, 64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, data, captured = _bench_small_gpt2(tmp_path, capsys, 64)
     assert code == 0 and "Traceback" not in captured.err
+    position_ids = [w for w in seen if "Position ids" in str(w.message)]
+    assert not position_ids, position_ids[0]  # PEFT's warning about ids transformers' generate built
     workloads = {r["workload"] for r in data["results"]}
     assert {"train step B=8 L=44 T=20", "train step bf16 autocast B=8 L=44 T=20"} <= workloads, workloads
     assert any(w.startswith("generate 16 tok B=2 L=16 T=20") for w in workloads), workloads
