@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# PEFT 0.21.2's own prompt-tuning tests, run three ways on local stand-in models (no hub needed):
+#   plain  PEFT alone;
+#   fast   after fastprompt.patch_peft() (default share_prompt_prefix=None);
+#   share  the same with the shared prefix's cost rule lifted (shares wherever it is exact).
+# A test that passes plain and not under fastprompt is a regression: exit code 1.
+#
+# Usage: tests/peft_suite/run.sh [WORKDIR]   (default /tmp/fastprompt-peft-suite; about 2 minutes)
+# Needs, in the Python that runs it ($PYTHON, default python): fastprompt with peft==0.21.2 (pip install -e
+# ".[dev]"), and what PEFT's test modules import: pip install diffusers==0.42.1 parameterized==0.9.0 scipy==1.17.1
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+work="${1:-/tmp/fastprompt-peft-suite}"
+python="${PYTHON:-python}"
+mkdir -p "$work"
+cd "$work"
+if [ ! -d tests ]; then
+    "$python" -m pip download -q --no-deps --no-binary :all: peft==0.21.2 -d sdist
+    tar -xzf sdist/peft-0.21.2.tar.gz
+    cp -r peft-0.21.2/tests tests
+    touch tests/__init__.py
+    cp "$here/peft_conftest.py" tests/conftest.py
+fi
+cp "$here"/stand_in_models.py "$here"/plugin_*.py "$here"/compare_results.py .
+printf '[pytest]\n' > pytest.ini  # the rootdir here, whatever config lies above WORKDIR
+[ -d hf-internal-testing ] || "$python" stand_in_models.py .
+
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$work"
+suite=(tests/test_decoder_models.py tests/test_encoder_decoder_models.py
+       tests/test_feature_extraction_models.py tests/test_seq_classifier.py)
+run() {  # run MODE [plugins...]
+    local mode=$1
+    shift
+    "$python" -m pytest -p plugin_local_data "$@" -p no:cacheprovider -q --tb=short -o addopts="" \
+        "${suite[@]}" -k "PromptTuning or prompt_tuning" --junitxml="results_$mode.xml" > "log_$mode.txt" 2>&1 || true
+    echo "$mode: $(grep -E '[0-9]+ (passed|failed)' "log_$mode.txt" | tail -1)"
+}
+run plain
+FASTPROMPT_CALLS_FILE=calls_fast.txt run fast -p plugin_fastprompt
+FASTPROMPT_CALLS_FILE=calls_share.txt FASTPROMPT_FORCE_SHARE=1 run share -p plugin_fastprompt
+echo "fast: $(cat calls_fast.txt)"
+echo "share: $(cat calls_share.txt)"
+status=0
+"$python" compare_results.py results_plain.xml results_fast.xml || status=1
+"$python" compare_results.py results_plain.xml results_share.xml || status=1
+exit $status
