@@ -9,6 +9,7 @@ never sees ``N + L`` positions while sharing.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -463,6 +464,13 @@ def test_model_wide_and_global_defaults():
         patched(input_ids=ids, attention_mask=mask)
         positions.close()
         assert positions.seen == [(8, 48)]
+        built = fastprompt.get_peft_model(
+            tiny_models.build("llama", "CAUSAL_LM"), peft_config("CAUSAL_LM", 40)
+        )
+        positions = _Positions(built)  # get_peft_model without the keyword follows patch_peft's default
+        built(input_ids=ids, attention_mask=mask)
+        positions.close()
+        assert positions.seen == [(8, 48)]
     finally:
         fastprompt.unpatch_peft()
     assert shared_prefix.model_default(reference) is None
@@ -504,7 +512,12 @@ def test_torch_compile_of_the_model_and_a_static_cache():
     expected = reference(input_ids=ids, attention_mask=mask, labels=labels)
     expected.loss.backward()
     before = shared_prefix.CALLS["shared"]
-    actual = torch.compile(fast)(input_ids=ids, attention_mask=mask, labels=labels)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        actual = torch.compile(fast)(input_ids=ids, attention_mask=mask, labels=labels)
+    assert not [w for w in seen if "fastprompt" in f"{w.filename} {w.message}"], [
+        str(w.message) for w in seen
+    ]
     actual.loss.backward()
     assert shared_prefix.CALLS["shared"] - before == 1
     _close(actual.loss, expected.loss, "loss")

@@ -167,9 +167,10 @@ def accelerate(peft_model, *, share_prompt_prefix=_MISSING):
     return peft_model
 
 
-def get_peft_model(model, peft_config, *args, share_prompt_prefix=None, **kwargs):
+def get_peft_model(model, peft_config, *args, share_prompt_prefix=_MISSING, **kwargs):
     """``peft.get_peft_model`` then :func:`accelerate`. ``peft_config`` may be fastprompt's or PEFT's.
-    ``share_prompt_prefix``: the model's default for ``forward`` (see :func:`accelerate`).
+    ``share_prompt_prefix``: the model's default for ``forward`` (see :func:`accelerate`); not given, the
+    model follows ``patch_peft(share_prompt_prefix=...)``'s default, else None.
 
     Raises:
         ValueError: a prompt-tuning config without a valid ``task_type`` or ``prompt_tuning_init``.
@@ -181,7 +182,8 @@ def get_peft_model(model, peft_config, *args, share_prompt_prefix=None, **kwargs
     check_for_model(peft_config)  # a ValueError naming the choices, not PEFT's KeyError: None
     if isinstance(peft_config, PromptTuningConfig):
         peft_config = to_peft_config(peft_config)
-    check_request(share_prompt_prefix)
+    if share_prompt_prefix is not _MISSING:
+        check_request(share_prompt_prefix)
     peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
     if isinstance(peft_model, peft.PeftModel):
         accelerate(peft_model, share_prompt_prefix=share_prompt_prefix)

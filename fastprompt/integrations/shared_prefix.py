@@ -194,9 +194,14 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
     return None
 
 
-@functools.lru_cache(maxsize=64)
+_PARAMETERS: dict = {}  # forward function -> its parameter names (not an lru_cache: dynamo warns on it)
+
+
 def _parameters_of(forward) -> frozenset:
-    return frozenset(inspect.signature(forward).parameters)
+    names = _PARAMETERS.get(forward)
+    if names is None:
+        names = _PARAMETERS[forward] = frozenset(inspect.signature(forward).parameters)
+    return names
 
 
 def _forward_parameters(base_model) -> frozenset:
