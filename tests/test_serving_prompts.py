@@ -62,6 +62,39 @@ def test_names_and_errors(tmp_path):
         adapters.embeds("x", [128])
 
 
+@pytest.mark.parametrize("task_type", ["SEQ_2_SEQ_LM", "SEQ_CLS"])
+def test_adapters_of_other_task_types_are_refused(tmp_path, task_type):
+    """A Seq2Seq adapter holds 2N rows (encoder and decoder prompts): prepending them all would be silently
+    wrong; a classification adapter was not trained to generate. Both are AdapterFileError, nothing kept."""
+    import json
+
+    from fastprompt import AdapterFileError
+
+    model = tiny_models.build("llama", "CAUSAL_LM")
+    model.save_pretrained(tmp_path / "base")
+    adapters = PromptAdapters(read_word_table(str(tmp_path / "base"), torch.float32))
+    save_prompt_adapter(tmp_path / "a", torch.zeros(6, tiny_models.HIDDEN), task_type=task_type)
+    if task_type == "SEQ_2_SEQ_LM":  # PEFT's file: num_virtual_tokens=3, 2 x 3 rows
+        config_file = tmp_path / "a" / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config.update(num_virtual_tokens=3, num_transformer_submodules=2)
+        config_file.write_text(json.dumps(config))
+    with pytest.raises(AdapterFileError, match=f"adapter_config.json is a {task_type} adapter"):
+        adapters.load(tmp_path / "a", "a")
+    assert adapters.names() == []
+
+
+def test_adapter_dirs_are_checked_before_an_engine_starts(tmp_path):
+    from fastprompt import AdapterFileError
+    from fastprompt.serving.prompts import check_adapter_dirs
+
+    save_prompt_adapter(tmp_path / "good", torch.zeros(3, tiny_models.HIDDEN))
+    save_prompt_adapter(tmp_path / "bad", torch.full((3, tiny_models.HIDDEN), float("nan")))
+    check_adapter_dirs({"good": tmp_path / "good"})
+    with pytest.raises(AdapterFileError, match="values that are not finite"):
+        check_adapter_dirs({"good": tmp_path / "good", "bad": tmp_path / "bad"})
+
+
 def test_no_checkpoint_is_a_clear_error(tmp_path):
     tiny_models.config("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="No checkpoint in"):

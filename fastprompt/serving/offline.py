@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .prompts import PromptAdapters
+from .prompts import PromptAdapters, check_adapter_dirs
 from .settings import engine_defaults
 from .word_table import read_word_table
 
@@ -38,18 +38,23 @@ class LLM:
                 "prompt_adapters must be a dict {name: PEFT adapter directory}, got "
                 f"{type(prompt_adapters).__name__}"
             )
+        check_adapter_dirs(prompt_adapters or {})
         kwargs = engine_defaults(engine_kwargs)
         self.engine = vllm.LLM(model=model, **kwargs)
-        model_config = self.engine.llm_engine.model_config
-        word_table = read_word_table(
-            model,
-            model_config.dtype,
-            revision=kwargs.get("revision"),
-            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-        )
-        self.adapters = PromptAdapters(word_table)
-        for name, path in (prompt_adapters or {}).items():
-            self.adapters.load(path, name)
+        try:
+            model_config = self.engine.llm_engine.model_config
+            word_table = read_word_table(
+                model,
+                model_config.dtype,
+                revision=kwargs.get("revision"),
+                trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+            )
+            self.adapters = PromptAdapters(word_table)
+            for name, path in (prompt_adapters or {}).items():
+                self.adapters.load(path, name)
+        except BaseException:
+            self.shutdown()  # no engine processes left behind by a failed start
+            raise
 
     def load_adapter(self, path, adapter_name: str) -> None:
         """Add the PEFT prompt-tuning adapter in directory ``path`` as ``adapter_name``, or replace the

@@ -17,9 +17,33 @@ import threading
 
 import torch
 
-from ..adapter_files import load_prompt_adapter
+from ..adapter_files import AdapterFileError, load_prompt_adapter
+from ..config import CONFIG_NAME
 from ..ops import prompt_concat
 from .word_table import WordTable
+
+
+def read_adapter_table(path, model_dim: int | None = None) -> torch.Tensor:
+    """The [N, D] prompt table (CPU, the dtype it was saved in) of the PEFT prompt-tuning adapter in
+    directory ``path``, checked for serving: PEFT's checks (``load_prompt_adapter``: config, weights file,
+    shape, finite values, ``token_dim == model_dim`` when given), and a ``CAUSAL_LM`` (or untyped) adapter:
+    a Seq2Seq adapter's 2N rows or a classification adapter are ``AdapterFileError``."""
+    adapter = load_prompt_adapter(path, model_dim=model_dim)
+    task_type = adapter.config.get("task_type")
+    if task_type not in (None, "CAUSAL_LM"):
+        raise AdapterFileError(
+            f"{os.path.join(os.fspath(path), CONFIG_NAME)} is a {task_type} adapter; a served "
+            "decoder-only model generates from one prompt of num_virtual_tokens rows: serve a CAUSAL_LM "
+            "adapter."
+        )
+    return adapter.table.detach().to("cpu").contiguous()
+
+
+def check_adapter_dirs(adapter_dirs: dict) -> None:
+    """Read and check every adapter of {name: directory} before an engine starts (the hidden size is
+    checked once the model's word table is read): a bad file fails fast, not after minutes of start-up."""
+    for path in adapter_dirs.values():
+        read_adapter_table(path)
 
 
 class PromptAdapters:
@@ -59,8 +83,7 @@ class PromptAdapters:
             raise ValueError(
                 f"adapter_name {name!r} is the base model's name, which serves no soft prompt; pick another."
             )
-        adapter = load_prompt_adapter(path, model_dim=self.word_table.dim)
-        table = adapter.table.detach().to("cpu").contiguous()
+        table = read_adapter_table(path, model_dim=self.word_table.dim)
         with self._lock:
             self._tables[name] = table
             self._paths[name] = os.fspath(path)

@@ -30,7 +30,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse, Mod
 from vllm.inputs.engine import embeds_input
 
 from ..adapter_files import AdapterFileError
-from .prompts import PromptAdapters
+from .prompts import PromptAdapters, check_adapter_dirs
 from .settings import engine_defaults
 from .word_table import read_word_table
 
@@ -266,6 +266,7 @@ async def run_server(args, adapter_dirs: dict[str, str], *, allow_adapter_update
         raise KeyboardInterrupt("terminated")
 
     signal.signal(signal.SIGTERM, interrupt)
+    check_adapter_dirs(adapter_dirs)  # before the engine's start-up, not after it
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
         supported_tasks = await engine_client.get_supported_tasks()
