@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import shared_prefix
+from . import shared_forward, shared_prefix
 from .adapter_batches import pop_adapter_names, rows_for_adapters
 from .peft_inputs_embeds import model_inputs_embeds
 
@@ -93,7 +93,7 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
         passed=("labels",),
     )
     if _shares(peft_model, "CAUSAL_LM", share, kwargs, input_ids, n, rows):
-        return shared_prefix.shared_forward(peft_model, "CAUSAL_LM", input_ids, n, rows, kwargs)
+        return shared_forward.shared_forward(peft_model, "CAUSAL_LM", input_ids, n, rows, kwargs)
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     labels = args["labels"]
     if labels is not None:
@@ -114,7 +114,7 @@ def _encoder_task_forward(
     )
     if task is not None and kwargs.get("token_type_ids") is None:
         if _shares(peft_model, task, share, kwargs, input_ids, n, rows):
-            return shared_prefix.shared_forward(peft_model, task, input_ids, n, rows, kwargs)
+            return shared_forward.shared_forward(peft_model, task, input_ids, n, rows, kwargs)
     elif share:
         raise ValueError(f"share_prompt_prefix=True cannot apply: {_why_task(task, kwargs)}.")
     _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)
