@@ -20,7 +20,6 @@ runs the module, so its hooks would silently stop firing.
 from __future__ import annotations
 
 import ast
-import functools
 import inspect
 import textwrap
 from dataclasses import dataclass
@@ -78,9 +77,18 @@ def _defining_class(cls: type, name: str) -> type | None:
     return None
 
 
-@functools.cache
+_FORWARD_KINDS: dict = {}  # class -> forward_kind (a dict, not functools.cache: dynamo warns on that)
+
+
 def forward_kind(cls: type) -> str | None:
-    """PLAIN, FLOAT_SCALE or BUFFER_SCALE when ``cls.forward`` is one we can fuse, else None."""
+    """PLAIN, FLOAT_SCALE or BUFFER_SCALE when ``cls.forward`` is one we can fuse, else None (cached per
+    class)."""
+    if cls not in _FORWARD_KINDS:
+        _FORWARD_KINDS[cls] = _forward_kind(cls)
+    return _FORWARD_KINDS[cls]
+
+
+def _forward_kind(cls: type) -> str | None:
     if not issubclass(cls, torch.nn.Embedding):
         return None
     owner = _defining_class(cls, "forward")
