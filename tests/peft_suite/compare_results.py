@@ -1,7 +1,9 @@
-"""Compare two junit XML files of the same tests: ``python compare_results.py PLAIN.xml FASTPROMPT.xml``.
+"""Compare two junit XML files of the same tests: ``python compare_results.py PLAIN.xml FASTPROMPT.xml
+[--min-passed K]``.
 
 Prints the counts of each, then every test that passed in the first and not in the second (a regression:
-exit code 1) and those that failed in the first and passed in the second.
+exit code 1) and those that failed in the first and passed in the second. ``--min-passed K``: exit code 1
+also when the first passed fewer than K tests (a run that tested nothing has no regressions either).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def outcomes(path: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def main(first: str, second: str) -> int:
+def main(first: str, second: str, min_passed: int = 0) -> int:
     a, b = outcomes(first), outcomes(second)
     for path, results in ((first, a), (second, b)):
         print(path, dict(collections.Counter(state for state, _ in results.values())))
@@ -38,8 +40,18 @@ def main(first: str, second: str) -> int:
     print(f"failed in {first}, passed in {second}: {len(fixed)}")
     for key in fixed:
         print(f"  {key}")
+    passed = sum(state == "passed" for state, _ in a.values())
+    if passed < min_passed:
+        print(f"{first}: only {passed} tests passed, expected at least {min_passed}: the suite did not run")
+        return 1
     return 1 if regressions else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(*sys.argv[1:3]))
+    arguments = sys.argv[1:]
+    minimum = 0
+    if "--min-passed" in arguments:
+        at = arguments.index("--min-passed")
+        minimum = int(arguments[at + 1])
+        del arguments[at : at + 2]
+    raise SystemExit(main(*arguments[:2], min_passed=minimum))
