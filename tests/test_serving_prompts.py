@@ -93,9 +93,32 @@ def test_adapter_dirs_are_checked_before_an_engine_starts(tmp_path):
     check_adapter_dirs({"good": tmp_path / "good"})
     with pytest.raises(AdapterFileError, match="values that are not finite"):
         check_adapter_dirs({"good": tmp_path / "good", "bad": tmp_path / "bad"})
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string, got ''"):
+        check_adapter_dirs({"": tmp_path / "good"})
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
     tiny_models.config("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="No checkpoint in"):
         read_word_table(str(tmp_path), torch.float32)
+
+
+def test_llm_checks_adapters_before_the_engine_starts(tmp_path, monkeypatch):
+    """``fastprompt.vllm.LLM`` reads and checks the adapters before it builds vLLM's engine (a stand-in
+    ``vllm`` module records whether it was asked to)."""
+    import sys
+    import types
+
+    from fastprompt import AdapterFileError
+    from fastprompt.serving.offline import LLM
+
+    started = []
+    stand_in = types.ModuleType("vllm")
+    stand_in.LLM = lambda **kwargs: started.append(kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", stand_in)
+    save_prompt_adapter(tmp_path / "bad", torch.full((3, tiny_models.HIDDEN), float("inf")))
+    with pytest.raises(AdapterFileError, match="values that are not finite"):
+        LLM(str(tmp_path / "base"), prompt_adapters={"a": tmp_path / "bad"})
+    with pytest.raises(ValueError, match="adapter_name must be a non-empty string"):
+        LLM(str(tmp_path / "base"), prompt_adapters={"": tmp_path / "bad"})
+    assert started == []

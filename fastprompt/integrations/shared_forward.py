@@ -95,7 +95,7 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     """The base model's output for ``cat(prompts, tokens)`` per row, with the prompt run once per adapter.
 
     Args:
-        task: the PEFT task type (one of ``TASKS``).
+        task: the PEFT task type (one of ``shared_prefix.TASKS``).
         input_ids: [B, L] token ids.
         n: N, the virtual tokens of the adapter(s).
         rows: ``RowAdapters`` of a mixed batch, or None (the active adapter).

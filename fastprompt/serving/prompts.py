@@ -39,10 +39,23 @@ def read_adapter_table(path, model_dim: int | None = None) -> torch.Tensor:
     return adapter.table.detach().to("cpu").contiguous()
 
 
+def check_adapter_name(name, reserved: tuple[str, ...] = ()) -> None:
+    """ValueError unless ``name`` is a non-empty string that is not one of ``reserved`` (the base model's
+    served names)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+    if name in reserved:
+        raise ValueError(
+            f"adapter_name {name!r} is the base model's name, which serves no soft prompt; pick another."
+        )
+
+
 def check_adapter_dirs(adapter_dirs: dict) -> None:
-    """Read and check every adapter of {name: directory} before an engine starts (the hidden size is
-    checked once the model's word table is read): a bad file fails fast, not after minutes of start-up."""
-    for path in adapter_dirs.values():
+    """Check every name and read and check every adapter of {name: directory} before an engine starts
+    (the hidden size is checked once the model's word table is read): a bad name or file fails fast, not
+    after minutes of start-up."""
+    for name, path in adapter_dirs.items():
+        check_adapter_name(name)
         read_adapter_table(path)
 
 
@@ -77,12 +90,7 @@ class PromptAdapters:
         The files are read and checked first (``AdapterFileError`` names the file and the problem); on any
         error nothing changes and the adapters already held keep serving.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
-        if name in self.reserved:
-            raise ValueError(
-                f"adapter_name {name!r} is the base model's name, which serves no soft prompt; pick another."
-            )
+        check_adapter_name(name, self.reserved)
         table = read_adapter_table(path, model_dim=self.word_table.dim)
         with self._lock:
             self._tables[name] = table
