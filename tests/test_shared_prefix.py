@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from peft_helpers import model_pair, peft_config
+from peft_helpers import CausalRows, model_pair, peft_config
 
 import fastprompt
 from fastprompt.integrations import shared_prefix
@@ -284,19 +284,13 @@ def test_gradient_checkpointing_two_steps(family, reentrant):
     )
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int = 8, seq_len: int = 6):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(4, tiny_models.VOCAB, (n, seq_len), generator=generator)
-
-    def __len__(self):
-        return len(self.ids)
+class _Data(CausalRows):
+    """``CausalRows`` whose rows have different numbers of labels: ``num_items_in_batch`` matters."""
 
     def __getitem__(self, i):
-        ids = self.ids[i]
-        labels = ids.clone()
-        labels[: i % 3] = -100  # rows with different numbers of labels: num_items_in_batch matters
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        row = super().__getitem__(i)
+        row["labels"][: i % 3] = -100
+        return row
 
 
 def _train(model, output_dir) -> torch.Tensor:
