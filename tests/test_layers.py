@@ -2,7 +2,8 @@
 
 Layers, each importing only itself and those before it: ``fastprompt.kernels`` <- ``fastprompt.ops`` <-
 the module layer (``config``, ``embedding``, ``prompted_embeds``, ``word_embeddings``, ``adapter_files``) <-
-``integrations`` and ``serving`` (vLLM; beside each other, neither imports the other) <- ``testing``
+``prompt_once`` (the prompt run once) <- ``integrations`` and ``serving`` (vLLM; beside each other,
+neither imports the other) <- ``testing``
 <- ``benchmarks`` <- ``cli``. The benchmark suite in ``bench/`` uses ``fastprompt.benchmarks``, not the
 command line.
 """
@@ -25,14 +26,15 @@ LAYERS = {
     "word_embeddings": 2,
     "adapter_files": 2,
     "deepspeed_zero3": 2,
-    "integrations": 3,
-    "serving": 3,  # serving soft prompts on vLLM: the module layer and vllm, never integrations (below)
-    "vllm": 3,
-    "": 3,  # fastprompt/__init__.py: the public facade over the layers up to integrations
-    "testing": 4,
-    "benchmarks": 5,
-    "cli": 6,
-    "__main__": 6,
+    "prompt_once": 3,  # the prompt run once: prompt pass, sharing policy and forwards, packing, KV store
+    "integrations": 4,
+    "serving": 4,  # serving soft prompts on vLLM: the module layer and vllm, never integrations (below)
+    "vllm": 4,
+    "": 4,  # fastprompt/__init__.py: the public facade over the layers up to integrations
+    "testing": 5,
+    "benchmarks": 6,
+    "cli": 7,
+    "__main__": 7,
 }
 
 
@@ -153,3 +155,21 @@ def test_no_internal_labels_in_the_package():
         if label.search(line)
     ]
     assert not hits, hits
+
+
+def test_prompt_once_modules_keep_their_old_import_paths():
+    """The prompt-once machinery moved to ``fastprompt.prompt_once``; the old module paths under
+    ``fastprompt.integrations`` are the same module objects (settings and counters are shared)."""
+    import importlib
+
+    from fastprompt import integrations, prompt_once  # noqa: F401
+    from fastprompt.prompt_once import kv_store, policy, prompt_pass, shared_forward
+
+    moved = {"prompt_kv": kv_store, "shared_prefix": policy, "prompt_pass": prompt_pass}
+    moved["shared_forward"] = shared_forward
+    for old, new in moved.items():
+        assert importlib.import_module(f"fastprompt.integrations.{old}") is new
+    from fastprompt.integrations import prompt_kv, shared_prefix
+
+    assert prompt_kv is kv_store and shared_prefix is policy
+    assert integrations.prompt_kv_store is kv_store.prompt_kv_store

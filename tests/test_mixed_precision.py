@@ -23,7 +23,8 @@ from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 accelerate = pytest.importorskip("accelerate")
-from fastprompt.integrations import WrappedBeforeFastpromptWarning, prompt_kv  # noqa: E402
+from fastprompt.integrations import WrappedBeforeFastpromptWarning  # noqa: E402
+from fastprompt.prompt_once import kv_store as prompt_kv  # noqa: E402
 
 ENTRY_POINTS = ["accelerate", "get_peft_model", "patch_peft"]
 
@@ -300,7 +301,7 @@ def test_trainer_bf16_with_the_shared_prompt_prefix(tmp_path):
     per batch (the first decoder layer never sees N+L positions) under autocast, and after 4 steps the
     losses and the prompt table are PEFT's under bf16, up to bf16 rounding (the shared pass rounds in
     another order, as much as PEFT's bf16 run differs from its fp32 run: about 3e-3 here)."""
-    from fastprompt.integrations import shared_prefix
+    from fastprompt.prompt_once import policy as shared_prefix
 
     reference, fast = _pair("get_peft_model")
     fastprompt.accelerate(fast, share_prompt_prefix=True)

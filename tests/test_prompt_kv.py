@@ -19,7 +19,7 @@ from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 import fastprompt  # noqa: E402
-from fastprompt.integrations import prompt_kv  # noqa: E402
+from fastprompt.prompt_once import kv_store as prompt_kv  # noqa: E402
 
 CAUSAL = ["gpt2", "llama", "qwen2", "opt", "gemma3"]
 NEW = 5

@@ -16,7 +16,7 @@ import torch
 from peft_helpers import CausalRows, model_pair, peft_config
 
 import fastprompt
-from fastprompt.integrations import shared_prefix
+from fastprompt.prompt_once import policy as shared_prefix
 from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")

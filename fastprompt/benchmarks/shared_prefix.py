@@ -115,7 +115,7 @@ def shared_prefix_results(
     """One row per (shape, provider): time of one training step, peak memory, speedup and memory ratio
     against ``peft`` (always run), and whether the first step matched PEFT's. Which shapes fastprompt's
     default shared the prompt at is appended to ``notes`` (and said by ``progress``)."""
-    from ..integrations import shared_prefix
+    from ..prompt_once import policy as shared_prefix
 
     providers = ("peft", *[p for p in providers if p != "peft"])
     base = base_model(seed=seed).to(device)

@@ -4,13 +4,13 @@ Nothing here imports PEFT until a function that needs it is called.
 """
 
 from ..adapter_files import AdapterFileError
+from ..prompt_once.kv_store import PromptKVStore, prompt_kv_store
 from .adapter_batches import AdapterNamesCollator
 from .input_checks import check_prompt_inputs
 from .peft_inputs_embeds import CALLS
 from .peft_methods import WrappedBeforeFastpromptWarning, is_patched
 from .peft_patch import accelerate, get_peft_model, patch_peft, unpatch_peft
 from .peft_version import UntestedPeftWarning
-from .prompt_kv import PromptKVStore, prompt_kv_store
 
 __all__ = [
     "CALLS",

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from . import shared_forward, shared_prefix
+from ..prompt_once import policy as shared_prefix
+from ..prompt_once import shared_forward
 from .adapter_batches import pop_adapter_names, rows_for_adapters
 from .peft_inputs_embeds import model_inputs_embeds
 

@@ -23,10 +23,10 @@ import weakref
 
 import torch
 
-from . import prompt_kv
+from ..prompt_once import kv_store as prompt_kv
+from ..prompt_once.prompt_pass import LAYER_TYPES, fill_prefix_cache
 from .adapter_batches import RowAdapters, pop_adapter_names, rows_for_adapters
 from .peft_inputs_embeds import model_inputs_embeds
-from .prompt_pass import LAYER_TYPES, fill_prefix_cache
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
 

@@ -30,11 +30,11 @@ import warnings
 import weakref
 
 from ..config import PROMPT_TUNING
+from ..prompt_once.policy import SHARE_PROMPT_PREFIX, check_request
 from . import peft_forward, peft_generate
 from .adapter_batches import ADAPTER_NAMES
 from .input_checks import check_prompt_inputs
 from .peft_version import fused_path_allowed
-from .shared_prefix import SHARE_PROMPT_PREFIX, check_request
 
 # PEFT task class name -> the prompt-tuning forward that replaces its ``forward``
 FORWARDS = {

@@ -18,10 +18,10 @@ from __future__ import annotations
 import copyreg
 import threading
 
+from ..prompt_once.policy import check_request, set_global_default, set_model_default
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
 from .peft_methods import FORWARDS, PROMPT_TUNING, FastPromptModel, original_of, set_patched, task_methods
 from .peft_version import fused_path_allowed
-from .shared_prefix import check_request, set_global_default, set_model_default
 
 __all__ = ["accelerate", "get_peft_model", "patch_peft", "unpatch_peft"]
 

@@ -31,7 +31,7 @@ import cases  # noqa: E402
 from peft_helpers import FastpromptOps  # noqa: E402
 
 import fastprompt  # noqa: E402
-from fastprompt.integrations import shared_prefix  # noqa: E402
+from fastprompt.prompt_once import policy as shared_prefix  # noqa: E402
 from fastprompt.prompted_embeds import CALLS  # noqa: E402
 
 

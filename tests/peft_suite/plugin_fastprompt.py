@@ -16,7 +16,7 @@ import fastprompt
 def pytest_configure(config):
     fastprompt.patch_peft()
     if os.environ.get("FASTPROMPT_FORCE_SHARE") == "1":
-        from fastprompt.integrations import shared_prefix
+        from fastprompt.prompt_once import policy as shared_prefix
 
         shared_prefix.MIN_SAVED_POSITIONS = 0
         shared_prefix.MAX_POSITION_FRACTION = 1.0
@@ -24,7 +24,7 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     from fastprompt import prompted_embeds
-    from fastprompt.integrations import shared_prefix
+    from fastprompt.prompt_once import policy as shared_prefix
 
     line = (
         f"shared_prefix.CALLS={dict(shared_prefix.CALLS)} prompted_embeds.CALLS={dict(prompted_embeds.CALLS)}"

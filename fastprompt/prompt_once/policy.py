@@ -1,0 +1,228 @@
+"""``share_prompt_prefix`` (beyond PEFT), the policy: whether a forward runs the prompt once per adapter.
+
+In a decoder-only model the N virtual tokens come first and attend only to each other, so their hidden
+states, keys and values in every layer are the same for every batch row that uses the same adapter. PEFT
+runs them B times; :mod:`fastprompt.prompt_once.shared_forward` runs them once per adapter and the rows'
+tokens on top of their keys/values.
+
+This module decides when: only where it is exact (:func:`why_not_share` says why not otherwise: task type,
+architecture, dropout in training, per-layer outputs, a cache passed in, checkpointing it cannot keep
+exact) and, for the default ``None``, where it pays (:func:`sharing_pays`, a position-count rule). It holds
+the defaults (the model's, then ``patch_peft``'s) and ``CALLS``, and inspects gradient checkpointing for
+both modules.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+
+import torch
+
+from .prompt_pass import cache_argument
+
+SHARE_PROMPT_PREFIX = "share_prompt_prefix"
+DEFAULT_ATTRIBUTE = "_fastprompt_share_prompt_prefix"
+
+# Base-model types whose shared-prefix forward is checked equal to PEFT's (tests/test_shared_prefix.py).
+ARCHITECTURES = frozenset({"gpt2", "llama", "mistral", "qwen2", "opt", "gemma2", "gemma3_text"})
+# Of those, the ones whose layers get the cache under gradient checkpointing (GPT-2's model passes its
+# blocks None there).
+CHECKPOINT_ARCHITECTURES = ARCHITECTURES - {"gpt2"}
+TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
+# Keywords of the base model's forward that the shared forward passes on as PEFT's path would.
+_PASSED_ON = frozenset(
+    {"attention_mask", "output_attentions", "output_hidden_states", "return_dict", "labels", "use_cache"}
+)
+LOSS_KEYWORDS = frozenset({"num_items_in_batch"})
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+# The cost rule of ``share_prompt_prefix=None``: share when the token positions run fall to at most this
+# fraction of PEFT's B*(N+L), and at least this many positions are saved (a second model call costs a
+# fixed overhead that small savings do not repay). Measured: bench/RESULTS.md.
+MAX_POSITION_FRACTION = 0.9
+MIN_SAVED_POSITIONS = 64
+
+# Counts forwards that shared ("shared") and that took PEFT's path for a reason ("not shared"), for
+# tests and diagnostics.
+CALLS: collections.Counter = collections.Counter()
+
+
+def check_request(value) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"share_prompt_prefix must be True, False or None, got {value!r}")
+
+
+_GLOBAL_DEFAULT = {"value": None}  # patch_peft(share_prompt_prefix=...)
+
+
+def model_default(peft_model):
+    """The model-wide ``share_prompt_prefix`` (``accelerate(model, share_prompt_prefix=...)``), else the
+    global one (``patch_peft(share_prompt_prefix=...)``), else None."""
+    return getattr(peft_model, DEFAULT_ATTRIBUTE, _GLOBAL_DEFAULT["value"])
+
+
+def set_global_default(value) -> None:
+    check_request(value)
+    _GLOBAL_DEFAULT["value"] = value
+
+
+def set_model_default(peft_model, value) -> None:
+    check_request(value)
+    object.__setattr__(peft_model, DEFAULT_ATTRIBUTE, value)
+
+
+def _base_model_type(base_model) -> str | None:
+    config = getattr(base_model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _active_dropout(base_model) -> str | None:
+    """The name of a dropout that is active (training mode, p > 0), or None."""
+    for name, module in base_model.named_modules():
+        if module.training and isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"dropout module {name or type(module).__name__} (p={module.p})"
+    if base_model.training:
+        config = base_model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for key, value in config.to_dict().items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if "drop" in key and not key.startswith("summary_") and numeric and value > 0:
+                return f"{key}={value}"
+    return None
+
+
+def checkpoint_flagged(base_model) -> list:
+    """The training-mode modules whose ``gradient_checkpointing`` flag is on (layers and models)."""
+    return [
+        m for m in base_model.modules() if getattr(m, "gradient_checkpointing", False) is True and m.training
+    ]
+
+
+def checkpointed_layers(base_model) -> list:
+    """The modules that checkpoint themselves in this (training-mode) forward: transformers'
+    ``GradientCheckpointingLayer`` instances with checkpointing on, or, where there is none, every module
+    whose flag is on (a model that checkpoints its own way)."""
+    from transformers import modeling_layers
+
+    layer_type = getattr(modeling_layers, "GradientCheckpointingLayer", ())
+    flagged = checkpoint_flagged(base_model)
+    return [m for m in flagged if isinstance(m, layer_type)] or flagged
+
+
+def checkpointing_mode(layers) -> tuple[str | None, str | None]:
+    """(mode, reason): mode "reentrant" / "non-reentrant" for the layers' checkpoint function, or a
+    reason it cannot be shared under."""
+    from transformers import modeling_layers
+
+    base = getattr(modeling_layers, "GradientCheckpointingLayer", None)
+    if base is None or not hasattr(base, "_can_checkpoint_with_cache"):
+        return None, "gradient checkpointing on this transformers version drops the prompt's cache"
+    modes = set()
+    for layer in layers:
+        if not isinstance(layer, base):
+            kind = type(layer).__name__
+            return None, f"gradient checkpointing of {kind} (not a GradientCheckpointingLayer)"
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if not isinstance(func, functools.partial):
+            return None, "an unrecognized gradient checkpointing function"
+        modes.add("reentrant" if func.keywords.get("use_reentrant", True) else "non-reentrant")
+    if len(modes) != 1:
+        return None, "layers checkpointed with use_reentrant True and False"
+    return modes.pop(), None
+
+
+def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) -> str | None:
+    """Why the shared prefix would not be exact for this call (PEFT's path is taken), or None.
+
+    Args:
+        task: the PEFT task type (``"CAUSAL_LM"``, ...).
+        kwargs: the base-model keywords PEFT's forward would pass (after the mask prefix and PEFT's own
+            adjustments).
+        input_ids: ``[B, L]`` int64 / int32 token ids.
+    """
+    if task not in TASKS:
+        return f"task type {task} (sharing applies to {', '.join(TASKS)} on a decoder-only base model)"
+    base_model = peft_model.get_base_model()
+    model_type = _base_model_type(base_model)
+    if model_type not in ARCHITECTURES:
+        return (
+            f"base model type {model_type!r} is not among those checked equal to PEFT's path "
+            f"({', '.join(sorted(ARCHITECTURES))})"
+        )
+    if input_ids.shape[1] == 0:
+        return "no input tokens"
+    if cache_argument(base_model) not in _forward_parameters(base_model):
+        return f"{type(base_model).__name__}.forward takes no cache"
+    for key in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(key):
+            return f"{key}=True (the per-layer outputs would lack the rows' virtual positions)"
+    for key in CACHE_KEYWORDS:
+        if kwargs.get(key) is not None:
+            return f"a cache was passed in ({key}=...)"
+    others = sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSED_ON | LOSS_KEYWORDS)
+    if others:
+        return f"keyword {others[0]!r} is not supported with a shared prompt"
+    if task == "TOKEN_CLS" and kwargs.get("labels") is not None:
+        return "token classification labels (PEFT does not prefix them)"
+    if any(k in kwargs and kwargs[k] is not None for k in LOSS_KEYWORDS) and task != "CAUSAL_LM":
+        return "num_items_in_batch outside CAUSAL_LM"
+    dropout = _active_dropout(base_model)
+    if dropout is not None:
+        return f"active dropout in training mode ({dropout}): the rows would share one dropout mask"
+    if torch.is_grad_enabled():
+        layers = checkpointed_layers(base_model)
+        if layers and model_type not in CHECKPOINT_ARCHITECTURES:
+            return f"gradient checkpointing of {model_type!r}, whose model gives its layers no cache then"
+        if layers:
+            _, reason = checkpointing_mode(layers)
+            if reason is not None:
+                return reason
+    return None
+
+
+_PARAMETERS: dict = {}  # forward function -> its parameter names (not an lru_cache: dynamo warns on it)
+
+
+def _parameters_of(forward) -> frozenset:
+    names = _PARAMETERS.get(forward)
+    if names is None:
+        names = _PARAMETERS[forward] = frozenset(inspect.signature(forward).parameters)
+    return names
+
+
+def _forward_parameters(base_model) -> frozenset:
+    return _parameters_of(type(base_model).forward)
+
+
+def sharing_pays(batch: int, prompts: int, num_virtual: int, length: int) -> bool:
+    """The default's cost rule: K*N prompt positions plus B*L token positions at most
+    ``MAX_POSITION_FRACTION`` of PEFT's B*(N+L), saving at least ``MIN_SAVED_POSITIONS``."""
+    full = batch * (num_virtual + length)
+    shared = prompts * num_virtual + batch * length
+    return shared <= MAX_POSITION_FRACTION * full and full - shared >= MIN_SAVED_POSITIONS
+
+
+def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tensor, prompts: int, n: int):
+    """Whether this forward shares the prompt: ``requested`` (True / False / None) as the call or the
+    model's default says. True raises ``ValueError`` naming the reason where sharing is not exact.
+
+    Args:
+        task, kwargs, input_ids: as for :func:`why_not_share` (``input_ids``: ``[B, L]``).
+        prompts: K, the distinct prompts of the batch (1, or the adapters of a mixed batch).
+        n: N, the virtual tokens of each prompt (0: nothing to share).
+    """
+    check_request(requested)
+    if requested is False or n == 0:
+        return False
+    reason = why_not_share(peft_model, task, kwargs, input_ids)
+    if reason is not None:
+        if requested:
+            raise ValueError(f"share_prompt_prefix=True cannot apply: {reason}.")
+        CALLS["not shared"] += 1
+        return False
+    if requested is None and not sharing_pays(input_ids.shape[0], prompts, n, input_ids.shape[1]):
+        CALLS["not shared"] += 1
+        return False
+    return True

@@ -1,0 +1,232 @@
+"""``share_prompt_prefix`` (beyond PEFT), the forward: the prompt run once per adapter per batch.
+
+The prompt runs once per adapter (:func:`fastprompt.prompt_once.prompt_pass.run_prompt`, batch K, with
+grad) and the B rows' L tokens run on top of its keys/values, with the mask ``[ones(N), attention_mask]``
+and positions left to the model (so they are PEFT's: N.. for most models, derived from the mask for OPT).
+Every row's gradient flows back through the one prompt pass. :mod:`fastprompt.prompt_once.policy`
+decides when this runs.
+
+What the caller gets is PEFT's: CausalLM ``logits`` ``[B, N+L, V]`` (the prompt positions' logits computed
+once, then given to every row of the adapter), the cache of N+L positions, and the ``loss`` of the model's
+own loss function (``num_items_in_batch`` included) computed from the last virtual position's logits (the
+one that predicts the first label) and the token logits: the other N-1 prompt positions predict only
+``-100`` labels. Sequence classification pools the last position, which is a token position; token
+classification returns every position's logits.
+
+Gradient checkpointing: the prompt pass runs without checkpointing (batch K, N positions: small); the
+token pass runs checkpointed with a cache that the layers only read (a recomputed layer must see the same
+keys/values and must not append to the cache again). With ``use_reentrant=True`` the checkpointed layers
+see the prompt keys/values as leaves, and :class:`_PrefixGradients` hands their gradients to the prompt pass
+once every layer's backward has run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from ..prompted_embeds import prompt_prefix_rows
+from .policy import (
+    CACHE_KEYWORDS,
+    CALLS,
+    LOSS_KEYWORDS,
+    checkpoint_flagged,
+    checkpointed_layers,
+    checkpointing_mode,
+)
+from .prompt_pass import cache_argument, fill_prefix_cache, run_prompt
+
+
+def _read_only_update(layer, key_states, value_states, *args, **kwargs):
+    """What a cache layer's ``update`` returns, without storing anything: ``(cat(layer.keys, key_states),
+    cat(layer.values, value_states))`` along the sequence, each ``[B, H_kv, N + L, head_dim]`` (the layer
+    holds the prompt's ``[B, H_kv, N, head_dim]``, the new states are the tokens' ``[B, H_kv, L, head_dim]``),
+    in their dtype."""
+    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+@contextlib.contextmanager
+def _instance_attributes(modules, name: str, value):
+    """Set ``name`` on each module instance for the duration (the class attribute comes back after)."""
+    saved = [(m, m.__dict__.get(name, _MISSING)) for m in modules]
+    for module in modules:
+        object.__setattr__(module, name, value)
+    try:
+        yield
+    finally:
+        for module, old in saved:
+            if old is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                object.__setattr__(module, name, old)
+
+
+_MISSING = object()
+
+
+class _PrefixGradients(torch.autograd.Function):
+    """Identity on the token embeddings (``[B, L, D]``); its backward, which runs after every
+    checkpointed layer's backward (the token pass starts from its output), returns the gradients the
+    layers accumulated into the prompt keys/values' leaves (each ``[K, H_kv, N, head_dim]``, detached
+    copies that require grad) as the gradients of the prompt pass's keys/values (``*prefix``, the same
+    shapes)."""
+
+    @staticmethod
+    def forward(ctx, token_embeds, leaves, *prefix):
+        ctx.leaves = leaves
+        return token_embeds.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaves, ctx.leaves = ctx.leaves, None
+        missing = [leaf for leaf in leaves if leaf.grad is None]
+        if missing:
+            raise RuntimeError(
+                "share_prompt_prefix with use_reentrant=True gradient checkpointing: the prompt keys/values "
+                "got no gradient (torch.autograd.grad(..., inputs=...) does not accumulate them); use "
+                "loss.backward(), or pass share_prompt_prefix=False."
+            )
+        return (grad, None, *(leaf.grad for leaf in leaves))
+
+
+def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict):
+    """The base model's output for ``cat(prompts, tokens)`` per row, with the prompt run once per adapter.
+
+    Args:
+        task: the PEFT task type (one of ``shared_prefix.TASKS``).
+        input_ids: [B, L] token ids.
+        n: N, the virtual tokens of the adapter(s).
+        rows: ``RowAdapters`` of a mixed batch, or None (the active adapter).
+        kwargs: what PEFT's path would pass to the base model besides ``inputs_embeds`` (the mask already
+            prefixed to [B, N+L]; CausalLM ``labels`` NOT prefixed).
+
+    Returns:
+        What the base model returns on PEFT's path (a ModelOutput, or a tuple with ``return_dict=False``).
+    """
+    base_model = peft_model.get_base_model()
+    batch = input_ids.shape[0]
+    if rows is None:
+        modules, index = [peft_model.prompt_encoder[peft_model.active_adapter]], None
+    else:
+        modules = [peft_model.prompt_encoder[name] for name in rows.names]
+        index = torch.tensor(rows.table_index, dtype=torch.int64, device=input_ids.device)
+    word_embeddings = peft_model.word_embeddings
+    token_embeds = word_embeddings(input_ids)  # [B, L, D], exactly PEFT's call
+    prompt_embeds = prompt_prefix_rows(modules, n, token_embeds.dtype).to(token_embeds.device)  # [K, N, D]
+
+    layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
+    mode = checkpointing_mode(layers)[0] if layers else None
+    flagged = checkpoint_flagged(base_model) if layers else []
+    with _instance_attributes(flagged, "gradient_checkpointing", False):
+        prompt = run_prompt(base_model, prompt_embeds, all_logits=task != "SEQ_CLS")  # batch K, N positions
+
+    keys, values = prompt.keys, prompt.values
+    if mode == "reentrant":
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (*keys, *values)]
+        if any(leaf.requires_grad for leaf in leaves):
+            token_embeds = _PrefixGradients.apply(token_embeds, leaves, *keys, *values)
+        keys, values = leaves[: len(keys)], leaves[len(keys) :]
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=base_model.config)
+    fill_prefix_cache(cache, keys, values, index, batch)
+
+    call = dict(kwargs)
+    labels = call.pop("labels", None) if task == "CAUSAL_LM" else call.get("labels")
+    loss_kwargs = {k: call.pop(k) for k in LOSS_KEYWORDS if k in call}
+    use_cache = call.pop("use_cache", None)
+    return_dict = call.pop("return_dict", None)
+    call.update({cache_argument(base_model): cache, "use_cache": True, "return_dict": True})
+
+    if mode is not None:  # the layers read the cache; a recomputed layer must not append to it again
+        for layer in cache.layers:
+            layer.update = functools.partial(_read_only_update, layer)
+        with _instance_attributes(layers, "_can_checkpoint_with_cache", True):
+            output = base_model(inputs_embeds=token_embeds, **call)
+    else:
+        output = base_model(inputs_embeds=token_embeds, **call)
+
+    fields = dict(output.items())
+    if task != "SEQ_CLS":
+        prompt_logits = prompt.output.logits  # [K, N, V]
+        token_logits = output.logits  # [B, L, V]
+        if labels is not None:  # the last virtual position predicts the first label; the rest only -100
+            last = _rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
+            fields["loss"] = _causal_lm_loss(
+                base_model.loss_function, last, token_logits, labels, loss_kwargs
+            )
+        fields["logits"] = torch.cat((_rows(prompt_logits, index, batch), token_logits), dim=1)
+    if not _uses_cache(base_model, use_cache, mode):
+        for key in CACHE_KEYWORDS:
+            fields.pop(key, None)
+    output = type(output)(**fields)  # the fields in the model output's own order
+    CALLS["shared"] += 1
+    return output if return_dict is not False else output.to_tuple()
+
+
+def _causal_lm_loss(loss_function, last, token_logits, labels, loss_kwargs: dict) -> torch.Tensor:
+    """The model's causal-LM loss over the positions ``[last virtual, tokens]`` of every row.
+
+    Args:
+        loss_function: the base model's ``loss_function``.
+        last: ``[B, 1, V]`` logits of each row's last virtual position (it predicts ``labels[:, 0]``).
+        token_logits: ``[B, L, V]`` logits of the token positions (the model's dtype).
+        labels: ``[B, L]`` int64, ``-100`` where ignored.
+        loss_kwargs: ``num_items_in_batch`` when the caller (``Trainer``) passed it.
+
+    Any loss function gets ``cat(last, token_logits)`` with the labels ``[-100, labels]``. transformers'
+    own ``ForCausalLMLoss`` (the default of causal LMs) is computed as it would on that input without the
+    ``[B, L+1, V]`` copy: the summed cross-entropy of the token positions and of the last virtual
+    positions (logits upcast to fp32 as it does), over ``num_items_in_batch`` or the number of labels
+    that are not ``-100`` (``reduction="mean"``'s count; 0/0 gives its NaN).
+    """
+    if loss_function is not _transformers_causal_lm_loss():
+        first = torch.full((labels.shape[0], 1), -100, dtype=labels.dtype, device=labels.device)
+        return loss_function(
+            logits=torch.cat((last, token_logits), dim=1),
+            labels=torch.cat((first, labels), dim=1),
+            vocab_size=token_logits.shape[-1],
+            **loss_kwargs,
+        )
+    vocab = token_logits.shape[-1]
+    labels = labels.to(token_logits.device)
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # token i predicts label i+1
+    total = torch.nn.functional.cross_entropy(
+        token_logits.float().reshape(-1, vocab), next_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    ) + torch.nn.functional.cross_entropy(
+        last.float().reshape(-1, vocab), labels[:, 0], ignore_index=-100, reduction="sum"
+    )
+    num_items = loss_kwargs.get("num_items_in_batch")
+    if num_items is None:
+        num_items = (labels != -100).sum()
+    elif torch.is_tensor(num_items):
+        num_items = num_items.to(total.device)
+    return total / num_items
+
+
+def _transformers_causal_lm_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss
+
+
+def _rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """[K, ...] per prompt -> [B, ...] per batch row (``index``: the prompt of each row; None: K = 1)."""
+    return (
+        per_prompt.expand(batch, *per_prompt.shape[1:])
+        if index is None
+        else per_prompt.index_select(0, index)
+    )
+
+
+def _uses_cache(base_model, use_cache, mode) -> bool:
+    """Whether PEFT's path would return a cache: ``use_cache`` or the config's, and no checkpointing
+    (``mode``: the layers' checkpointing mode, None when they are not checkpointed)."""
+    if mode is not None:
+        return False
+    if use_cache is None:
+        use_cache = getattr(base_model.config.get_text_config(), "use_cache", False)
+    return bool(use_cache)
