@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from ..prompt_once import decoder_share, packed, packed_forward, shared_forward
 from ..prompt_once import policy as shared_prefix
-from ..prompt_once import shared_forward
+from ..prompted_embeds import prompt_prefix_rows
 from .adapter_batches import pop_adapter_names, rows_for_adapters
 from .peft_inputs_embeds import model_inputs_embeds
 
@@ -64,6 +65,7 @@ def _prepare_kwargs(
     rows = None if adapter_names is None else rows_for_adapters(peft_model, adapter_names, batch_size)
     if rows is not None:
         n = rows.num_virtual_tokens
+    packed_rows = _packed_rows(peft_model, input_ids, args, kwargs, rows)
     attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)
     peft_model._adjust_prompt_learning_kwargs(
         config, kwargs=kwargs, remove_token_type_ids=remove_token_type_ids
@@ -75,17 +77,71 @@ def _prepare_kwargs(
         return_dict=return_dict,
         **{key: args[key] for key in passed},
     )
-    return input_ids, batch_size, n, rows, share
+    return input_ids, batch_size, n, rows, share, packed_rows
 
 
-def _shares(peft_model, task: str, share, kwargs: dict, input_ids, n: int, rows) -> bool:
+def _packed_rows(peft_model, input_ids, args: dict, kwargs: dict, rows):
+    """Packed rows (``position_ids`` restarting inside a row, no attention mask: beyond PEFT, each
+    document with its own prompt), with their ``position_ids`` taken out of ``kwargs`` (no PEFT warning);
+    None for an ordinary batch. Checks ``position_ids`` either way (``ValueError``)."""
+    config = peft_model.get_base_model().config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = packed.find_packed_rows(
+        input_ids,
+        kwargs.get("position_ids"),
+        args["attention_mask"],
+        labels=args.get("labels"),
+        pad_token_id=getattr(config, "pad_token_id", None),
+    )
+    if found is None:
+        return None
+    if peft_model.active_peft_config.task_type != "CAUSAL_LM":
+        raise ValueError(
+            "packed rows (position_ids that restart inside a row, no attention_mask) are supported for "
+            f"CAUSAL_LM models, not {peft_model.active_peft_config.task_type}: pass an attention_mask, or "
+            "one document per row."
+        )
+    if rows is not None and len(rows.names) > 1:
+        raise ValueError(
+            f"adapter_names names {len(rows.names)} adapters ({', '.join(rows.names)}) for packed rows: "
+            "each row's documents share one soft prompt; batch the adapters' rows separately."
+        )
+    kwargs.pop("position_ids")
+    return found
+
+
+def _shares(peft_model, task: str, share, kwargs: dict, input_ids, n: int, rows):
+    """None (PEFT's path), or where the prompt is shared (``policy.MODEL`` / ``policy.DECODER``)."""
     prompts = 1 if rows is None else len(rows.names)
     return shared_prefix.decide(peft_model, share, task, kwargs, input_ids, prompts, n)
 
 
+def _decoder_shared(peft_model, inputs_embeds, n: int, rows, share, kwargs: dict):
+    """PEFT's base-model call, with the prompt run once at the decoder (a head's own forward)."""
+    modules, index = _prompt_modules(peft_model, rows, inputs_embeds.device)
+    prompt_embeds = prompt_prefix_rows(modules, n, inputs_embeds.dtype).to(inputs_embeds.device)
+    return decoder_share.run_shared(
+        peft_model,
+        lambda embeds: peft_model.base_model(inputs_embeds=embeds, **kwargs),
+        inputs_embeds,
+        prompt_embeds,
+        index,
+        n,
+        share,
+    )
+
+
+def _prompt_modules(peft_model, rows, device):
+    """The prompt modules of the call and the ``[B]`` int64 prompt of each row (None: one prompt)."""
+    if rows is None:
+        return [peft_model.prompt_encoder[peft_model.active_adapter]], None
+    modules = [peft_model.prompt_encoder[name] for name in rows.names]
+    return modules, torch.tensor(rows.table_index, dtype=torch.int64, device=device)
+
+
 def causal_lm_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForCausalLM.forward``, prompt tuning: labels prefixed with -100 (or the prompt shared)."""
-    input_ids, batch_size, n, rows, share = _prepare_kwargs(
+    input_ids, batch_size, n, rows, share, packed_rows = _prepare_kwargs(
         peft_model,
         args,
         kwargs,
@@ -93,13 +149,28 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
         remove_token_type_ids=True,
         passed=("labels",),
     )
-    if _shares(peft_model, "CAUSAL_LM", share, kwargs, input_ids, n, rows):
+    if packed_rows is not None:
+        labels = kwargs.pop("labels", None)
+        return packed_forward.packed_forward(
+            peft_model.get_base_model(),
+            lambda embeds, call: peft_model.base_model(inputs_embeds=embeds, **call),
+            model_inputs_embeds(peft_model, input_ids, n, rows),
+            n,
+            packed_rows,
+            kwargs,
+            labels,
+            share,
+        )
+    where = _shares(peft_model, "CAUSAL_LM", share, kwargs, input_ids, n, rows)
+    if where == shared_prefix.MODEL:
         return shared_forward.shared_forward(peft_model, "CAUSAL_LM", input_ids, n, rows, kwargs)
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     labels = args["labels"]
     if labels is not None:
         prefix_labels = torch.full((batch_size, n), -100).to(labels.device)
         kwargs["labels"] = torch.cat((prefix_labels, labels), dim=1)
+    if where == shared_prefix.DECODER:
+        return _decoder_shared(peft_model, inputs_embeds, n, rows, share, kwargs)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
@@ -110,16 +181,20 @@ def _encoder_task_forward(
     zeros (when passed through ``**kwargs``), the task's targets passed through unshifted. ``task``:
     the task type, where a decoder-only base may share the prompt (sequence / token classification)."""
     return_dict = _return_dict(peft_model, args["return_dict"])
-    input_ids, batch_size, n, rows, share = _prepare_kwargs(
+    input_ids, batch_size, n, rows, share, _ = _prepare_kwargs(
         peft_model, args, kwargs, return_dict=return_dict, remove_token_type_ids=False, passed=target_keys
     )
+    where = None
     if task is not None and kwargs.get("token_type_ids") is None:
-        if _shares(peft_model, task, share, kwargs, input_ids, n, rows):
+        where = _shares(peft_model, task, share, kwargs, input_ids, n, rows)
+        if where == shared_prefix.MODEL:
             return shared_forward.shared_forward(peft_model, task, input_ids, n, rows, kwargs)
     elif share:
         raise ValueError(f"share_prompt_prefix=True cannot apply: {_why_task(task, kwargs)}.")
     _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
+    if where == shared_prefix.DECODER:
+        return _decoder_shared(peft_model, inputs_embeds, n, rows, share, kwargs)
     return peft_model.base_model(inputs_embeds=inputs_embeds, **kwargs)
 
 
@@ -146,7 +221,7 @@ def question_answering_forward(peft_model, args: dict, kwargs: dict):
 
 def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForFeatureExtraction.forward``, prompt tuning."""
-    input_ids, _, n, rows, share = _prepare_kwargs(
+    input_ids, _, n, rows, share, _ = _prepare_kwargs(
         peft_model, args, kwargs, return_dict=args["return_dict"], remove_token_type_ids=True, passed=()
     )
     if share:
@@ -157,7 +232,7 @@ def feature_extraction_forward(peft_model, args: dict, kwargs: dict):
 
 def seq2seq_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForSeq2SeqLM.forward``, prompt tuning: the encoder gets N of the 2N prompt rows."""
-    input_ids, _, n, rows, share = _prepare_kwargs(
+    input_ids, _, n, rows, share, _ = _prepare_kwargs(
         peft_model,
         args,
         kwargs,

@@ -161,9 +161,8 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
     for key in CACHE_KEYWORDS:
         if kwargs.get(key) is not None:
             return f"a cache was passed in ({key}=...)"
-    others = sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSED_ON | LOSS_KEYWORDS)
-    if others:
-        return f"keyword {others[0]!r} is not supported with a shared prompt"
+    if other_keywords(kwargs) and decoder_of(base_model) is None:
+        return f"keyword {other_keywords(kwargs)[0]!r} is not supported with a shared prompt"
     if task == "TOKEN_CLS" and kwargs.get("labels") is not None:
         return "token classification labels (PEFT does not prefix them)"
     if any(k in kwargs and kwargs[k] is not None for k in LOSS_KEYWORDS) and task != "CAUSAL_LM":
@@ -180,6 +179,27 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
             if reason is not None:
                 return reason
     return None
+
+
+def other_keywords(kwargs: dict) -> list:
+    """The keywords the stock forward's shared path does not pass on (a head's own, such as TRL's
+    ``fused_lm_head``): with them the prompt is shared at the decoder (:mod:`.decoder_share`)."""
+    return sorted(k for k, v in kwargs.items() if v is not None and k not in _PASSED_ON | LOSS_KEYWORDS)
+
+
+def decoder_of(base_model) -> torch.nn.Module | None:
+    """The decoder whose hidden states a model's head reads: transformers' ``get_decoder()`` (the
+    innermost stack: ``LlamaModel``, ``OPTDecoder`` inside ``OPTModel``, ...; what TRL's fused head reaches
+    through ``model.base_model``), else ``base_model``; None when the model is its own decoder."""
+    decoder = None
+    if callable(getattr(base_model, "get_decoder", None)):
+        try:
+            decoder = base_model.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+    if not isinstance(decoder, torch.nn.Module) or decoder is base_model:
+        decoder = getattr(base_model, "base_model", None)
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base_model else None
 
 
 _PARAMETERS: dict = {}  # forward function -> its parameter names (not an lru_cache: dynamo warns on it)
@@ -204,9 +224,17 @@ def sharing_pays(batch: int, prompts: int, num_virtual: int, length: int) -> boo
     return shared <= MAX_POSITION_FRACTION * full and full - shared >= MIN_SAVED_POSITIONS
 
 
+MODEL, DECODER = "model", "decoder"  # where the prompt is shared: the stock forward, or at the decoder
+
+
 def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tensor, prompts: int, n: int):
-    """Whether this forward shares the prompt: ``requested`` (True / False / None) as the call or the
-    model's default says. True raises ``ValueError`` naming the reason where sharing is not exact.
+    """Whether and where this forward shares the prompt: ``requested`` (True / False / None) as the call
+    or the model's default says. True raises ``ValueError`` naming the reason where sharing is not exact.
+
+    Returns:
+        None (PEFT's path), ``MODEL`` (:mod:`.shared_forward`: the stock forward, which then need not
+        compute the prompt positions' logits for every row) or ``DECODER`` (:mod:`.decoder_share`: the
+        call carries a head's own keywords, e.g. TRL's ``fused_lm_head``).
 
     Args:
         task, kwargs, input_ids: as for :func:`why_not_share` (``input_ids``: ``[B, L]``).
@@ -215,14 +243,14 @@ def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tens
     """
     check_request(requested)
     if requested is False or n == 0:
-        return False
+        return None
     reason = why_not_share(peft_model, task, kwargs, input_ids)
     if reason is not None:
         if requested:
             raise ValueError(f"share_prompt_prefix=True cannot apply: {reason}.")
         CALLS["not shared"] += 1
-        return False
+        return None
     if requested is None and not sharing_pays(input_ids.shape[0], prompts, n, input_ids.shape[1]):
         CALLS["not shared"] += 1
-        return False
-    return True
+        return None
+    return DECODER if other_keywords(kwargs) else MODEL

@@ -40,18 +40,20 @@ class PromptPass:
     output: object
 
 
-def cache_argument(base_model) -> str:
-    """The name the model's ``forward`` takes its cache under: ``cache`` (transformers >= 5.24) or
-    ``past_key_values`` (before)."""
-    parameters = inspect.signature(base_model.forward).parameters
+def cache_argument(model) -> str:
+    """The name a model's ``forward`` (a module, or a forward function itself) takes its cache under:
+    ``cache`` (transformers >= 5.24) or ``past_key_values`` (before)."""
+    forward = model.forward if isinstance(model, torch.nn.Module) else model
+    parameters = inspect.signature(forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def run_prompt(base_model, prompt_embeds: torch.Tensor, *, all_logits: bool) -> PromptPass:
-    """Run ``base_model`` over ``prompt_embeds`` alone: positions 0..N-1, no mask, a full-attention cache.
+def run_prompt(model, prompt_embeds: torch.Tensor, *, all_logits: bool = True) -> PromptPass:
+    """Run ``model`` over ``prompt_embeds`` alone: positions 0..N-1, no mask, a full-attention cache.
 
     Args:
-        base_model: the (decoder-only) base model, called as a module (its hooks run).
+        model: the (decoder-only) base model, called as a module (its hooks run), or its decoder's own
+            forward function (a decoder already being called: its hooks have run).
         prompt_embeds: [K, N, D] prompt rows in the model's dtype (with grad or not, as the caller runs).
         all_logits: keep the logits of all N positions (else only the last one, where the model can).
 
@@ -61,10 +63,11 @@ def run_prompt(base_model, prompt_embeds: torch.Tensor, *, all_logits: bool) -> 
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    kwargs = {cache_argument(base_model): cache, "use_cache": True, "return_dict": True}
-    if not all_logits and "logits_to_keep" in inspect.signature(base_model.forward).parameters:
+    kwargs = {cache_argument(model): cache, "use_cache": True, "return_dict": True}
+    forward = model.forward if isinstance(model, torch.nn.Module) else model
+    if not all_logits and "logits_to_keep" in inspect.signature(forward).parameters:
         kwargs["logits_to_keep"] = 1
-    output = base_model(inputs_embeds=prompt_embeds, **kwargs)
+    output = model(inputs_embeds=prompt_embeds, **kwargs)
     keys = [layer.keys for layer in cache.layers]
     return PromptPass(keys, [layer.values for layer in cache.layers], output)
 

@@ -116,38 +116,14 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     token_embeds = word_embeddings(input_ids)  # [B, L, D], exactly PEFT's call
     prompt_embeds = prompt_prefix_rows(modules, n, token_embeds.dtype).to(token_embeds.device)  # [K, N, D]
 
-    layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
-    mode = checkpointing_mode(layers)[0] if layers else None
-    flagged = checkpoint_flagged(base_model) if layers else []
-    with _instance_attributes(flagged, "gradient_checkpointing", False):
-        prompt = run_prompt(base_model, prompt_embeds, all_logits=task != "SEQ_CLS")  # batch K, N positions
-
-    keys, values = prompt.keys, prompt.values
-    if mode == "reentrant":
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (*keys, *values)]
-        if any(leaf.requires_grad for leaf in leaves):
-            token_embeds = _PrefixGradients.apply(token_embeds, leaves, *keys, *values)
-        keys, values = leaves[: len(keys)], leaves[len(keys) :]
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=base_model.config)
-    fill_prefix_cache(cache, keys, values, index, batch)
-
     call = dict(kwargs)
     labels = call.pop("labels", None) if task == "CAUSAL_LM" else call.get("labels")
     loss_kwargs = {k: call.pop(k) for k in LOSS_KEYWORDS if k in call}
     use_cache = call.pop("use_cache", None)
     return_dict = call.pop("return_dict", None)
-    call.update({cache_argument(base_model): cache, "use_cache": True, "return_dict": True})
-
-    if mode is not None:  # the layers read the cache; a recomputed layer must not append to it again
-        for layer in cache.layers:
-            layer.update = functools.partial(_read_only_update, layer)
-        with _instance_attributes(layers, "_can_checkpoint_with_cache", True):
-            output = base_model(inputs_embeds=token_embeds, **call)
-    else:
-        output = base_model(inputs_embeds=token_embeds, **call)
+    prompt, output, mode = prompt_then_tokens(
+        base_model, base_model, prompt_embeds, token_embeds, index, call, all_logits=task != "SEQ_CLS"
+    )
 
     fields = dict(output.items())
     if task != "SEQ_CLS":
@@ -165,6 +141,55 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     output = type(output)(**fields)  # the fields in the model output's own order
     CALLS["shared"] += 1
     return output if return_dict is not False else output.to_tuple()
+
+
+def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, call: dict, *, all_logits=True):
+    """Run the prompt once per adapter, then every row's tokens on its keys/values.
+
+    Args:
+        base_model: the base model (its layers' gradient checkpointing is read and adjusted).
+        model: what runs both passes: ``base_model`` itself (called as a module), or its decoder's own
+            forward function (:mod:`fastprompt.prompt_once.decoder_share`: the decoder is being called).
+        prompt_embeds: ``[K, N, D]`` prompt rows in the model's dtype.
+        token_embeds: ``[B, L, D]`` token rows.
+        index: ``[B]`` int64, the prompt of each row; None: K = 1, every row takes it.
+        call: the token pass's keywords (the mask ``[B, N + L]``, ...), without cache, ``use_cache`` and
+            ``return_dict``.
+        all_logits: keep the prompt pass's logits of all N positions (else the last, where it can).
+
+    Returns:
+        ``(prompt, output, mode)``: the :class:`PromptPass`, the token pass's output (``[B, L, ...]``) and
+        the layers' checkpointing mode (None when they are not checkpointed).
+
+    Gradient checkpointing: the prompt pass runs without it (batch K, N positions: small); the token pass
+    runs checkpointed with a cache the layers only read (a recomputed layer must see the same keys/values
+    and must not append to the cache again); with ``use_reentrant=True`` the layers see the prompt
+    keys/values as leaves and :class:`_PrefixGradients` hands their gradients on.
+    """
+    layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
+    mode = checkpointing_mode(layers)[0] if layers else None
+    flagged = checkpoint_flagged(base_model) if layers else []
+    with _instance_attributes(flagged, "gradient_checkpointing", False):
+        prompt = run_prompt(model, prompt_embeds, all_logits=all_logits)  # batch K, N positions
+
+    keys, values = prompt.keys, prompt.values
+    if mode == "reentrant":
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (*keys, *values)]
+        if any(leaf.requires_grad for leaf in leaves):
+            token_embeds = _PrefixGradients.apply(token_embeds, leaves, *keys, *values)
+        keys, values = leaves[: len(keys)], leaves[len(keys) :]
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=base_model.config)
+    fill_prefix_cache(cache, keys, values, index, token_embeds.shape[0])
+    call = {**call, cache_argument(model): cache, "use_cache": True, "return_dict": True}
+    if mode is not None:  # the layers read the cache; a recomputed layer must not append to it again
+        for layer in cache.layers:
+            layer.update = functools.partial(_read_only_update, layer)
+        with _instance_attributes(layers, "_can_checkpoint_with_cache", True):
+            return prompt, model(inputs_embeds=token_embeds, **call), mode
+    return prompt, model(inputs_embeds=token_embeds, **call), mode
 
 
 def _causal_lm_loss(loss_function, last, token_logits, labels, loss_kwargs: dict) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""The causal-LM forward of packed rows: each document with its own soft prompt, as if run alone.
+
+:mod:`fastprompt.prompt_once.packed` says what the rows hold and builds the layouts and masks; this module
+makes the call. The base model is called as PEFT calls it (``inputs_embeds`` = PEFT's ``[B, N + L, D]``
+rows, labels prefixed with -100), so whatever head the model has (its own loss, TRL's fused LM head, a
+user's head) sees PEFT's shapes:
+
+- shared layout (default): the call carries the prompt-visible, block-causal mask(s) and the positions
+  ``0..N-1, N + p``; one model call, the prompt once per row.
+- inserted layout (``share_prompt_prefix=False``, flash attention): the decoder runs ``[P d1 P d2 ...]``
+  (:func:`inserted_plan`) and its hidden states are read back into PEFT's layout.
+
+Labels: a document's first label is predicted by the last virtual position when it runs alone. In a
+packed row the token before it belongs to another document, so its label must be -100 there (TRL's
+collators set it so) for the head's shifted loss to be exact. Where a later document's first label is not
+-100, the stock head's loss is computed here from the logits (:func:`packed.packed_causal_lm_loss`); a head
+of its own (TRL's ``fused_lm_head``, ...) cannot be told, and such labels raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import packed
+from .decoder_share import decoder_plan
+from .policy import ARCHITECTURES, CACHE_KEYWORDS, CALLS, LOSS_KEYWORDS, other_keywords
+
+_PACKED = "packed rows (position_ids that restart inside a row, no attention_mask)"
+
+
+def attention_implementation(base_model) -> str | None:
+    config = base_model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "_attn_implementation", None)
+
+
+def why_not_exact(base_model, kwargs: dict) -> str | None:
+    """Why packed rows cannot run exact on this model / call, or None."""
+    model_type = getattr(base_model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return (
+            f"base model type {model_type!r} is not among those checked exact for packed rows "
+            f"({', '.join(sorted(ARCHITECTURES))})"
+        )
+    for key in CACHE_KEYWORDS:
+        if kwargs.get(key) is not None:
+            return f"a cache was passed in ({key}=...)"
+    implementation = attention_implementation(base_model)
+    if implementation not in packed.MASK_FORMS and not packed.is_varlen(implementation):
+        return (
+            f"attn_implementation={implementation!r} (packed rows run with "
+            f"{', '.join(sorted(packed.MASK_FORMS))} and flash attention)"
+        )
+    return None
+
+
+def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: dict, labels, requested):
+    """The base model's output for packed rows, each document run as if alone.
+
+    Args:
+        base_model: the causal LM.
+        base_call: ``base_call(inputs_embeds, keywords)`` makes PEFT's base-model call.
+        inputs_embeds: PEFT's ``[B, N + L, D]`` rows (prompt first).
+        n: N.
+        rows: :class:`packed.PackedRows` of the ``[B, L]`` ids.
+        kwargs: the call's other keywords (no attention mask: packed rows have none; labels not here).
+        labels: ``[B, L]`` int64 or None, as the caller gave them (not prefixed).
+        requested: ``share_prompt_prefix`` (None / True: the shared layout where the attention kernel
+            allows; False: the prompt inserted before each document).
+
+    Raises:
+        ValueError: where this cannot be exact (model, attention implementation, a cache passed in,
+            ``share_prompt_prefix=True`` under flash attention, labels a head of its own cannot take).
+    """
+    reason = why_not_exact(base_model, kwargs)
+    if reason is not None:
+        raise ValueError(f"{_PACKED} cannot run exact: {reason}.")
+    implementation = attention_implementation(base_model)
+    varlen = packed.is_varlen(implementation)
+    if requested and varlen:
+        raise ValueError(
+            f"share_prompt_prefix=True cannot apply to {_PACKED} under {implementation}: its varlen kernels "
+            "need each document's keys contiguous, so the prompt is inserted before each document."
+        )
+    call = {k: v for k, v in kwargs.items() if k not in packed.FLASH_KWARGS}  # rewritten below if used
+    call["use_cache"] = False  # packed rows are not continued: no cache comes back
+    return_dict = call.pop("return_dict", None)
+    call["return_dict"] = True
+    own_loss = labels is not None and packed.doc_start_labels_matter(rows, labels)
+    loss_kwargs = {}
+    if own_loss:
+        heads = other_keywords(call)
+        if heads:
+            raise ValueError(
+                f"{_PACKED}: a document after the first in a row has a label on its first token, which the "
+                f"head of this call (keyword {heads[0]!r}) would have the previous document's last token "
+                "predict; set the first label of each document to -100 (TRL's collators do)."
+            )
+        loss_kwargs = {k: call.pop(k) for k in LOSS_KEYWORDS if k in call}
+    elif labels is not None:
+        prefix = torch.full((labels.shape[0], n), -100, dtype=labels.dtype, device=labels.device)
+        call["labels"] = torch.cat((prefix, labels), dim=1)
+
+    if requested is False or varlen:
+        inserted = packed.inserted_layout(rows, n)
+        plan = inserted_plan(base_model, inserted, implementation)
+        with decoder_plan(base_model, inputs_embeds, plan) as state:
+            output = base_call(inputs_embeds, call)
+        if not state.ran:
+            raise ValueError(
+                f"{_PACKED} with the prompt inserted before each document: the model's forward never "
+                "called its decoder with the prompted rows."
+            )
+        CALLS["packed inserted"] += 1
+    else:
+        call["attention_mask"] = packed.shared_masks(
+            rows, n, base_model.config.get_text_config(), implementation, inputs_embeds.dtype
+        )
+        call["position_ids"] = packed.shared_positions(rows, n)
+        output = base_call(inputs_embeds, call)
+        CALLS["packed shared"] += 1
+    if own_loss:
+        output["loss"] = packed.packed_causal_lm_loss(
+            output.logits, labels, rows, n, loss_kwargs.get("num_items_in_batch")
+        )
+    return output if return_dict is not False else output.to_tuple()
+
+
+def inserted_plan(base_model, inserted: packed.InsertedLayout, implementation: str):
+    """The decoder plan of the inserted layout: the decoder runs ``[B, S]`` slots (the prompt before each
+    document) with their mask or varlen keywords and positions; its hidden states (and per-layer hidden
+    states) come back in PEFT's ``[B, N + L, D]`` layout."""
+
+    def plan(forward, kwargs: dict, state):
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                f"output_attentions with {_PACKED} and the prompt inserted before each document: the "
+                "attention maps are of another layout than the rows."
+            )
+        call = dict(kwargs)
+        rows_embeds = packed.inserted_inputs(call.pop("inputs_embeds"), inserted)  # [B, S, D]
+        call["position_ids"] = inserted.layout.positions
+        if packed.is_varlen(implementation):
+            call["attention_mask"] = None
+            call.update(inserted.varlen)
+        else:
+            config = base_model.config.get_text_config()
+            call["attention_mask"] = packed.inserted_masks(
+                inserted, config, implementation, rows_embeds.dtype
+            )
+        output = forward(inputs_embeds=rows_embeds, **call)
+        fields = dict(output.items())
+        fields["last_hidden_state"] = packed.gathered_back(output.last_hidden_state, inserted)
+        if fields.get("hidden_states") is not None:
+            fields["hidden_states"] = tuple(
+                packed.gathered_back(h, inserted) for h in fields["hidden_states"]
+            )
+        state.ran += 1
+        output = type(output)(**fields)
+        return output if kwargs.get("return_dict") is not False else output.to_tuple()
+
+    return plan
