@@ -318,5 +318,9 @@ def test_trainer_bf16_with_the_shared_prompt_prefix(tmp_path):
     n = fast.peft_config["default"].num_virtual_tokens
     assert lengths[0::2] == [n] * 4 and n not in lengths[1::2]  # the prompt alone, then the rows alone
     torch.testing.assert_close(losses, losses_peft, atol=0, rtol=2e-3)
-    table = fast.prompt_encoder["default"].embedding.weight
-    torch.testing.assert_close(table, reference.prompt_encoder["default"].embedding.weight, atol=1e-2, rtol=0)
+    table = fast.prompt_encoder["default"].embedding.weight.detach()
+    difference = (table - reference.prompt_encoder["default"].embedding.weight.detach()).abs()
+    # README: "after a few AdamW steps a few table entries can differ by up to 2x the learning rate" (Adam
+    # normalizes: an entry whose bf16 gradient rounds to another sign steps the other way). The rest 1e-2.
+    assert difference.max() <= 2 * 0.1 + 1e-6
+    assert (difference > 1e-2).sum() <= max(1, difference.numel() // 10)
