@@ -222,3 +222,37 @@ def test_dpo_trainer_chosen_and_rejected_share_one_prompt_pass(tokenizer, tmp_pa
     prompt_passes = [s for s in shapes if s[1] == N and s[0] == 1]
     assert len(prompt_passes) >= 2  # one per training forward (2 chosen + 2 rejected rows each)
     torch.testing.assert_close(table, table_peft, atol=1e-5, rtol=0)
+
+
+def test_a_head_of_its_own_shares_at_the_decoder():
+    """A user's head that reads the decoder's hidden states (a subclass with its own ``forward``, as Liger's
+    fused linear cross-entropy patches the class): the prompt runs once at the decoder; outputs and the
+    prompt gradient are PEFT's."""
+    from transformers import LlamaForCausalLM
+
+    class MeanPooledHead(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+            hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+            logits = self.lm_head(hidden)  # [B, N + L, V]
+            return {"loss": logits.logsumexp(-1).mean(), "logits": logits}
+
+    base = tiny_models.build("llama", "CAUSAL_LM")
+    custom = MeanPooledHead(base.config)
+    custom.load_state_dict(base.state_dict())
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(copy.deepcopy(custom), config)
+    torch.manual_seed(1)
+    fast = fastprompt.get_peft_model(copy.deepcopy(custom), copy.deepcopy(config))
+    ids = torch.randint(4, tiny_models.VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
+    seen = _layer0_lengths(fast)
+    before = shared_prefix.CALLS["shared"]
+    results = []
+    for model in (reference.train(), fast.train()):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        weight = torch.randn(out["logits"].shape, generator=torch.Generator().manual_seed(2))
+        (out["loss"] + (out["logits"] * weight).sum()).backward()
+        results.append((out["logits"].detach(), model.prompt_encoder["default"].embedding.weight.grad))
+    assert shared_prefix.CALLS["shared"] == before + 1 and seen == [N, ids.shape[1]]
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-5)

@@ -153,16 +153,19 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
         )
     if input_ids.shape[1] == 0:
         return "no input tokens"
-    if cache_argument(base_model) not in _forward_parameters(base_model):
-        return f"{type(base_model).__name__}.forward takes no cache"
+    at_decoder = bool(other_keywords(kwargs)) or not stock_head(base_model)
+    runs = decoder_of(base_model) if at_decoder else base_model  # what runs the prompt pass
+    if runs is None:
+        what = f"keyword {other_keywords(kwargs)[0]!r}" if other_keywords(kwargs) else "a head of its own"
+        return f"{what} on a model without a separate decoder"
+    if cache_argument(runs) not in _forward_parameters(runs):
+        return f"{type(runs).__name__}.forward takes no cache"
     for key in ("output_attentions", "output_hidden_states"):
         if kwargs.get(key):
             return f"{key}=True (the per-layer outputs would lack the rows' virtual positions)"
     for key in CACHE_KEYWORDS:
         if kwargs.get(key) is not None:
             return f"a cache was passed in ({key}=...)"
-    if other_keywords(kwargs) and decoder_of(base_model) is None:
-        return f"keyword {other_keywords(kwargs)[0]!r} is not supported with a shared prompt"
     if task == "TOKEN_CLS" and kwargs.get("labels") is not None:
         return "token classification labels (PEFT does not prefix them)"
     if any(k in kwargs and kwargs[k] is not None for k in LOSS_KEYWORDS) and task != "CAUSAL_LM":
@@ -234,7 +237,8 @@ def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tens
     Returns:
         None (PEFT's path), ``MODEL`` (:mod:`.shared_forward`: the stock forward, which then need not
         compute the prompt positions' logits for every row) or ``DECODER`` (:mod:`.decoder_share`: the
-        call carries a head's own keywords, e.g. TRL's ``fused_lm_head``).
+        call carries a head's own keywords, e.g. TRL's ``fused_lm_head``, or the head is not
+        transformers' own: Liger's fused linear cross-entropy, a user's subclass).
 
     Args:
         task, kwargs, input_ids: as for :func:`why_not_share` (``input_ids``: ``[B, L]``).
@@ -253,4 +257,12 @@ def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tens
     if requested is None and not sharing_pays(input_ids.shape[0], prompts, n, input_ids.shape[1]):
         CALLS["not shared"] += 1
         return None
-    return DECODER if other_keywords(kwargs) else MODEL
+    base_model = peft_model.get_base_model()
+    return DECODER if other_keywords(kwargs) or not stock_head(base_model) else MODEL
+
+
+def stock_head(base_model) -> bool:
+    """Whether the model's class ``forward`` is transformers' own (the shared forward reads its logits);
+    a head of another package (Liger's fused linear cross-entropy patches the class) or a user's subclass
+    reads the decoder's hidden states its own way: the prompt is then shared at the decoder."""
+    return getattr(type(base_model).forward, "__module__", "").startswith("transformers.")
