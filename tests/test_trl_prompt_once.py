@@ -135,15 +135,17 @@ def _sft(tokenizer, output_dir, *, patched: bool, steps: int = 2, max_length=16,
     return trainer.model.prompt_encoder["default"].embedding.weight.detach().clone(), lengths, trainer
 
 
-def test_sft_trainer_as_shipped_shares_the_prompt(tokenizer, tmp_path):
-    """``SFTTrainer`` defaults: TRL's fused LM head and gradient checkpointing on. The prompt runs once per
-    step (batch 1, N positions) and the table trains as PEFT's does (SGD: the table then moves by the
-    gradient itself; Adam's normalization turns rounding-order differences of near-zero gradient entries
-    into steps of the learning rate's size)."""
-    table_peft, _, trainer_peft = _sft(tokenizer, tmp_path / "peft", patched=False, optim="sgd")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sft_trainer_as_shipped_shares_the_prompt(tokenizer, tmp_path, bf16):
+    """``SFTTrainer`` defaults: TRL's fused LM head and gradient checkpointing on, in fp32 and with
+    ``bf16=True`` (autocast in both passes). The prompt runs once per step (batch 1, N positions) and the
+    table trains as PEFT's does (SGD: the table then moves by the gradient itself; Adam's normalization
+    turns rounding-order differences of near-zero gradient entries into steps of the learning rate's
+    size)."""
+    table_peft, _, trainer_peft = _sft(tokenizer, tmp_path / "peft", patched=False, optim="sgd", bf16=bf16)
     assert trainer_peft.args.gradient_checkpointing  # TRL's default
     before = shared_prefix.CALLS["shared"]
-    table, lengths, _ = _sft(tokenizer, tmp_path / "fast", patched=True, optim="sgd")
+    table, lengths, trainer = _sft(tokenizer, tmp_path / "fast", patched=True, optim="sgd", bf16=bf16)
     assert shared_prefix.CALLS["shared"] == before + 2
     assert lengths[0::2] == [N, N]  # each step: the prompt pass, then the rows (recomputed in backward)
     torch.testing.assert_close(table, table_peft, atol=1e-5, rtol=0)
