@@ -101,3 +101,13 @@ def reset_accelerator_state() -> None:
     except ImportError:
         return
     AcceleratorState._reset_state()
+
+
+def layer0_lengths(model) -> list:
+    """The sequence lengths the first decoder layer of a PEFT model's base sees, one per call (a list the
+    hook appends to): how tests see that the prompt ran once (``[N, L]``: the prompt pass, then the rows)."""
+    lengths: list[int] = []
+    decoder = model.get_base_model().get_decoder()
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    return lengths

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from peft_helpers import model_pair
+from peft_helpers import layer0_lengths, model_pair
 
 from fastprompt.prompt_once import packed, packed_forward
 from fastprompt.prompt_once import policy as shared_prefix
@@ -68,14 +68,6 @@ def _reference_loss(reference, docs, labels):
         return total / count
 
 
-def _layer0_lengths(model) -> list:
-    lengths: list[int] = []
-    layer = model.get_base_model().get_decoder()
-    layers = getattr(layer, "layers", None) or getattr(layer, "h", None)
-    layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
-    return lengths
-
-
 def _check(family, implementation, share, first_label, *, config=None, lengths=LENGTHS):
     reference, fast = model_pair(family, "CAUSAL_LM", num_virtual_tokens=N)
     if config:
@@ -94,7 +86,7 @@ def _check(family, implementation, share, first_label, *, config=None, lengths=L
     loss_alone = _reference_loss(reference, docs, labels)
 
     ids, positions, packed_labels = _packed(docs, labels)
-    seen = _layer0_lengths(fast)
+    seen = layer0_lengths(fast)
     fast.zero_grad()
     before = dict(shared_prefix.CALLS)
     with warnings.catch_warnings():
@@ -185,7 +177,7 @@ def test_pads_of_pad_to_multiple_of_cost_no_prompt(share):
     ids = torch.cat((ids, torch.full((1, pads), tiny_models.PAD)), dim=1)
     positions = torch.cat((positions, torch.zeros(1, pads, dtype=torch.int64)), dim=1)
     packed_labels = torch.cat((packed_labels, torch.full((1, pads), -100)), dim=1)
-    seen = _layer0_lengths(fast)
+    seen = layer0_lengths(fast)
     out = fast(input_ids=ids, position_ids=positions, labels=packed_labels, share_prompt_prefix=share)
     torch.testing.assert_close(out.loss, _reference_loss(reference, docs, labels), atol=1e-6, rtol=1e-6)
     total = ids.shape[1]

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from peft_helpers import reset_accelerator_state
+from peft_helpers import layer0_lengths, reset_accelerator_state
 
 import fastprompt
 from fastprompt.prompt_once import policy as shared_prefix
@@ -36,14 +36,6 @@ def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_models.save_tokenizer(tmp_path_factory.mktemp("tokenizer")))
-
-
-def _layer0_lengths(model) -> list:
-    lengths: list[int] = []
-    decoder = model.get_base_model().get_decoder()
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
-    return lengths
 
 
 def _fused_pair(family: str):
@@ -77,7 +69,7 @@ def test_fused_lm_head_forward_shares_the_prompt_and_equals_peft(family, checkpo
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
     labels = ids.masked_fill(mask == 0, -100)
-    seen = _layer0_lengths(fast)
+    seen = layer0_lengths(fast)
     before = shared_prefix.CALLS["shared"]
     outputs, grads = [], []
     for model in (reference, fast):
@@ -247,7 +239,7 @@ def test_a_head_of_its_own_shares_at_the_decoder():
     torch.manual_seed(1)
     fast = fastprompt.get_peft_model(copy.deepcopy(custom), copy.deepcopy(config))
     ids = torch.randint(4, tiny_models.VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
-    seen = _layer0_lengths(fast)
+    seen = layer0_lengths(fast)
     before = shared_prefix.CALLS["shared"]
     results = []
     for model in (reference.train(), fast.train()):
