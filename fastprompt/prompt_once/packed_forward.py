@@ -23,7 +23,7 @@ import torch
 
 from . import packed
 from .decoder_share import decoder_plan
-from .policy import ARCHITECTURES, CACHE_KEYWORDS, CALLS, LOSS_KEYWORDS, other_keywords
+from .policy import ARCHITECTURES, CACHE_KEYWORDS, CALLS, LOSS_KEYWORDS, other_keywords, stock_head
 
 _PACKED = "packed rows (position_ids that restart inside a row, no attention_mask)"
 
@@ -90,11 +90,12 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
     loss_kwargs = {}
     if own_loss:
         heads = other_keywords(call)
-        if heads:
+        if heads or not stock_head(base_model):
+            head = f"keyword {heads[0]!r}" if heads else f"{type(base_model).__name__}.forward"
             raise ValueError(
                 f"{_PACKED}: a document after the first in a row has a label on its first token, which the "
-                f"head of this call (keyword {heads[0]!r}) would have the previous document's last token "
-                "predict; set the first label of each document to -100 (TRL's collators do)."
+                f"head of this call ({head}) would have the previous document's last token predict; set "
+                "the first label of each document to -100 (TRL's collators do)."
             )
         loss_kwargs = {k: call.pop(k) for k in LOSS_KEYWORDS if k in call}
     elif labels is not None:
