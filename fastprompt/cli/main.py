@@ -24,6 +24,7 @@ import torch
 
 from ..benchmarks.measure import keep_freed_memory
 from ..benchmarks.providers import PROVIDERS
+from ..serving.adapter_dir import DEFAULT_MAX_LOADED
 
 
 class UsageError(Exception):
@@ -266,6 +267,11 @@ def _adapter_dirs(pairs: list[str]) -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     adapters = _adapter_dirs(args.adapter)
+    adapter_dir = args.adapter_dir and os.path.expanduser(args.adapter_dir)
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise UsageError(f"--adapter-dir {args.adapter_dir!r}: no such directory")
+    if args.max_loaded_adapters is not None and adapter_dir is None:
+        raise UsageError("--max-loaded-adapters bounds the adapters of --adapter-dir: give --adapter-dir too")
     try:
         from ..serving.server import serve
     except ImportError as err:
@@ -279,6 +285,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         engine_args=args.engine_args,
         allow_adapter_updates=args.allow_adapter_updates,
+        adapter_dir=adapter_dir,
+        max_loaded_adapters=args.max_loaded_adapters,
     )
     return 0
 
@@ -356,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=DIR",
         help="a PEFT prompt-tuning adapter directory served as model NAME (repeat for more)",
+    )
+    serve.add_argument(
+        "--adapter-dir",
+        metavar="DIR",
+        help="serve every adapter DIR/NAME as model NAME, loaded on its first request and reloaded when "
+        "its files change; --adapter names win over DIR's (README: 'Many adapters from a directory')",
+    )
+    serve.add_argument(
+        "--max-loaded-adapters",
+        type=_positive(int),
+        metavar="K",
+        help=f"keep at most K of DIR's tables in memory, least recently used dropped "
+        f"(default {DEFAULT_MAX_LOADED})",
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
