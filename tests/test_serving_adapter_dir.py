@@ -19,34 +19,15 @@ from fastprompt.serving.adapter_dir import (
     valid_name,
 )
 from fastprompt.serving.prompts import read_adapter_table
-from fastprompt.testing.adapter_files import SERVING_BAD_FILES, corrupt_adapter, save_prompt_adapter
+from fastprompt.testing.adapter_files import (
+    ESCAPING_NAMES,
+    SERVING_BAD_FILES,
+    add_escaping_links,
+    corrupt_adapter,
+    save_prompt_adapter,
+)
 
 DIM = 16
-
-# every way out of the directory, or around the rule, that a client could send as a model name
-ESCAPES = [
-    "..",
-    "../outside",
-    "../../etc/passwd",
-    "sub/alpha",
-    "alpha/",
-    "/etc/passwd",
-    "%2e%2e",
-    "%2e%2e%2foutside",
-    "..%2foutside",
-    "",
-    ".",
-    ".hidden",
-    "-dash",
-    "alpha\x00",
-    "al\x00pha",
-    "alpha\n",
-    "..\\outside",
-    "ａｌｐｈａ",  # fullwidth letters: not ASCII
-    "a" * (MAX_NAME_LENGTH + 1),
-    "link_out",  # a symlink in DIR to an adapter outside it
-    "file_link_out",  # a directory in DIR whose weights file is a symlink to a file outside it
-]
 
 
 def _table(seed: int, rows: int = 4) -> torch.Tensor:
@@ -55,17 +36,14 @@ def _table(seed: int, rows: int = 4) -> torch.Tensor:
 
 @pytest.fixture
 def tree(tmp_path):
-    """(DIR, outside): DIR holds alpha, beta, a hidden adapter, a nested one and the escaping links;
+    """(DIR, outside): DIR holds alpha, beta, a nested adapter and the escaping links and hidden copy;
     outside (next to DIR) holds a valid adapter nobody may reach."""
     root, outside = tmp_path / "adapters", tmp_path / "outside"
-    for name, seed in (("alpha", 1), ("beta", 2), (".hidden", 3)):
+    for name, seed in (("alpha", 1), ("beta", 2)):
         save_prompt_adapter(root / name, _table(seed))
     save_prompt_adapter(root / "sub" / "alpha", _table(4))
     save_prompt_adapter(outside, _table(5))
-    os.symlink(outside, root / "link_out")
-    (root / "file_link_out").mkdir()
-    shutil.copy(outside / "adapter_config.json", root / "file_link_out" / "adapter_config.json")
-    os.symlink(outside / "adapter_model.safetensors", root / "file_link_out" / "adapter_model.safetensors")
+    add_escaping_links(root, outside)
     return root, outside
 
 
@@ -79,7 +57,7 @@ def _store(root, events=None, **kwargs):
 def test_name_rule():
     for name in ["alpha", "a", "A-b_c.d", "tenant.v2", "_x", "9", "a" * MAX_NAME_LENGTH]:
         assert valid_name(name), name
-    for name in [*ESCAPES[:-2], None, 7, b"alpha"]:
+    for name in [*ESCAPING_NAMES[:-2], None, 7, b"alpha"]:
         assert not valid_name(name), name
 
 
@@ -98,7 +76,7 @@ def opened(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("name", ESCAPES, ids=repr)
+@pytest.mark.parametrize("name", ESCAPING_NAMES, ids=repr)
 def test_escapes_are_unknown_and_open_nothing_outside(tree, opened, name):
     root, outside = tree
     store = _store(root)
