@@ -56,4 +56,5 @@ def vllm_listeners() -> tuple:
             ours.addHandler(handler)
         ours.setLevel(vllm_logger.level)
         ours.propagate = False
+    _metrics()  # registered now: /metrics shows them at 0 before the first load
     return (log_event, count_event)
