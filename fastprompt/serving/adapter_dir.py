@@ -217,7 +217,8 @@ class AdapterDirectory:
         if entry is not None:
             return entry.table
         with self._load_lock(name):
-            return self._load(name)
+            entry = self._fresh(name, self._keys(name))  # loaded by the request this one waited for
+            return entry.table if entry is not None else self._load(name)
 
     def _fresh(self, name: str, keys: tuple) -> _Entry | None:
         """The held entry of ``name`` if ``keys`` (the files' stat now) say it is current."""
@@ -232,9 +233,6 @@ class AdapterDirectory:
         start = time.perf_counter()
         read_ns = time.time_ns()
         snapshot = self._snapshot(name)
-        entry = self._fresh(name, snapshot.keys)  # loaded by the request this one waited for
-        if entry is not None:
-            return entry.table
         with self._lock:
             held = self._entries.get(name)
         if held is not None and held.digest == snapshot.digest:
