@@ -175,6 +175,10 @@ def _bench(args: argparse.Namespace) -> int:
         if vllm_available():
             progress("serving on vLLM (fastprompt.vllm): D=512 x6 Llama, see bench/bench_vllm.py for more")
             results += serving_results(((512, 6),), repeats=3, progress=progress, notes=notes)
+            from ..benchmarks.multi_tenant import multi_tenant_results
+
+            progress("many adapters through `serve --adapter-dir` (D=512 x6): 60 vs 1, 16 clients")
+            results += multi_tenant_results((512, 6), repeats=1, progress=progress, notes=notes)
         else:
             progress("no serving rows: vLLM is not installed (README, 'Serving with vLLM')")
     meta["model"] = model_name
@@ -186,7 +190,8 @@ def _bench(args: argparse.Namespace) -> int:
         "GB/s from the bytes that must move (inputs read once, output written once);\n"
         "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up);\n"
         "mixed rows: 'vs peft' is against the per-adapter loop (set_adapter per sub-batch); prompt-KV rows:\n"
-        "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path."
+        "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path;\n"
+        "multi-tenant rows (serve 180 req): the 60-adapter throughput over the 1-adapter one (goal >= 0.8)."
     )
     if notes:
         print("\nNotes:")

@@ -21,6 +21,12 @@ from collections.abc import Iterator
 START_TIMEOUT_S = 300
 
 
+def vllm_arguments(engine: dict) -> list[str]:
+    """vLLM engine keyword arguments as its command-line arguments (``True``: a bare flag)."""
+    args = [f"--{key.replace('_', '-')}={value}" for key, value in engine.items() if value is not True]
+    return args + [f"--{key.replace('_', '-')}" for key, value in engine.items() if value is True]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:

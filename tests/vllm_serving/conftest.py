@@ -23,9 +23,9 @@ from vllm_helpers import (
     ADAPTER_ROWS,
     API_KEY,
     CHAT_TEMPLATE,
+    ENGINE,
     HIDDEN,
     TENANTS,
-    engine_args,
     table,
     tenant_rows,
 )
@@ -91,11 +91,11 @@ def server(base_dir, adapter_dirs, tenant_dir, server_log):
     """The base URL of one ``python -m fastprompt serve`` for every HTTP test: ``--adapter`` alpha and beta,
     ``--adapter-dir`` the tenants (at most 8 held: eviction happens under load), updates allowed, a chat
     template, vLLM's ``--api-key API_KEY``. Its log is ``server_log``."""
-    from fastprompt.testing.server_process import served
+    from fastprompt.testing.server_process import served, vllm_arguments
 
     args = [f"--adapter={name}={adapter_dirs[name]}" for name in ("alpha", "beta")]
     args += [f"--adapter-dir={tenant_dir}", "--max-loaded-adapters=8", "--allow-adapter-updates"]
-    args += [f"--chat-template={CHAT_TEMPLATE}", *engine_args()]
+    args += [f"--chat-template={CHAT_TEMPLATE}", *vllm_arguments(ENGINE)]
     try:
         with served(base_dir, args, server_log, api_key=API_KEY) as url:
             yield url

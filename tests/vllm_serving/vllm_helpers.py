@@ -20,12 +20,6 @@ def tenant_rows(index: int) -> int:
     return 8 + 8 * (index % 5)
 
 
-def engine_args() -> list[str]:
-    """``ENGINE`` as vLLM command-line arguments."""
-    args = [f"--{key.replace('_', '-')}={value}" for key, value in ENGINE.items() if value is not True]
-    return args + [f"--{key.replace('_', '-')}" for key, value in ENGINE.items() if value is True]
-
-
 def table(rows: int, seed: int) -> torch.Tensor:
     """A prompt table [rows, HIDDEN] fp32, values of the size of the word embeddings' (std 0.2)."""
     return 0.2 * torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed))
