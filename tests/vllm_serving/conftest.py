@@ -96,8 +96,12 @@ def server(base_dir, adapter_dirs, tenant_dir, server_log):
     args = [f"--adapter={name}={adapter_dirs[name]}" for name in ("alpha", "beta")]
     args += [f"--adapter-dir={tenant_dir}", "--max-loaded-adapters=8", "--allow-adapter-updates"]
     args += [f"--chat-template={CHAT_TEMPLATE}", *vllm_arguments(ENGINE)]
+    # the server's worker on all cores but one: the API server, engine loop and 16 test clients share the
+    # last (on every core, the worker's OpenMP threads stall behind them at every step)
+    cores = os.cpu_count() or 1
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 2}" if cores > 1 else "0")
     try:
-        with served(base_dir, args, server_log, api_key=API_KEY) as url:
+        with served(base_dir, args, server_log, api_key=API_KEY, env=env) as url:
             yield url
     except RuntimeError as err:
         pytest.fail(str(err))
