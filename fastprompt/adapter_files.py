@@ -13,8 +13,10 @@ every value is finite) and raise :class:`AdapterFileError` with what is wrong an
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -57,31 +59,67 @@ def read_prompt_config(model_id, subfolder: str | None = None) -> dict | None:
     return config
 
 
-def _stored_table(path: str):
-    """(file, the ``prompt_embeddings`` tensor) from the safetensors file or the pickle."""
-    safetensors_file = os.path.join(path, SAFETENSORS_NAME)
-    bin_file = os.path.join(path, BIN_NAME)
-    if os.path.isfile(safetensors_file):
-        from safetensors import safe_open
+class AdapterFiles(NamedTuple):
+    """Where one adapter's files are read from.
 
+    ``where``: how messages name the adapter's directory (a path, or for a served directory of adapters
+    only the adapter's name, so no server path reaches a client); ``read(name)``: the bytes of the file
+    ``name`` in it, None when there is no such file (an ``OSError`` when it cannot be read).
+    """
+
+    where: str
+    read: Callable[[str], bytes | None]
+
+    def file(self, name: str) -> str:
+        """How messages name the file ``name`` of this adapter."""
+        return os.path.join(self.where, name)
+
+
+def local_files(path) -> AdapterFiles:
+    """The files of the adapter directory ``path``, read as they are (links followed)."""
+    path = os.fspath(path)
+
+    def read(name: str) -> bytes | None:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return None
+        with open(file, "rb") as handle:
+            return handle.read()
+
+    return AdapterFiles(path, read)
+
+
+def _read(files: AdapterFiles, name: str) -> bytes | None:
+    try:
+        return files.read(name)
+    except OSError as exc:  # the message names the file as ``files`` does, not the OS's path
+        raise AdapterFileError(f"Cannot read {files.file(name)}: {exc.strerror or exc}") from exc
+
+
+def _stored_table(files: AdapterFiles):
+    """(file, the ``prompt_embeddings`` tensor) from the safetensors file or the pickle."""
+    data = _read(files, SAFETENSORS_NAME)
+    if data is not None:
+        from safetensors.torch import load
+
+        safetensors_file = files.file(SAFETENSORS_NAME)
         try:
-            with safe_open(safetensors_file, framework="pt") as file:
-                if PROMPT_KEY not in file.keys():
-                    raise AdapterFileError(
-                        f"{safetensors_file} has no '{PROMPT_KEY}' tensor (keys: {sorted(file.keys())}): "
-                        "it is not a prompt-tuning adapter's weights file."
-                    )
-                table = file.get_tensor(PROMPT_KEY)  # reads the data: catches truncation past the header
-        except AdapterFileError:
-            raise
+            tensors = load(data)  # reads the data too: catches truncation past the header
         except Exception as exc:
             raise AdapterFileError(
                 f"{safetensors_file} is not a readable safetensors file (corrupt or truncated): {exc}"
             ) from exc
-        return safetensors_file, table
-    if os.path.isfile(bin_file):
+        if PROMPT_KEY not in tensors:
+            raise AdapterFileError(
+                f"{safetensors_file} has no '{PROMPT_KEY}' tensor (keys: {sorted(tensors)}): "
+                "it is not a prompt-tuning adapter's weights file."
+            )
+        return safetensors_file, tensors[PROMPT_KEY]
+    data = _read(files, BIN_NAME)
+    if data is not None:
+        bin_file = files.file(BIN_NAME)
         try:
-            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise AdapterFileError(f"{bin_file} cannot be read (corrupt or truncated): {exc}") from exc
         if not isinstance(state, dict) or PROMPT_KEY not in state:
@@ -89,7 +127,8 @@ def _stored_table(path: str):
             raise AdapterFileError(f"{bin_file} has no '{PROMPT_KEY}' tensor (keys: {keys}).")
         return bin_file, state[PROMPT_KEY]
     raise AdapterFileError(
-        f"No adapter weights in {path}: expected {SAFETENSORS_NAME} (or {BIN_NAME}) next to {CONFIG_NAME}."
+        f"No adapter weights in {files.where}: expected {SAFETENSORS_NAME} (or {BIN_NAME}) next to "
+        f"{CONFIG_NAME}."
     )
 
 
@@ -118,7 +157,7 @@ def check_prompt_adapter_files(
     config = read_prompt_config(model_id, subfolder)
     if config is None:
         return
-    _checked_table(_adapter_dir(model_id, subfolder), config, model_dim, existing_shape)
+    _checked_table(local_files(_adapter_dir(model_id, subfolder)), config, model_dim, existing_shape)
 
 
 class PromptAdapter(NamedTuple):
@@ -140,23 +179,29 @@ def load_prompt_adapter(path, model_dim: int | None = None) -> PromptAdapter:
     ``adapter_model.bin``), as ``PeftModel.save_pretrained`` writes them. Checked: the config is readable
     and its ``peft_type`` is ``PROMPT_TUNING``; ``token_dim`` equals ``model_dim`` (when given); the
     weights file is readable, has ``prompt_embeddings`` of shape [num_virtual_tokens *
-    num_transformer_submodules, token_dim], and every value is finite.
+    num_transformer_submodules, token_dim], and every value is finite. ``path`` may also be an
+    :class:`AdapterFiles` (files read another way, named in messages as it says).
 
     Raises:
         AdapterFileError: naming the file and what is wrong with it.
     """
-    path = os.fspath(path)
-    config_file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isdir(path):
-        raise AdapterFileError(f"Adapter directory {path} does not exist (or is not a directory).")
-    if not os.path.isfile(config_file):
+    if isinstance(path, AdapterFiles):
+        files = path
+    else:
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise AdapterFileError(f"Adapter directory {path} does not exist (or is not a directory).")
+        files = local_files(path)
+    config_file = files.file(CONFIG_NAME)
+    data = _read(files, CONFIG_NAME)
+    if data is None:
         raise AdapterFileError(
-            f"No {CONFIG_NAME} in {path}: expected a PEFT prompt-tuning adapter saved with save_pretrained."
+            f"No {CONFIG_NAME} in {files.where}: expected a PEFT prompt-tuning adapter saved with "
+            "save_pretrained."
         )
     try:
-        with open(config_file) as file:
-            config = json.load(file)
-    except (OSError, ValueError) as exc:
+        config = json.loads(data)
+    except ValueError as exc:
         raise AdapterFileError(f"Cannot read {config_file}: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterFileError(f"{config_file} holds a {type(config).__name__}, not a JSON object.")
@@ -169,20 +214,20 @@ def load_prompt_adapter(path, model_dim: int | None = None) -> PromptAdapter:
         raise AdapterFileError(
             f"{config_file} has num_virtual_tokens={config.get('num_virtual_tokens')!r}, expected an int."
         )
-    weights_file, table = _checked_table(path, config, model_dim, None)
+    weights_file, table = _checked_table(files, config, model_dim, None)
     return PromptAdapter(table, config, weights_file)
 
 
-def _checked_table(path: str, config: dict, model_dim: int | None, existing_shape: tuple | None):
-    """(weights file, table) of the adapter in ``path`` whose config is ``config``, checked."""
-    config_file = os.path.join(path, CONFIG_NAME)
+def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, existing_shape: tuple | None):
+    """(weights file, table) of the adapter in ``files`` whose config is ``config``, checked."""
+    config_file = files.file(CONFIG_NAME)
     token_dim = config.get("token_dim")
     if model_dim is not None and token_dim is not None and token_dim != model_dim:
         raise AdapterFileError(
             f"{config_file} has token_dim={token_dim}, but the model's word embeddings have dimension "
             f"{model_dim}: this adapter was trained for another model."
         )
-    weights_file, table = _stored_table(path)
+    weights_file, table = _stored_table(files)
     if not isinstance(table, torch.Tensor):
         raise AdapterFileError(f"{weights_file}: '{PROMPT_KEY}' is a {type(table).__name__}, not a tensor.")
     shape = tuple(table.shape)

@@ -48,3 +48,30 @@ def test_other_commands_still_refuse_unknown_arguments():
 def test_without_vllm_says_how_to_install(tmp_path, capsys):
     assert main(["serve", "base", "--adapter", f"a={tmp_path}"]) == 2
     assert "serve needs vLLM" in capsys.readouterr().err
+
+
+def test_adapter_dir_arguments(tmp_path):
+    args, extra = build_parser().parse_known_args(
+        ["serve", "base", "--adapter-dir", str(tmp_path), "--max-loaded-adapters", "16", "--dtype=float32"]
+    )
+    assert args.adapter_dir == str(tmp_path) and args.max_loaded_adapters == 16
+    assert extra == ["--dtype=float32"]
+    assert build_parser().parse_known_args(["serve", "base"])[0].adapter_dir is None
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--adapter-dir", "/no/such/dir"], "--adapter-dir '/no/such/dir': no such directory"),
+        (["--max-loaded-adapters", "4"], "give --adapter-dir too"),
+    ],
+)
+def test_bad_adapter_dir_arguments(argv, message, capsys):
+    assert main(["serve", "base", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_max_loaded_adapters_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "base", "--adapter-dir", str(tmp_path), "--max-loaded-adapters", "0"])
+    assert info.value.code == 2

@@ -68,13 +68,12 @@ def llama_config(hidden: int, layers: int):
     )
 
 
-def save_workload(directory: str, hidden: int, layers: int, *, seed: int = 0) -> tuple[str, dict[str, str]]:
-    """Save the base model (with a small local tokenizer) and ``ADAPTERS`` PEFT adapters into
-    ``directory``; (base model directory, {adapter name: directory})."""
+def save_base_model(directory: str, hidden: int, layers: int, *, seed: int = 0) -> tuple[str, float]:
+    """Save the workload's base model (with a small local tokenizer) into ``directory``; (its directory,
+    the std its weights were initialized with: the size adapters' rows are drawn at)."""
     from transformers import AutoModelForCausalLM
 
     from ..testing import tiny_models
-    from ..testing.adapter_files import save_prompt_adapter
 
     base = os.path.join(directory, f"llama-{hidden}x{layers}")
     torch.manual_seed(seed)
@@ -82,8 +81,16 @@ def save_workload(directory: str, hidden: int, layers: int, *, seed: int = 0) ->
     model.generation_config.eos_token_id = None
     model.save_pretrained(base)
     tiny_models.save_tokenizer(base)
+    return base, model.config.initializer_range
+
+
+def save_workload(directory: str, hidden: int, layers: int, *, seed: int = 0) -> tuple[str, dict[str, str]]:
+    """Save the base model (with a small local tokenizer) and ``ADAPTERS`` PEFT adapters into
+    ``directory``; (base model directory, {adapter name: directory})."""
+    from ..testing.adapter_files import save_prompt_adapter
+
+    base, std = save_base_model(directory, hidden, layers, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    std = model.config.initializer_range
     adapters = {}
     for k in range(ADAPTERS):
         path = os.path.join(directory, f"task{k}")
@@ -98,9 +105,11 @@ def request_ids(seed: int) -> list[list[int]]:
     return torch.randint(4, VOCAB, (REQUESTS, INPUT_TOKENS), generator=generator).tolist()
 
 
-def _summary(times: list[float]) -> tuple[float, float]:
-    """(median, interquartile range / median; the full range below 4 values)."""
+def median_and_spread(times: list[float]) -> tuple[float, float | None]:
+    """(median, interquartile range / median; the full range below 4 values; None for one value)."""
     median = statistics.median(times)
+    if len(times) < 2:
+        return median, None
     if len(times) >= 4:
         q = statistics.quantiles(times, n=4)
         return median, (q[2] - q[0]) / median
@@ -224,7 +233,7 @@ def serving_results(
             base, adapters = save_workload(directory, hidden, layers)
             progress(f"serving: {repeats} batches per provider, interleaved")
             measured = _measure(base, adapters, repeats, engine, with_transformers, device)
-        summaries = {name: _summary(times) for name, times in measured["times"].items()}
+        summaries = {name: median_and_spread(times) for name, times in measured["times"].items()}
         reference = summaries.get("transformers", (None,))[0]
         for name, (median, spread) in summaries.items():
             speedup = None if reference is None else reference / median

@@ -24,6 +24,7 @@ import torch
 
 from ..benchmarks.measure import keep_freed_memory
 from ..benchmarks.providers import PROVIDERS
+from ..serving.adapter_dir import DEFAULT_MAX_LOADED
 
 
 class UsageError(Exception):
@@ -174,6 +175,10 @@ def _bench(args: argparse.Namespace) -> int:
         if vllm_available():
             progress("serving on vLLM (fastprompt.vllm): D=512 x6 Llama, see bench/bench_vllm.py for more")
             results += serving_results(((512, 6),), repeats=3, progress=progress, notes=notes)
+            from ..benchmarks.multi_tenant import multi_tenant_results
+
+            progress("many adapters through `serve --adapter-dir` (D=512 x6): 60 vs 1, 16 clients")
+            results += multi_tenant_results((512, 6), repeats=1, progress=progress, notes=notes)
         else:
             progress("no serving rows: vLLM is not installed (README, 'Serving with vLLM')")
     meta["model"] = model_name
@@ -185,7 +190,8 @@ def _bench(args: argparse.Namespace) -> int:
         "GB/s from the bytes that must move (inputs read once, output written once);\n"
         "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up);\n"
         "mixed rows: 'vs peft' is against the per-adapter loop (set_adapter per sub-batch); prompt-KV rows:\n"
-        "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path."
+        "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path;\n"
+        "multi-tenant rows (serve 180 req): the 60-adapter throughput over the 1-adapter one (goal >= 0.8)."
     )
     if notes:
         print("\nNotes:")
@@ -266,6 +272,11 @@ def _adapter_dirs(pairs: list[str]) -> dict[str, str]:
 
 def _serve(args: argparse.Namespace) -> int:
     adapters = _adapter_dirs(args.adapter)
+    adapter_dir = args.adapter_dir and os.path.expanduser(args.adapter_dir)
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise UsageError(f"--adapter-dir {args.adapter_dir!r}: no such directory")
+    if args.max_loaded_adapters is not None and adapter_dir is None:
+        raise UsageError("--max-loaded-adapters bounds the adapters of --adapter-dir: give --adapter-dir too")
     try:
         from ..serving.server import serve
     except ImportError as err:
@@ -279,6 +290,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         engine_args=args.engine_args,
         allow_adapter_updates=args.allow_adapter_updates,
+        adapter_dir=adapter_dir,
+        max_loaded_adapters=args.max_loaded_adapters,
     )
     return 0
 
@@ -356,6 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=DIR",
         help="a PEFT prompt-tuning adapter directory served as model NAME (repeat for more)",
+    )
+    serve.add_argument(
+        "--adapter-dir",
+        metavar="DIR",
+        help="serve every adapter DIR/NAME as model NAME, loaded on its first request and reloaded when "
+        "its files change; --adapter names win over DIR's (README: 'Many adapters from a directory')",
+    )
+    serve.add_argument(
+        "--max-loaded-adapters",
+        type=_positive(int),
+        metavar="K",
+        help=f"keep at most K of DIR's tables in memory, least recently used dropped "
+        f"(default {DEFAULT_MAX_LOADED})",
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")

@@ -3,10 +3,14 @@
 - ``word_table``: the base model's word embeddings read from its checkpoint files.
 - ``prompts``: ``PromptAdapters``, named prompt tables from PEFT's files, and each request's
   ``prompt_embeds`` (adapter rows then token rows) built with ``fastprompt.prompt_concat``.
+- ``adapter_dir``: ``AdapterDirectory``, a directory of adapters served by name on demand (the name rule,
+  files opened only inside it, the LRU bound, reloads when files change); ``adapter_events``: its loads,
+  reloads and evictions as log lines in vLLM's format and Prometheus metrics (needs vLLM).
 - ``settings``: the engine settings soft prompts need (prompt embeddings on, prefix caching, block size).
 - ``offline``: ``LLM`` (also ``fastprompt.vllm.LLM``), vLLM's offline engine with ``adapter_names``.
 - ``server``: the OpenAI-compatible server of ``python -m fastprompt serve``: vLLM's own OpenAI serving,
   where ``"model": NAME`` picks a soft prompt.
 
-Importing ``offline`` or ``server`` imports vLLM; ``word_table`` and ``prompts`` do not.
+Importing ``offline``, ``server`` or ``adapter_events`` imports vLLM; ``word_table``, ``prompts`` and
+``adapter_dir`` do not.
 """

@@ -8,6 +8,7 @@ with adapter None go to vLLM unchanged (token prompts, vLLM's usual prefix cache
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from .prompts import PromptAdapters, check_adapter_dirs
@@ -21,6 +22,12 @@ class LLM:
     Args:
         model: the base model (a local directory or a hub name), as for ``vllm.LLM``.
         prompt_adapters: {name: directory of a PEFT prompt-tuning adapter (``save_pretrained`` output)}.
+        prompt_adapter_dir: a directory whose every subdirectory ``NAME`` holding a PEFT prompt-tuning
+            adapter is the adapter ``NAME``, read on its first use and again when its files change (the
+            names of ``prompt_adapters`` win over its names; README: "Many adapters from a directory").
+        max_loaded_adapters: how many of ``prompt_adapter_dir``'s tables to keep in memory (least
+            recently used dropped; default 256). It bounds memory, not how many adapters one
+            ``generate`` call may name.
         **engine_kwargs: every other ``vllm.LLM`` argument, passed through (``dtype``,
             ``tensor_parallel_size``, ``max_model_len``, ...). Set by default: ``enable_prompt_embeds=True``
             (required), ``enable_prefix_caching=True``, and on the CPU backend ``block_size=32`` (its
@@ -30,7 +37,15 @@ class LLM:
     ``llm.engine`` is the ``vllm.LLM`` underneath.
     """
 
-    def __init__(self, model: str, prompt_adapters: dict | None = None, **engine_kwargs):
+    def __init__(
+        self,
+        model: str,
+        prompt_adapters: dict | None = None,
+        *,
+        prompt_adapter_dir=None,
+        max_loaded_adapters: int | None = None,
+        **engine_kwargs,
+    ):
         import vllm
 
         if prompt_adapters is not None and not isinstance(prompt_adapters, dict):
@@ -39,6 +54,10 @@ class LLM:
                 f"{type(prompt_adapters).__name__}"
             )
         check_adapter_dirs(prompt_adapters or {})
+        if prompt_adapter_dir is not None and not os.path.isdir(prompt_adapter_dir):
+            raise ValueError(f"prompt_adapter_dir {os.fspath(prompt_adapter_dir)!r} is not a directory")
+        if max_loaded_adapters is not None and prompt_adapter_dir is None:
+            raise ValueError("max_loaded_adapters bounds the adapters of prompt_adapter_dir: give it too")
         kwargs = engine_defaults(engine_kwargs)
         self.engine = vllm.LLM(model=model, **kwargs)
         try:
@@ -49,7 +68,9 @@ class LLM:
                 revision=kwargs.get("revision"),
                 trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
             )
-            self.adapters = PromptAdapters(word_table)
+            self.adapters = PromptAdapters(
+                word_table, adapter_dir=prompt_adapter_dir, max_loaded=max_loaded_adapters
+            )
             for name, path in (prompt_adapters or {}).items():
                 self.adapters.load(path, name)
         except BaseException:
@@ -68,8 +89,9 @@ class LLM:
 
     @property
     def adapter_names(self) -> list[str]:
-        """The names of the loaded adapters."""
-        return self.adapters.names()
+        """The names of the adapters: those loaded by name, then ``prompt_adapter_dir``'s (a listing of
+        the directory now; they are read on first use)."""
+        return self.adapters.names() + self.adapters.directory_names()
 
     def shutdown(self) -> None:
         """Stop vLLM's engine processes now (otherwise they stop when the interpreter exits)."""
@@ -97,9 +119,9 @@ class LLM:
                 f"adapter_names has {len(names)} entries but there are {len(seq)} prompts: give one name "
                 "(or None for the base model) per prompt"
             )
-        for name in names:
-            if name is not None:
-                self.adapters.table(name)  # unknown names fail before anything is submitted
+        # each name's table taken once, for the whole call: unknown names and bad files fail before anything
+        # is submitted, and the store's bound (or a reload meanwhile) cannot change a table mid-call
+        tables = {name: self.adapters.resolve(name) for name in dict.fromkeys(names) if name is not None}
         built = []
         for prompt, name in zip(seq, names, strict=True):
             if name is None:
@@ -111,7 +133,7 @@ class LLM:
                     f"{{'prompt_token_ids': [...]}}; got a dict with {sorted(prompt)}"
                 )
             (rendered,) = self.engine._preprocess_cmpl([prompt], tokenization_kwargs)
-            embeds = {"prompt_embeds": self.adapters.embeds(name, rendered["prompt_token_ids"])}
+            embeds = {"prompt_embeds": self.adapters.embeds(name, rendered["prompt_token_ids"], tables[name])}
             if "cache_salt" in rendered:
                 embeds["cache_salt"] = rendered["cache_salt"]
             built.append(embeds)
@@ -124,7 +146,8 @@ class LLM:
             prompts: a string, ``{"prompt_token_ids": [...]}``, or a list of them.
             sampling_params: as for ``vllm.LLM.generate``.
             adapter_names: one adapter name per prompt (None: the base model, no soft prompt); None: all
-                None. Unknown names raise ValueError before any request is submitted.
+                None. Unknown names raise ValueError, and a ``prompt_adapter_dir`` adapter with bad files
+                ``fastprompt.AdapterFileError``, before any request is submitted.
             **kwargs: passed to ``vllm.LLM.generate`` (``use_tqdm``, ``tokenization_kwargs``, ...).
 
         Returns:

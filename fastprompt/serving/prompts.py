@@ -8,6 +8,9 @@ vLLM's prefix cache (it hashes full KV blocks of ``prompt_embeds`` by their byte
 
 Adding or replacing an adapter swaps one dict entry: a request takes its adapter's table when its
 embeddings are built, so it never mixes an old and a new table, and every later request sees the new one.
+With a directory of adapters (``adapter_dir``: ``fastprompt.serving.adapter_dir``), a name that is none of
+the adapters added by name is looked up there, loaded on demand: :meth:`PromptAdapters.resolve` gives a
+request its table once, and the request builds its rows from that table whatever happens to the store.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import threading
 
 import torch
 
-from ..adapter_files import AdapterFileError, load_prompt_adapter
+from ..adapter_files import AdapterFileError, AdapterFiles, load_prompt_adapter
 from ..config import CONFIG_NAME
 from ..ops import prompt_concat
+from .adapter_dir import AdapterDirectory, UnknownAdapterError, valid_name
 from .word_table import WordTable
 
 
@@ -31,8 +35,9 @@ def read_adapter_table(path, model_dim: int | None = None) -> torch.Tensor:
     adapter = load_prompt_adapter(path, model_dim=model_dim)
     task_type = adapter.config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
+        files = path if isinstance(path, AdapterFiles) else AdapterFiles(os.fspath(path), None)
         raise AdapterFileError(
-            f"{os.path.join(os.fspath(path), CONFIG_NAME)} is a {task_type} adapter; a served "
+            f"{files.file(CONFIG_NAME)} is a {task_type} adapter; a served "
             "decoder-only model generates from one prompt of num_virtual_tokens rows: serve a CAUSAL_LM "
             "adapter."
         )
@@ -62,22 +67,50 @@ def check_adapter_dirs(adapter_dirs: dict) -> None:
 class PromptAdapters:
     """Named prompt tables for one base model (whose word table is ``word_table``).
 
-    ``reserved``: names that cannot be adapter names (the base model's served names).
+    ``reserved``: names that cannot be adapter names (the base model's served names). ``adapter_dir``: a
+    directory whose subdirectories are adapters by name, loaded on demand (``AdapterDirectory``: at most
+    ``max_loaded`` kept, ``listeners`` told of each load, reload and eviction); the adapters added with
+    :meth:`load` win over its names, and ``reserved`` names are never looked up there.
     """
 
-    def __init__(self, word_table: WordTable, reserved: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        word_table: WordTable,
+        reserved: tuple[str, ...] = (),
+        *,
+        adapter_dir=None,
+        max_loaded: int | None = None,
+        listeners: tuple = (),
+    ):
         self.word_table = word_table
         self.reserved = tuple(reserved)
         self._tables: dict[str, torch.Tensor] = {}
         self._paths: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.directory = None
+        if adapter_dir is not None:
+            dim = word_table.dim
+            self.directory = AdapterDirectory(
+                adapter_dir,
+                lambda files: read_adapter_table(files, model_dim=dim),
+                max_loaded=max_loaded,
+                listeners=listeners,
+            )
 
     def __contains__(self, name) -> bool:
+        """True for the adapters added by name (a directory's are known only by :meth:`resolve`)."""
         return isinstance(name, str) and name in self._tables
 
     def names(self) -> list[str]:
-        """The adapter names, in the order they were first added."""
+        """The adapters added by name, in the order they were first added."""
         return list(self._tables)
+
+    def directory_names(self) -> list[str]:
+        """The adapters of the directory now, less those the added ones and ``reserved`` hide (none without
+        a directory). Lists the directory: nothing is loaded."""
+        if self.directory is None:
+            return []
+        return [n for n in self.directory.names() if n not in self._tables and n not in self.reserved]
 
     def path(self, name: str) -> str:
         """The directory adapter ``name`` was loaded from."""
@@ -105,22 +138,46 @@ class PromptAdapters:
 
     def _check_known(self, name) -> None:
         if name not in self:
-            raise ValueError(
-                f"Unknown prompt adapter {name!r}; the loaded adapters are {self.names()} "
-                "(None: the base model, no soft prompt)."
-            )
+            raise self._unknown(name)
+
+    def _unknown(self, name) -> UnknownAdapterError:
+        where = " or a subdirectory of the adapter directory" if self.directory is not None else ""
+        return UnknownAdapterError(
+            f"Unknown prompt adapter {name!r}; the loaded adapters are {self.names()}{where} "
+            "(None: the base model, no soft prompt)."
+        )
 
     def table(self, name: str) -> torch.Tensor:
-        """The [N, D] prompt table of adapter ``name`` (ValueError naming the known ones if unknown)."""
+        """The [N, D] prompt table of adapter ``name`` added by name (ValueError naming them if unknown)."""
         table = self._tables.get(name) if isinstance(name, str) else None
         if table is None:
             self._check_known(name)
         return table
 
-    def embeds(self, name: str, token_ids) -> torch.Tensor:
-        """[N + L, D] prompt embeddings in the word table's dtype (CPU): adapter ``name``'s N rows, then the
-        word-embedding rows of ``token_ids`` (L ints), built by one ``prompt_concat``."""
-        table = self.table(name)
+    def resolve(self, name) -> torch.Tensor:
+        """The [N, D] table a request for ``name`` uses: an adapter added by name, else the directory's
+        (loaded or reloaded as needed; may read files: call it off an event loop).
+
+        Raises:
+            UnknownAdapterError: (a ValueError) no adapter of that name.
+            AdapterFileError: the directory's adapter ``name`` has bad files.
+        """
+        table = self._tables.get(name) if isinstance(name, str) else None
+        if table is not None:
+            return table
+        if self.directory is None or name in self.reserved or not valid_name(name):
+            raise self._unknown(name)
+        try:
+            return self.directory.table(name)
+        except UnknownAdapterError:
+            raise self._unknown(name) from None
+
+    def embeds(self, name: str, token_ids, table: torch.Tensor | None = None) -> torch.Tensor:
+        """[N + L, D] prompt embeddings in the word table's dtype (CPU): adapter ``name``'s N rows (``table``
+        when given: the one the request resolved), then the word-embedding rows of ``token_ids`` (L
+        ints), built by one ``prompt_concat``."""
+        if table is None:
+            table = self.table(name)
         ids = torch.as_tensor(list(token_ids), dtype=torch.long).reshape(1, -1)
         vocab = self.word_table.weight.shape[0]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):

@@ -8,9 +8,14 @@ of its objects are given a fastprompt subclass that changes what a model name me
   usual (tokenizer, chat template, truncation), then each token prompt becomes ``prompt_embeds`` (the
   adapter's rows, then the token rows: ``PromptAdapters.embeds``), and the response says
   ``"model": NAME``. The base model's name serves no soft prompt (vLLM unchanged).
-- ``/v1/models``: the base model, then one entry per adapter (``parent``: the base model).
-- an unknown model: vLLM's 404 ``{"error": {"message", "type", "param", "code"}}``, the message listing
-  the base model and the adapters.
+- ``/v1/models``: the base model, then one entry per adapter (``parent``: the base model; ``root``: its
+  name, never a server path).
+- with a directory of adapters (``--adapter-dir``: ``adapter_dir.AdapterDirectory``), a model name that
+  is neither the base model's, nor vLLM's LoRA's, nor an ``--adapter`` one is looked up there, once per
+  request and off the event loop: its table (loaded on demand) stays with the request to its end; a bad
+  adapter is a 400 naming the model and the problem; ``/v1/models`` lists the directory's adapters too.
+- an unknown model: vLLM's own 404 ``{"error": {"message", "type", "param", "code"}}`` (it names the
+  base model's served names, never the adapters).
 
 ``--allow-adapter-updates`` adds ``POST /v1/load_prompt_adapter`` (``{"adapter_name", "adapter_path"}``:
 add or replace) and ``POST /v1/unload_prompt_adapter`` (``{"adapter_name"}``); off by default, since it
@@ -19,24 +24,28 @@ reads files from the server's disk on request.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import os
 import signal
 from http import HTTPStatus
 
 from fastapi import Request  # a module global: FastAPI resolves the routes' annotations here
 from fastapi.responses import JSONResponse
-from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse, ModelCard, ModelPermission
 from vllm.inputs.engine import embeds_input
 
 from ..adapter_files import AdapterFileError
+from .adapter_dir import UnknownAdapterError
+from .adapter_events import vllm_listeners
 from .prompts import PromptAdapters, check_adapter_dirs
 from .settings import engine_defaults
 from .word_table import read_word_table
 
-# The adapter the request being handled asked for; read by the models object when vLLM's serving code
+# The adapter the request being handled asked for and the table it resolved, set for the request's whole
+# handling: read when its prompt embeddings are built, and by the models object when vLLM's serving code
 # asks it for the name to put in the response (it does so before returning, in the request's task).
-_REQUESTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastprompt_adapter", default=None)
+_REQUESTED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("fastprompt_adapter", default=None)
 
 
 class _PromptServing:
@@ -46,17 +55,37 @@ class _PromptServing:
     prompt_adapters: PromptAdapters
 
     def _adapter(self, request) -> str | None:
-        return request.model if request.model in self.prompt_adapters else None
+        resolved = _REQUESTED.get()
+        return resolved[0] if resolved is not None and resolved[0] == request.model else None
+
+    async def _resolve(self, request):
+        """(name, table) when ``request.model`` names a soft prompt, None when it does not (the base model,
+        a LoRA of vLLM's, or no such model: vLLM answers), an ``ErrorResponse`` (400) when its files are
+        bad. A directory's adapter is loaded in a worker thread: the event loop serves on meanwhile."""
+        name, adapters = request.model, self.prompt_adapters
+        if not isinstance(name, str) or not name or self.models.is_base_model(name):
+            return None
+        if name in self.models.lora_requests:
+            return None
+        try:
+            if name in adapters:
+                return name, adapters.resolve(name)
+            if adapters.directory is None:
+                return None
+            return name, await asyncio.to_thread(adapters.resolve, name)
+        except UnknownAdapterError:
+            return None
+        except AdapterFileError as err:
+            return self.create_error_response(
+                f"The prompt adapter of model {name!r} cannot be served: {err}", param="model"
+            )
 
     async def _check_model(self, request):
         if self._adapter(request) is not None:
             if self.request_logger is not None:
                 self.request_logger.log_request_body(request)
             return None
-        error = await super()._check_model(request)
-        if error is not None and error.error.code == HTTPStatus.NOT_FOUND:
-            error.error.message = _unknown_model(request.model, self.models, self.prompt_adapters)
-        return error
+        return await super()._check_model(request)
 
     def _maybe_get_adapters(self, request, *args, **kwargs):
         if self._adapter(request) is not None:
@@ -64,8 +93,11 @@ class _PromptServing:
         return super()._maybe_get_adapters(request, *args, **kwargs)
 
     async def _answer(self, handler, request, raw_request):
-        """``handler(request, raw_request)`` with the requested adapter known to the models object."""
-        token = _REQUESTED.set(self._adapter(request))
+        """``handler(request, raw_request)`` with the requested adapter and its table resolved once."""
+        resolved = await self._resolve(request)
+        if isinstance(resolved, ErrorResponse):
+            return resolved
+        token = _REQUESTED.set(resolved)
         try:
             return await handler(request, raw_request)
         finally:
@@ -85,6 +117,7 @@ class _PromptServing:
     def _with_soft_prompt(self, name: str, engine_inputs):
         """vLLM's rendered token inputs -> embeds inputs carrying adapter ``name``'s rows first."""
         converted = []
+        table = _REQUESTED.get()[1]  # the request's own: what the store does meanwhile cannot change it
         for engine_input in engine_inputs:
             if engine_input.get("type") != "token":
                 return self.create_error_response(
@@ -93,8 +126,8 @@ class _PromptServing:
                     param="prompt",
                 )
             try:
-                embeds = self.prompt_adapters.embeds(name, engine_input["prompt_token_ids"])
-            except ValueError as err:  # deleted meanwhile, or ids outside the vocabulary
+                embeds = self.prompt_adapters.embeds(name, engine_input["prompt_token_ids"], table)
+            except ValueError as err:  # ids outside the vocabulary
                 return self.create_error_response(str(err), param="prompt")
             new = embeds_input(
                 embeds, prompt=engine_input.get("prompt"), cache_salt=engine_input.get("cache_salt")
@@ -141,33 +174,29 @@ class _PromptModels:
     prompt_adapters: PromptAdapters
 
     def model_name(self, lora_request=None) -> str:
-        name = _REQUESTED.get()
-        if lora_request is None and name is not None:
-            return name
+        resolved = _REQUESTED.get()
+        if lora_request is None and resolved is not None:
+            return resolved[0]
         return super().model_name(lora_request)
 
     async def show_available_models(self):
         models = await super().show_available_models()
         base = self.base_model_paths[0].name
+        shown = {card.id for card in models.data}
+        names = self.prompt_adapters.names()
+        names += await asyncio.to_thread(self.prompt_adapters.directory_names)  # reads the directory
         models.data.extend(
             ModelCard(
                 id=name,
-                root=self.prompt_adapters.path(name),
+                root=name,  # no server path
                 parent=base,
                 max_model_len=self.model_config.max_model_len,
                 permission=[ModelPermission()],
             )
-            for name in self.prompt_adapters.names()
+            for name in names
+            if name not in shown
         )
         return models
-
-
-def _unknown_model(name, models: OpenAIServingModels, adapters: PromptAdapters) -> str:
-    bases = [model.name for model in models.base_model_paths]
-    return (
-        f"The model `{name}` does not exist. Served: {', '.join(bases)} (the base model, no soft prompt)"
-        + (f" and the prompt adapters {', '.join(adapters.names())}." if adapters.names() else ".")
-    )
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
@@ -253,7 +282,14 @@ def parse_engine_args(model: str, host: str, port: int, engine_args: list[str]):
     return args
 
 
-async def run_server(args, adapter_dirs: dict[str, str], *, allow_adapter_updates: bool = False) -> None:
+async def run_server(
+    args,
+    adapter_dirs: dict[str, str],
+    *,
+    allow_adapter_updates: bool = False,
+    adapter_dir: str | None = None,
+    max_loaded_adapters: int | None = None,
+) -> None:
     """Start vLLM's engine and OpenAI app for ``args``, load the adapters, serve until stopped."""
     import vllm.envs as envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -267,6 +303,8 @@ async def run_server(args, adapter_dirs: dict[str, str], *, allow_adapter_update
 
     signal.signal(signal.SIGTERM, interrupt)
     check_adapter_dirs(adapter_dirs)  # before the engine's start-up, not after it
+    if adapter_dir is not None and not os.path.isdir(adapter_dir):
+        raise ValueError(f"--adapter-dir {adapter_dir!r} is not a directory")
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
         supported_tasks = await engine_client.get_supported_tasks()
@@ -279,7 +317,13 @@ async def run_server(args, adapter_dirs: dict[str, str], *, allow_adapter_update
             trust_remote_code=args.trust_remote_code,
         )
         served = tuple(model.name for model in app.state.openai_serving_models.base_model_paths)
-        adapters = PromptAdapters(word_table, reserved=served)
+        adapters = PromptAdapters(
+            word_table,
+            reserved=served,
+            adapter_dir=adapter_dir,
+            max_loaded=max_loaded_adapters,
+            listeners=vllm_listeners(),
+        )
         for name, path in adapter_dirs.items():
             adapters.load(path, name)
         install(app.state, adapters)
@@ -321,8 +365,12 @@ def serve(
     port: int = 8000,
     engine_args: list[str] = (),
     allow_adapter_updates: bool = False,
+    adapter_dir: str | None = None,
+    max_loaded_adapters: int | None = None,
 ) -> None:
-    """``python -m fastprompt serve``: serve ``model`` and the adapters {name: directory} over HTTP."""
+    """``python -m fastprompt serve``: serve ``model`` and the adapters {name: directory} over HTTP, and
+    with ``adapter_dir`` every adapter of that directory by its name, on demand (at most
+    ``max_loaded_adapters`` tables held)."""
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
@@ -330,4 +378,12 @@ def serve(
     cli_env_setup()
     args = parse_engine_args(model, host, port, list(engine_args))
     configure_logging_from_args(args)
-    uvloop.run(run_server(args, adapter_dirs, allow_adapter_updates=allow_adapter_updates))
+    uvloop.run(
+        run_server(
+            args,
+            adapter_dirs,
+            allow_adapter_updates=allow_adapter_updates,
+            adapter_dir=adapter_dir,
+            max_loaded_adapters=max_loaded_adapters,
+        )
+    )

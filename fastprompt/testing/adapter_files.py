@@ -31,6 +31,46 @@ BAD_FILES = [
 ]
 SERVING_BAD_FILES = [*BAD_FILES, "lora_config", "broken_config", "no_config"]
 
+# Model names a client could send to leave a served adapter directory, or to slip past its name rule:
+# each must be unknown (a 404), whatever lies behind it. The last two exist only in a tree that
+# ``add_escaping_links`` prepared.
+ESCAPING_NAMES = [
+    "..",
+    "../outside",
+    "../../etc/passwd",
+    "sub/alpha",
+    "alpha/",
+    "/etc/passwd",
+    "%2e%2e",
+    "%2e%2e%2foutside",
+    "..%2foutside",
+    "",
+    ".",
+    ".hidden",
+    "-dash",
+    "alpha\x00",
+    "al\x00pha",
+    "alpha\n",
+    "..\\outside",
+    "\uff41\uff4c\uff50\uff48\uff41",  # fullwidth "alpha": not ASCII
+    "a" * 129,  # one over the longest name
+    "link_out",
+    "file_link_out",
+]
+
+
+def add_escaping_links(root, outside) -> None:
+    """In adapter directory ``root``: ``link_out``, a symlink to the adapter directory ``outside`` (not in
+    ``root``), and ``file_link_out``, a directory with ``outside``'s config whose weights file is a symlink
+    to ``outside``'s; and ``.hidden``, a copy of ``outside`` (hidden names are never served)."""
+    import shutil
+
+    os.symlink(outside, os.path.join(root, "link_out"))
+    os.makedirs(os.path.join(root, "file_link_out"))
+    shutil.copy(os.path.join(outside, CONFIG_NAME), os.path.join(root, "file_link_out", CONFIG_NAME))
+    os.symlink(os.path.join(outside, SAFETENSORS_NAME), os.path.join(root, "file_link_out", SAFETENSORS_NAME))
+    shutil.copytree(outside, os.path.join(root, ".hidden"))
+
 
 def save_prompt_adapter(directory, table: torch.Tensor, *, task_type: str = "CAUSAL_LM", bin: bool = False):
     """Write a prompt-tuning adapter for ``table`` ([N, D], any float dtype) into ``directory``, as PEFT

@@ -10,11 +10,12 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run in the vLLM venv)")
 
-from vllm_helpers import BLOCK, ENGINE, table  # noqa: E402
+from vllm_helpers import BLOCK, ENGINE, TENANTS, table  # noqa: E402
 
 import fastprompt  # noqa: E402
 from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
 from fastprompt.testing.adapter_files import (  # noqa: E402
+    ESCAPING_NAMES,
     SERVING_BAD_FILES,
     corrupt_adapter,
     save_prompt_adapter,
@@ -24,10 +25,16 @@ NEW = 8
 
 
 @pytest.fixture(scope="module")
-def llm(base_dir, adapter_dirs):
+def llm(base_dir, adapter_dirs, tenant_dir):
     from fastprompt.vllm import LLM
 
-    engine = LLM(base_dir, prompt_adapters=dict(adapter_dirs), **ENGINE)
+    engine = LLM(
+        base_dir,
+        prompt_adapters=dict(adapter_dirs),
+        prompt_adapter_dir=tenant_dir,
+        max_loaded_adapters=4,
+        **ENGINE,
+    )
     yield engine
     engine.shutdown()
 
@@ -166,3 +173,31 @@ def test_bad_arguments(llm, base_dir):
         llm.generate([{"prompt_token_ids": [1, 500]}], greedy(), adapter_names=["alpha"])
     with pytest.raises(ValueError, match="adapter_name must be a non-empty string"):
         llm.load_adapter(base_dir, "")
+
+
+def test_directory_adapters_more_than_held_in_one_call(llm, tenant_dir, adapter_dirs, reference, tokenize):
+    """12 of the directory's adapters (4 tables held at most), the prompt_adapters' alpha (which wins over
+    the directory's alpha) and the base model in one generate call: every row its own adapter's tokens."""
+    names = [f"t{i:02d}" for i in range(0, TENANTS, 5)] + ["alpha", None]
+    prompts = [f"the movie number {i} was great" for i in range(len(names))]
+    outputs = llm.generate(prompts, greedy(), adapter_names=names, use_tqdm=False)
+    for output, prompt, name in zip(outputs, prompts, names, strict=True):
+        directory = adapter_dirs["alpha"] if name == "alpha" else name and f"{tenant_dir}/{name}"
+        expected = reference(None if name is None else _table_of(directory), tokenize(prompt), NEW)
+        assert list(output.outputs[0].token_ids) == expected, name
+    assert len(llm.adapters.directory.loaded()) == 4
+    assert {"alpha", "beta", "gamma", "t00", "t59"} <= set(llm.adapter_names)
+
+
+def test_directory_adapters_bad_and_escaping(llm, tenant_dir, tmp_path):
+    directory = f"{tenant_dir}/offline_bad"
+    shutil.copytree(f"{tenant_dir}/t01", directory)
+    corrupt_adapter(directory, "inf")
+    with pytest.raises(
+        fastprompt.AdapterFileError, match="offline_bad/adapter_model.safetensors: 'prompt_embed"
+    ):
+        llm.generate(["the movie"], greedy(), adapter_names=["offline_bad"], use_tqdm=False)
+    shutil.rmtree(directory)
+    for name in ESCAPING_NAMES:
+        with pytest.raises(ValueError, match="Unknown prompt adapter"):
+            llm.build_prompts(["the movie"], [name])

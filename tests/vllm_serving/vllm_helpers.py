@@ -10,6 +10,14 @@ BLOCK = 32
 # small KV-cache reservation (its CPU share is a fraction of the machine's memory), no CUDA graphs.
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.05)
 ADAPTER_ROWS = {"alpha": 40, "beta": 36, "gamma": 40}
+TENANTS = 60  # adapters in the served directory: t00 ... t59
+API_KEY = "fastprompt-test-key"  # the shared server runs with vLLM's --api-key
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def tenant_rows(index: int) -> int:
+    """Adapter t{index}'s number of virtual tokens: 8 to 40, some longer than a 32-row block."""
+    return 8 + 8 * (index % 5)
 
 
 def table(rows: int, seed: int) -> torch.Tensor:
