@@ -84,8 +84,7 @@ def _packed_rows(peft_model, input_ids, args: dict, kwargs: dict, rows):
     """Packed rows (``position_ids`` restarting inside a row, no attention mask: beyond PEFT, each
     document with its own prompt), with their ``position_ids`` taken out of ``kwargs`` (no PEFT warning);
     None for an ordinary batch. Checks ``position_ids`` either way (``ValueError``)."""
-    config = peft_model.get_base_model().config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = shared_prefix.text_config(peft_model.get_base_model())
     found = packed.find_packed_rows(
         input_ids,
         kwargs.get("position_ids"),
@@ -118,7 +117,7 @@ def _shares(peft_model, task: str, share, kwargs: dict, input_ids, n: int, rows)
 
 def _decoder_shared(peft_model, inputs_embeds, n: int, rows, share, kwargs: dict):
     """PEFT's base-model call, with the prompt run once at the decoder (a head's own forward)."""
-    modules, index = _prompt_modules(peft_model, rows, inputs_embeds.device)
+    modules, index = shared_forward.prompt_modules(peft_model, rows, inputs_embeds.device)
     prompt_embeds = prompt_prefix_rows(modules, n, inputs_embeds.dtype).to(inputs_embeds.device)
     return decoder_share.run_shared(
         peft_model,
@@ -129,14 +128,6 @@ def _decoder_shared(peft_model, inputs_embeds, n: int, rows, share, kwargs: dict
         n,
         share,
     )
-
-
-def _prompt_modules(peft_model, rows, device):
-    """The prompt modules of the call and the ``[B]`` int64 prompt of each row (None: one prompt)."""
-    if rows is None:
-        return [peft_model.prompt_encoder[peft_model.active_adapter]], None
-    modules = [peft_model.prompt_encoder[name] for name in rows.names]
-    return modules, torch.tensor(rows.table_index, dtype=torch.int64, device=device)
 
 
 def causal_lm_forward(peft_model, args: dict, kwargs: dict):

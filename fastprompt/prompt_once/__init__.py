@@ -9,8 +9,9 @@ that exploits that fact lives here, and training, generation and packing all go 
 - :mod:`.shared_forward`: the stock causal-LM / classification forward with the prompt run once.
 - :mod:`.decoder_share`: the same at the decoder, for any head that reads its hidden states (TRL's fused
   LM head, a user's own head).
-- :mod:`.packed`: packed / padding-free rows (``position_ids`` restarting per document), each document
-  with its own soft prompt.
+- :mod:`.packed`: packed / padding-free rows (``position_ids`` restarting per document): what they hold,
+  their layouts and masks; :mod:`.packed_forward`: their causal-LM forward, each document with its own
+  soft prompt.
 - :mod:`.kv_store`: generation's prompt-KV store (``reuse_prompt_kv``).
 
 The functions take the base model and a prompt-learning model (PEFT's ``PeftModel``: ``get_base_model()``,

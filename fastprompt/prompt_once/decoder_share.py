@@ -13,8 +13,8 @@ runs a plan instead of its plain forward:
   (:func:`fastprompt.prompt_once.shared_forward.prompt_then_tokens`); the hidden states come back as
   ``[B, N + L, D]`` with the prompt rows expanded, so whatever the head does next is what it does on
   PEFT's path, with every row's gradient flowing back through the one prompt pass.
-- :func:`inserted_plan`: packed rows run in the inserted layout (:mod:`fastprompt.prompt_once.packed`) and
-  gathered back to PEFT's layout.
+- packed rows in the inserted layout (:func:`fastprompt.prompt_once.packed_forward.inserted_plan`), read
+  back into PEFT's layout.
 
 The plan is installed on the decoder instance for the duration of the PEFT call only and acts on that one
 tensor; any other call of the decoder runs as it would. Where the decoder's call carries what a plan

@@ -14,7 +14,7 @@ alone through PEFT.
 - **Shared layout** (the default): PEFT's own ``[B, N + L]`` rows (the prompt once, first) with
   positions ``0..N-1, N + p`` and a mask that is prompt-visible and block-causal per document, keeping each
   layer's sliding window: the prompt runs once per row, whatever the number of documents. The mask takes
-  the form each attention implementation takes (boolean for SDPA, additive for eager and flex).
+  the form each attention implementation takes (boolean for SDPA, additive for eager).
 - **Inserted layout** (``share_prompt_prefix=False``, and flash attention's varlen kernels, whose keys
   must be contiguous): the prompt inserted before each document, ``[P d1 P d2 ...]``, positions restarting
   per segment, ``cu_seq_lens_*`` / ``max_length_*`` / ``seq_idx`` rewritten to match; the decoder's
@@ -31,15 +31,15 @@ import dataclasses
 
 import torch
 
-# Attention implementations that take a dense 4D mask, and the form they take it in. Eager (and flex's
-# score mask) ADD the mask to the scores: a boolean mask would be silently wrong there.
-MASK_FORMS = {"sdpa": "bool", "eager": "additive", "flex_attention": "additive"}
+# Attention implementations that take a dense 4D mask, and the form they take it in. Eager ADDS the mask
+# to the scores: a boolean mask would be silently wrong there. (Flex attention is not among them: it is
+# not tested with a dense mask, and crashes on the CPU with one, in transformers alone as well.)
+MASK_FORMS = {"sdpa": "bool", "eager": "additive"}
 # Layer types (``config.layer_types``) whose attention is a causal mask, with or without a window.
 _LAYER_WINDOWS = ("full_attention", "sliding_attention")
 # Models whose decoder takes a dict of masks keyed by layer type; the others take one 4D mask.
 _MASK_DICT_MODELS = frozenset({"qwen2", "gemma2", "gemma3_text"})
-_FLASH_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-FLASH_KWARGS = frozenset(_FLASH_KWARGS)
+FLASH_KWARGS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
 
 
 @dataclasses.dataclass
@@ -143,13 +143,15 @@ def _describe(value) -> str:
 
 
 def _trailing_pads(input_ids, positions, starts, labels, pad_token_id) -> torch.Tensor:
-    """``[B, L]`` bool: the single-token documents at the end of each row that hold the pad token (label
-    -100 where labels are given): what ``pad_to_multiple_of`` appends to a packed row."""
-    if pad_token_id is None:
+    """``[B, L]`` bool: the trailing run of single-token documents at position 0 of each row that hold the
+    pad token (where the config names one) with label -100 (where labels are given): what TRL's
+    ``pad_to_multiple_of`` appends to a packed row (its configs often name no pad token)."""
+    if pad_token_id is None and labels is None:
         return torch.zeros_like(starts)
     single = starts & (positions == 0)
     single[:, :-1] &= starts[:, 1:]  # the next token starts another document
-    single &= input_ids == pad_token_id
+    if pad_token_id is not None:
+        single &= input_ids == pad_token_id
     if labels is not None:
         single &= labels.to(input_ids.device) == -100
     # only a trailing run counts: flip, keep the leading run of True, flip back
@@ -203,7 +205,7 @@ def layer_masks(rows_layout: _Layout, config, implementation: str, dtype: torch.
 
     A query sees key k when k is not after it, k is in its segment (or is a shared prompt slot it sees),
     and their positions are less than the layer's sliding window apart. Boolean for SDPA (True: attend),
-    additive (0 / the dtype's min) for eager and flex attention.
+    additive (0 / the dtype's min) for eager.
 
     Raises:
         ValueError: an attention implementation or a layer type no dense mask is known to be exact for.
@@ -353,15 +355,6 @@ def gathered_back(hidden: torch.Tensor, inserted: InsertedLayout) -> torch.Tenso
     return hidden.gather(1, index.expand(-1, -1, *hidden.shape[2:]))
 
 
-def inserted_positions(inserted: InsertedLayout) -> torch.Tensor:
-    return inserted.layout.positions
-
-
-def inserted_masks(inserted: InsertedLayout, config, implementation: str, dtype: torch.dtype):
-    """The mask(s) of the inserted layout (see :func:`layer_masks`)."""
-    return layer_masks(inserted.layout, config, implementation, dtype)
-
-
 def doc_start_labels_matter(rows: PackedRows, labels: torch.Tensor | None) -> bool:
     """Whether a document after a row's first has a label on its first token (TRL's collators set them to
     -100): then the token before it in the row (another document's last) must not predict it."""
@@ -370,42 +363,3 @@ def doc_start_labels_matter(rows: PackedRows, labels: torch.Tensor | None) -> bo
     later_starts = rows.starts.clone()
     later_starts[:, 0] = False
     return bool(((labels.to(later_starts.device) != -100) & later_starts).any())
-
-
-def packed_causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, rows: PackedRows, n: int, num_items_in_batch=None
-) -> torch.Tensor:
-    """transformers' causal-LM loss of the documents run alone, from the logits of PEFT's layout.
-
-    Args:
-        logits: ``[B, N + L, V]`` (prompt positions first).
-        labels: ``[B, L]`` int64, ``-100`` where ignored.
-        rows: the packed rows; n: N.
-        num_items_in_batch: the divisor ``Trainer`` passes, or None (the labels that are not -100).
-
-    Each document's first label is predicted by the last virtual position (as when it runs alone), each
-    other label by the token before it in its document; a document's last token predicts nothing. Summed
-    cross-entropy in fp32 over the divisor, as ``ForCausalLMLoss``.
-    """
-    vocab = logits.shape[-1]
-    labels = labels.to(logits.device)
-    same_doc = torch.zeros_like(rows.starts)
-    same_doc[:, :-1] = ~rows.starts[:, 1:]
-    next_labels = torch.full_like(labels, -100)
-    next_labels[:, :-1] = labels[:, 1:]
-    next_labels = next_labels.masked_fill(~same_doc, -100)
-    token_logits = logits[:, n:]
-    total = torch.nn.functional.cross_entropy(
-        token_logits.float().reshape(-1, vocab), next_labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    start_rows = rows.starts.nonzero()[:, 0]
-    start_labels = labels[rows.starts]
-    last_virtual = logits[:, n - 1].index_select(0, start_rows)  # [documents, V]
-    total = total + torch.nn.functional.cross_entropy(
-        last_virtual.float(), start_labels, ignore_index=-100, reduction="sum"
-    )
-    if num_items_in_batch is None:
-        num_items_in_batch = (labels != -100).sum()
-    elif torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch

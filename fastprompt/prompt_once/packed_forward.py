@@ -13,8 +13,13 @@ user's head) sees PEFT's shapes:
 Labels: a document's first label is predicted by the last virtual position when it runs alone. In a
 packed row the token before it belongs to another document, so its label must be -100 there (TRL's
 collators set it so) for the head's shifted loss to be exact. Where a later document's first label is not
--100, the stock head's loss is computed here from the logits (:func:`packed.packed_causal_lm_loss`); a head
-of its own (TRL's ``fused_lm_head``, ...) cannot be told, and such labels raise ``ValueError``.
+-100, the stock head's loss is computed here from the logits (:func:`packed_causal_lm_loss`); a head of
+its own (TRL's ``fused_lm_head``, ...) or a loss function other than transformers' cannot be told, and
+such labels raise ``ValueError``.
+
+Dropout active in training: one shared prompt pass would give every document of a row one dropout mask,
+so the default inserts the prompt before each document (each its own pass, as alone);
+``share_prompt_prefix=True`` raises.
 """
 
 from __future__ import annotations
@@ -23,15 +28,23 @@ import torch
 
 from . import packed
 from .decoder_share import decoder_plan
-from .policy import ARCHITECTURES, CACHE_KEYWORDS, CALLS, LOSS_KEYWORDS, other_keywords, stock_head
+from .policy import (
+    ARCHITECTURES,
+    CACHE_KEYWORDS,
+    CALLS,
+    LOSS_KEYWORDS,
+    active_dropout,
+    other_keywords,
+    stock_head,
+    text_config,
+)
+from .shared_forward import is_transformers_causal_lm_loss, two_part_causal_lm_loss
 
 _PACKED = "packed rows (position_ids that restart inside a row, no attention_mask)"
 
 
 def attention_implementation(base_model) -> str | None:
-    config = base_model.config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "_attn_implementation", None)
+    return getattr(text_config(base_model), "_attn_implementation", None)
 
 
 def why_not_exact(base_model, kwargs: dict) -> str | None:
@@ -82,6 +95,12 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
             f"share_prompt_prefix=True cannot apply to {_PACKED} under {implementation}: its varlen kernels "
             "need each document's keys contiguous, so the prompt is inserted before each document."
         )
+    dropout = active_dropout(base_model)
+    if requested and dropout is not None:
+        raise ValueError(
+            f"share_prompt_prefix=True cannot apply to {_PACKED}: active dropout in training mode "
+            f"({dropout}): the documents would share one dropout mask."
+        )
     call = {k: v for k, v in kwargs.items() if k not in packed.FLASH_KWARGS}  # rewritten below if used
     call["use_cache"] = False  # packed rows are not continued: no cache comes back
     return_dict = call.pop("return_dict", None)
@@ -90,8 +109,9 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
     loss_kwargs = {}
     if own_loss:
         heads = other_keywords(call)
-        if heads or not stock_head(base_model):
-            head = f"keyword {heads[0]!r}" if heads else f"{type(base_model).__name__}.forward"
+        own_head = not stock_head(base_model) or not is_transformers_causal_lm_loss(base_model.loss_function)
+        if heads or own_head:
+            head = f"keyword {heads[0]!r}" if heads else f"{type(base_model).__name__}'s forward or loss"
             raise ValueError(
                 f"{_PACKED}: a document after the first in a row has a label on its first token, which the "
                 f"head of this call ({head}) would have the previous document's last token predict; set "
@@ -102,7 +122,7 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
         prefix = torch.full((labels.shape[0], n), -100, dtype=labels.dtype, device=labels.device)
         call["labels"] = torch.cat((prefix, labels), dim=1)
 
-    if requested is False or varlen:
+    if requested is False or varlen or dropout is not None:
         inserted = packed.inserted_layout(rows, n)
         plan = inserted_plan(base_model, inserted, implementation)
         with decoder_plan(base_model, inputs_embeds, plan) as state:
@@ -115,16 +135,39 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
         CALLS["packed inserted"] += 1
     else:
         call["attention_mask"] = packed.shared_masks(
-            rows, n, base_model.config.get_text_config(), implementation, inputs_embeds.dtype
+            rows, n, text_config(base_model), implementation, inputs_embeds.dtype
         )
         call["position_ids"] = packed.shared_positions(rows, n)
         output = base_call(inputs_embeds, call)
         CALLS["packed shared"] += 1
     if own_loss:
-        output["loss"] = packed.packed_causal_lm_loss(
-            output.logits, labels, rows, n, loss_kwargs.get("num_items_in_batch")
-        )
+        loss = packed_causal_lm_loss(output.logits, labels, rows, n, loss_kwargs.get("num_items_in_batch"))
+        output = type(output)(**{"loss": loss, **{k: v for k, v in output.items() if k != "loss"}})
     return output if return_dict is not False else output.to_tuple()
+
+
+def packed_causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, rows: packed.PackedRows, n: int, num_items_in_batch=None
+) -> torch.Tensor:
+    """transformers' causal-LM loss of the documents run alone, from the logits of PEFT's layout.
+
+    Args:
+        logits: ``[B, N + L, V]`` (prompt positions first).
+        labels: ``[B, L]`` int64, ``-100`` where ignored.
+        rows: the packed rows; n: N.
+        num_items_in_batch: the divisor ``Trainer`` passes, or None (the labels that are not -100).
+
+    Each document's first label is predicted by the last virtual position (as when it runs alone), each
+    other label by the token before it in its document; a document's last token predicts nothing.
+    """
+    labels = labels.to(logits.device)
+    next_labels = torch.full_like(labels, -100)
+    next_labels[:, :-1] = labels[:, 1:].masked_fill(rows.starts[:, 1:], -100)  # not across documents
+    start_rows = rows.starts.nonzero()[:, 0]
+    first_logits = logits[:, n - 1].index_select(0, start_rows)  # [documents, V]
+    return two_part_causal_lm_loss(
+        logits[:, n:], next_labels, first_logits, labels[rows.starts], labels, num_items_in_batch
+    )
 
 
 def inserted_plan(base_model, inserted: packed.InsertedLayout, implementation: str):
@@ -145,10 +188,8 @@ def inserted_plan(base_model, inserted: packed.InsertedLayout, implementation: s
             call["attention_mask"] = None
             call.update(inserted.varlen)
         else:
-            config = base_model.config.get_text_config()
-            call["attention_mask"] = packed.inserted_masks(
-                inserted, config, implementation, rows_embeds.dtype
-            )
+            config, dtype = text_config(base_model), rows_embeds.dtype
+            call["attention_mask"] = packed.layer_masks(inserted.layout, config, implementation, dtype)
         output = forward(inputs_embeds=rows_embeds, **call)
         fields = dict(output.items())
         fields["last_hidden_state"] = packed.gathered_back(output.last_hidden_state, inserted)

@@ -73,19 +73,24 @@ def set_model_default(peft_model, value) -> None:
     object.__setattr__(peft_model, DEFAULT_ATTRIBUTE, value)
 
 
+def text_config(model):
+    """A model's text config (``config.get_text_config()`` where there is one, else its config)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _base_model_type(base_model) -> str | None:
     config = getattr(base_model, "config", None)
     return getattr(config, "model_type", None)
 
 
-def _active_dropout(base_model) -> str | None:
+def active_dropout(base_model) -> str | None:
     """The name of a dropout that is active (training mode, p > 0), or None."""
     for name, module in base_model.named_modules():
         if module.training and isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             return f"dropout module {name or type(module).__name__} (p={module.p})"
     if base_model.training:
-        config = base_model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(base_model)
         for key, value in config.to_dict().items():
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
             if "drop" in key and not key.startswith("summary_") and numeric and value > 0:
@@ -170,7 +175,7 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
         return "token classification labels (PEFT does not prefix them)"
     if any(k in kwargs and kwargs[k] is not None for k in LOSS_KEYWORDS) and task != "CAUSAL_LM":
         return "num_items_in_batch outside CAUSAL_LM"
-    dropout = _active_dropout(base_model)
+    dropout = active_dropout(base_model)
     if dropout is not None:
         return f"active dropout in training mode ({dropout}): the rows would share one dropout mask"
     if torch.is_grad_enabled():

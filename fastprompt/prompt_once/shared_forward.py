@@ -35,6 +35,7 @@ from .policy import (
     checkpoint_flagged,
     checkpointed_layers,
     checkpointing_mode,
+    text_config,
 )
 from .prompt_pass import cache_argument, fill_prefix_cache, run_prompt
 
@@ -107,11 +108,7 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     """
     base_model = peft_model.get_base_model()
     batch = input_ids.shape[0]
-    if rows is None:
-        modules, index = [peft_model.prompt_encoder[peft_model.active_adapter]], None
-    else:
-        modules = [peft_model.prompt_encoder[name] for name in rows.names]
-        index = torch.tensor(rows.table_index, dtype=torch.int64, device=input_ids.device)
+    modules, index = prompt_modules(peft_model, rows, input_ids.device)
     word_embeddings = peft_model.word_embeddings
     token_embeds = word_embeddings(input_ids)  # [B, L, D], exactly PEFT's call
     prompt_embeds = prompt_prefix_rows(modules, n, token_embeds.dtype).to(token_embeds.device)  # [K, N, D]
@@ -141,6 +138,15 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     output = type(output)(**fields)  # the fields in the model output's own order
     CALLS["shared"] += 1
     return output if return_dict is not False else output.to_tuple()
+
+
+def prompt_modules(peft_model, rows, device):
+    """The prompt modules of a call and the ``[B]`` int64 prompt of each row (None: the active adapter's
+    one prompt). ``rows``: the ``RowAdapters`` of a mixed batch, or None."""
+    if rows is None:
+        return [peft_model.prompt_encoder[peft_model.active_adapter]], None
+    modules = [peft_model.prompt_encoder[name] for name in rows.names]
+    return modules, torch.tensor(rows.table_index, dtype=torch.int64, device=device)
 
 
 def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, call: dict, *, all_logits=True):
@@ -208,7 +214,7 @@ def _causal_lm_loss(loss_function, last, token_logits, labels, loss_kwargs: dict
     positions (logits upcast to fp32 as it does), over ``num_items_in_batch`` or the number of labels
     that are not ``-100`` (``reduction="mean"``'s count; 0/0 gives its NaN).
     """
-    if loss_function is not _transformers_causal_lm_loss():
+    if not is_transformers_causal_lm_loss(loss_function):
         first = torch.full((labels.shape[0], 1), -100, dtype=labels.dtype, device=labels.device)
         return loss_function(
             logits=torch.cat((last, token_logits), dim=1),
@@ -216,20 +222,45 @@ def _causal_lm_loss(loss_function, last, token_logits, labels, loss_kwargs: dict
             vocab_size=token_logits.shape[-1],
             **loss_kwargs,
         )
-    vocab = token_logits.shape[-1]
     labels = labels.to(token_logits.device)
     next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # token i predicts label i+1
+    return two_part_causal_lm_loss(
+        token_logits, next_labels, last[:, 0], labels[:, 0], labels, loss_kwargs.get("num_items_in_batch")
+    )
+
+
+def two_part_causal_lm_loss(
+    token_logits, next_labels, first_logits, first_labels, labels, num_items_in_batch
+):
+    """transformers' ``ForCausalLMLoss`` summed in two parts, without a ``[B, N+L, V]`` copy.
+
+    Args:
+        token_logits: ``[B, L, V]`` logits of the token positions; next_labels: ``[B, L]`` int64, what each
+            predicts (``-100``: nothing).
+        first_logits: ``[R, V]`` logits that predict a sequence's first label (the last virtual position);
+            first_labels: ``[R]`` int64, those labels.
+        labels: ``[B, L]`` int64, every label (the divisor counts those that are not ``-100``).
+        num_items_in_batch: the divisor ``Trainer`` passes, or None.
+
+    Summed cross-entropy of both parts (logits upcast to fp32, as ``ForCausalLMLoss`` does) over
+    ``num_items_in_batch`` or the labels' count (``reduction="mean"``'s; 0/0 gives its NaN).
+    """
+    vocab = token_logits.shape[-1]
     total = torch.nn.functional.cross_entropy(
         token_logits.float().reshape(-1, vocab), next_labels.reshape(-1), ignore_index=-100, reduction="sum"
     ) + torch.nn.functional.cross_entropy(
-        last.float().reshape(-1, vocab), labels[:, 0], ignore_index=-100, reduction="sum"
+        first_logits.float(), first_labels, ignore_index=-100, reduction="sum"
     )
-    num_items = loss_kwargs.get("num_items_in_batch")
-    if num_items is None:
-        num_items = (labels != -100).sum()
-    elif torch.is_tensor(num_items):
-        num_items = num_items.to(total.device)
-    return total / num_items
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels != -100).sum()
+    elif torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def is_transformers_causal_lm_loss(loss_function) -> bool:
+    """Whether a model's ``loss_function`` is transformers' own ``ForCausalLMLoss``."""
+    return loss_function is _transformers_causal_lm_loss()
 
 
 def _transformers_causal_lm_loss():
@@ -253,5 +284,5 @@ def _uses_cache(base_model, use_cache, mode) -> bool:
     if mode is not None:
         return False
     if use_cache is None:
-        use_cache = getattr(base_model.config.get_text_config(), "use_cache", False)
+        use_cache = getattr(text_config(base_model), "use_cache", False)
     return bool(use_cache)
