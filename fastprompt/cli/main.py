@@ -185,7 +185,8 @@ def _bench(args: argparse.Namespace) -> int:
         "GB/s from the bytes that must move (inputs read once, output written once);\n"
         "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up);\n"
         "mixed rows: 'vs peft' is against the per-adapter loop (set_adapter per sub-batch); prompt-KV rows:\n"
-        "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path."
+        "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path;\n"
+        "packed rows: against PEFT on the same documents right-padded in a batch (PEFT is wrong on packed)."
     )
     if notes:
         print("\nNotes:")
