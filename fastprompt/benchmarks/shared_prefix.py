@@ -119,6 +119,29 @@ def _first_step_matches(steps: dict) -> dict[str, bool]:
     return outcome
 
 
+def timed_rows(
+    workload: str, calls: dict, matches: dict[str, bool], device, *, budget_s: float, reference: str = "peft"
+) -> list[Result]:
+    """The calls' peak memory, then their times side by side: one row each, with the speedup and memory
+    ratio against ``reference``'s row and whether it matched (``matches``)."""
+    peaks = {name: peak_extra_bytes(call, device) for name, call in calls.items()}
+    timings = timings_each(calls, device, budget_s=budget_s)
+    reference_time, reference_peak = timings[reference].median, peaks[reference]
+    return [
+        timed_result(
+            workload,
+            MODEL_LABEL,
+            name,
+            timings[name],
+            peaks[name],
+            speedup=reference_time / timings[name].median,
+            memory_ratio=peaks[name] / reference_peak if peaks[name] is not None and reference_peak else None,
+            matches_peft=matches[name],
+        )
+        for name in calls
+    ]
+
+
 def shared_prefix_results(
     device,
     *,
@@ -152,22 +175,7 @@ def shared_prefix_results(
         for name, ok in matches.items():
             if not ok:
                 progress(f"MISMATCH model {MODEL_LABEL}: {workload}: {name} differs from peft")
-        peaks = {name: peak_extra_bytes(step, device) for name, step in calls.items()}
-        timings = timings_each(calls, device, budget_s=budget_s)
-        peft_time, peft_peak = timings["peft"].median, peaks["peft"]
-        for name in calls:
-            results.append(
-                timed_result(
-                    workload,
-                    MODEL_LABEL,
-                    name,
-                    timings[name],
-                    peaks[name],
-                    speedup=peft_time / timings[name].median,
-                    memory_ratio=peaks[name] / peft_peak if peft_peak else None,
-                    matches_peft=matches[name],
-                )
-            )
+        results += timed_rows(workload, calls, matches, device, budget_s=budget_s)
     if notes is not None:
         notes.append(f"{MODEL_LABEL}, {label}: fastprompt's default shared the prompt {', '.join(shared_at)}")
     return results

@@ -39,9 +39,8 @@ import warnings
 import torch
 
 from . import shared_prefix
-from .measure import peak_extra_bytes, timings_each
 from .models import TrainStep
-from .report import Result, timed_result
+from .report import Result
 from .shared_prefix import MODEL_LABEL
 
 FUSED_SHAPES = (shared_prefix.SHAPES[0],)  # (100, 64, 8); the others with --shapes (seconds a step on a CPU)
@@ -284,30 +283,18 @@ def packed_results(
     for name, ok in matches.items():
         if not ok:
             progress(f"MISMATCH model {MODEL_LABEL}: {workload}: {name} differs from its reference")
-    peaks = {name: peak_extra_bytes(step, device) for name, step in steps.items()}
-    timings = timings_each(steps, device, budget_s=budget_s)
-    reference_time, reference_peak = timings[REFERENCE].median, peaks[REFERENCE]
-    floor_ratio = timings[PACKED].median / timings[FLOOR].median
+    results = shared_prefix.timed_rows(
+        workload, steps, matches, device, budget_s=budget_s, reference=REFERENCE
+    )
+    seconds = {r.provider: r.seconds for r in results}
     line = (
-        f"{MODEL_LABEL} {workload}: fastprompt packed {reference_time / timings[PACKED].median:.2f}x "
-        f"peft padded, {floor_ratio:.2f}x the no-prompt packed floor's time"
+        f"{MODEL_LABEL} {workload}: fastprompt packed {seconds[REFERENCE] / seconds[PACKED]:.2f}x "
+        f"peft padded, {seconds[PACKED] / seconds[FLOOR]:.2f}x the no-prompt packed floor's time"
     )
     progress(line)
     if notes is not None:
         notes.append(line)
-    return [
-        timed_result(
-            workload,
-            MODEL_LABEL,
-            name,
-            timings[name],
-            peaks[name],
-            speedup=reference_time / timings[name].median,
-            memory_ratio=peaks[name] / reference_peak if peaks[name] is not None and reference_peak else None,
-            matches_peft=matches[name],
-        )
-        for name in steps
-    ]
+    return results
 
 
 def main(argv=None) -> int:
