@@ -19,8 +19,8 @@ runs while the budget lasts:
 5. The sections (``SECTIONS``): backward kernels, mixed-adapter batches, prompt-KV reuse, a training
    step under bf16 autocast and under fp16 autocast with a GradScaler (as ``Trainer(bf16=True)`` /
    ``fp16=True`` run it), PEFT vs fastprompt: autocast active inside the base model, timings; a training
-   step with the shared prompt prefix at the four shapes of issue 15; and soft prompts served on vLLM
-   (only where vLLM is installed).
+   step with the shared prompt prefix at the four shapes of issue 15; training steps through TRL's fused
+   LM head and on packed rows (issue 20); and soft prompts served on vLLM (only where vLLM is installed).
 6. The rest of ``SUITE_SHAPES["cuda"]``, forward and forward+backward, while the budget lasts (the
    ``compile`` provider only while 45 s are left: its first compile of a shape takes seconds).
 
@@ -366,6 +366,11 @@ def shared_prefix_section(device: torch.device, budget: Budget) -> list[tuple[bo
         progress=log,
         notes=notes,
     )
+    return _train_step_lines(results, notes)
+
+
+def _train_step_lines(results: list[Result], notes: list[str]) -> list[tuple[bool, str]]:
+    """One line per training-step row (time, speedup and peak against PEFT's row), then the notes."""
     lines = []
     for r in results:
         memory = "" if r.memory_ratio is None else f", peak x{r.memory_ratio:.2f} of peft's"
@@ -376,6 +381,26 @@ def shared_prefix_section(device: torch.device, budget: Budget) -> list[tuple[bo
             )
         )
     return lines + [(True, line) for line in notes]
+
+
+def trl_packed_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """Where users train with TRL (issue 20), the bench Llama, N=100: a training step through TRL's fused
+    LM head at (N, L, B) = (100, 64, 8), PEFT vs fastprompt with the same head (the first step's loss and
+    prompt gradient equal PEFT's; only where TRL is installed); and a packed step of 8 documents of
+    16..128 tokens, fastprompt's padding-free row vs PEFT's padded batch and the no-prompt packed floor
+    (loss and prompt gradient equal the padded batch's). Times and peak memory (targets, CPU: >= 2.0x
+    PEFT's padded batch and <= 1.4x the floor; the fused-head step faster than PEFT's)."""
+    from fastprompt.benchmarks import trl_packed
+
+    notes: list[str] = []
+    budget_s = min(0.5, max(0.2, budget.left() / 60))
+    results = []
+    if trl_packed.trl_available():
+        results += trl_packed.fused_head_results(device, budget_s=budget_s, progress=log, notes=notes)
+    else:
+        notes.append("train step TRL fused head: skipped, TRL is not installed")
+    results += trl_packed.packed_results(device, budget_s=budget_s, progress=log, notes=notes)
+    return _train_step_lines(results, notes)
 
 
 def mixed_precision_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
@@ -439,6 +464,7 @@ SECTIONS = [
     ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
     ("Mixed precision (autocast) train step", mixed_precision_section, 15.0),
     ("Shared prompt prefix train step", shared_prefix_section, 20.0),
+    ("TRL fused head and packed train steps", trl_packed_section, 20.0),
     ("Serving soft prompts on vLLM", serving_section, 60.0),
 ]
 

@@ -19,3 +19,4 @@ def test_dry_run_lists_the_plan_and_every_section():
     assert "(mixed_precision_section, needs" in done.stdout
     assert "section 'Serving soft prompts on vLLM' (serving_section" in done.stdout
     assert "(shared_prefix_section, needs" in done.stdout
+    assert "(trl_packed_section, needs" in done.stdout

@@ -5,7 +5,9 @@ result is checked against ``peft`` first, then the providers are timed side by s
 memory measured. Then the model-level workloads of a prompt-tuned model: one training step (fp32, and
 bf16 under the autocast wrapper ``Trainer(bf16=True)`` sets on ``model.forward``) and greedy generation,
 PEFT vs fastprompt, after a check that both give the same logits (under bf16: that autocast reaches the
-base model of both).
+base model of both). With the built-in models, the rows beyond PEFT follow: mixed-adapter batches,
+prompt-KV reuse, and training steps of a 4-layer Llama (shared prompt prefix, TRL's fused LM head, packed
+rows).
 """
 
 from __future__ import annotations
@@ -231,7 +233,8 @@ def run_grid(
 ) -> list[Result]:
     """The whole grid: op-level shapes, then (``with_model``) the model-level workloads, then
     (``beyond_peft``) mixed-adapter batches and prompt-KV reuse on the built-in tiny Llama, and training
-    steps with the shared prompt prefix on a 4-layer Llama.
+    steps on a 4-layer Llama: with the shared prompt prefix, through TRL's fused LM head (where TRL is
+    installed), and on packed rows against PEFT's padded batch and the no-prompt floor.
 
     ``base_model`` is the model of the model-level rows (None: none); with ``real_model`` the op-level
     shapes also come from it (its embedding table, D, vocabulary and dtype). What was shrunk, skipped
@@ -281,4 +284,11 @@ def run_grid(
         from .shared_prefix import shared_prefix_results
 
         results += shared_prefix_results(device, budget_s=budget_s, progress=progress, notes=notes)
+        from .trl_packed import fused_head_results, packed_results, trl_available
+
+        if trl_available():
+            results += fused_head_results(device, budget_s=budget_s, progress=progress, notes=notes)
+        elif notes is not None:
+            notes.append("train step TRL fused head skipped: TRL is not installed (pip install trl)")
+        results += packed_results(device, budget_s=budget_s, progress=progress, notes=notes)
     return results

@@ -42,9 +42,13 @@ class TrainStep:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr)
 
-    def __call__(self) -> float:
+    def outputs(self):
+        """The model's output for the batch with labels: the step's forward (the model in train mode)."""
         self.model.train()
-        out = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids)
+        return self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids)
+
+    def __call__(self) -> float:
+        out = self.outputs()
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

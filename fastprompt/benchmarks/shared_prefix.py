@@ -56,8 +56,17 @@ def base_model(*, seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**BENCH_LLAMA))
 
 
-def _models(base, num_virtual_tokens: int, providers, seed: int) -> dict:
-    """{provider: prompt-tuned model} on copies of ``base`` with the same prompt table."""
+def _copy(base, prepare):
+    """A deep copy of ``base``, then ``prepare(copy)`` (in place) where given."""
+    model = copy.deepcopy(base)
+    if prepare is not None:
+        prepare(model)
+    return model
+
+
+def _models(base, num_virtual_tokens: int, providers, seed: int, prepare=None) -> dict:
+    """{provider: prompt-tuned model} on copies of ``base`` with the same prompt table; ``prepare`` is
+    applied to each copy before it is wrapped (e.g. TRL's ``add_fused_lm_head``, which must come first)."""
     import peft
 
     import fastprompt
@@ -66,21 +75,30 @@ def _models(base, num_virtual_tokens: int, providers, seed: int) -> dict:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        models = {"peft": peft.get_peft_model(copy.deepcopy(base), config)}
+        models = {"peft": peft.get_peft_model(_copy(base, prepare), config)}
         for name in providers:
             if name != "peft":
                 share = None if name == "fastprompt" else False
-                model = fastprompt.get_peft_model(copy.deepcopy(base), config, share_prompt_prefix=share)
+                model = fastprompt.get_peft_model(_copy(base, prepare), config, share_prompt_prefix=share)
                 model.load_state_dict(models["peft"].state_dict())
                 models[name] = model
     return models
 
 
-def train_steps(base, shape: tuple[int, int, int], providers=DEFAULT_PROVIDERS, *, seed: int = 0) -> dict:
-    """{provider: TrainStep} for one (N, L, B), every provider on the same batch and prompt table."""
+def train_steps(
+    base,
+    shape: tuple[int, int, int],
+    providers=DEFAULT_PROVIDERS,
+    *,
+    seed: int = 0,
+    step=TrainStep,
+    prepare=None,
+) -> dict:
+    """{provider: step} for one (N, L, B), every provider on the same batch and prompt table; ``step`` is
+    the step's class (``TrainStep``'s signature), ``prepare`` what is done to each base copy first."""
     n, length, batch = shape
-    models = _models(base, n, providers, seed)
-    return {name: TrainStep(models[name], batch, length, seed=seed) for name in providers}
+    models = _models(base, n, providers, seed, prepare)
+    return {name: step(models[name], batch, length, seed=seed) for name in providers}
 
 
 def _first_step_matches(steps: dict) -> dict[str, bool]:
@@ -89,8 +107,7 @@ def _first_step_matches(steps: dict) -> dict[str, bool]:
     reference = None
     for name in ("peft", *[p for p in steps if p != "peft"]):
         step = steps[name]
-        step.model.train()
-        out = step.model(input_ids=step.input_ids, attention_mask=step.attention_mask, labels=step.input_ids)
+        out = step.outputs()
         out.loss.backward()
         grad = step.model.prompt_encoder["default"].embedding.weight.grad.detach().clone()
         step.model.zero_grad(set_to_none=True)
@@ -102,6 +119,29 @@ def _first_step_matches(steps: dict) -> dict[str, bool]:
     return outcome
 
 
+def timed_rows(
+    workload: str, calls: dict, matches: dict[str, bool], device, *, budget_s: float, reference: str = "peft"
+) -> list[Result]:
+    """The calls' peak memory, then their times side by side: one row each, with the speedup and memory
+    ratio against ``reference``'s row and whether it matched (``matches``)."""
+    peaks = {name: peak_extra_bytes(call, device) for name, call in calls.items()}
+    timings = timings_each(calls, device, budget_s=budget_s)
+    reference_time, reference_peak = timings[reference].median, peaks[reference]
+    return [
+        timed_result(
+            workload,
+            MODEL_LABEL,
+            name,
+            timings[name],
+            peaks[name],
+            speedup=reference_time / timings[name].median,
+            memory_ratio=peaks[name] / reference_peak if peaks[name] is not None and reference_peak else None,
+            matches_peft=matches[name],
+        )
+        for name in calls
+    ]
+
+
 def shared_prefix_results(
     device,
     *,
@@ -111,10 +151,13 @@ def shared_prefix_results(
     progress=print,
     seed=0,
     notes: list[str] | None = None,
+    steps=train_steps,
+    label: str = "train step",
 ) -> list[Result]:
     """One row per (shape, provider): time of one training step, peak memory, speedup and memory ratio
     against ``peft`` (always run), and whether the first step matched PEFT's. Which shapes fastprompt's
-    default shared the prompt at is appended to ``notes`` (and said by ``progress``)."""
+    default shared the prompt at is appended to ``notes`` (and said by ``progress``). ``steps`` builds
+    the steps (``train_steps``'s signature), ``label`` starts each row's workload."""
     from ..prompt_once import policy as shared_prefix
 
     providers = ("peft", *[p for p in providers if p != "peft"])
@@ -122,36 +165,19 @@ def shared_prefix_results(
     results, shared_at = [], []
     for shape in shapes:
         n, length, batch = shape
-        workload = f"train step N={n} L={length} B={batch}"
-        steps = train_steps(base, shape, providers, seed=seed)
+        workload = f"{label} N={n} L={length} B={batch}"
+        calls = steps(base, shape, providers, seed=seed)
         before = shared_prefix.CALLS["shared"]
-        matches = _first_step_matches(steps)
+        matches = _first_step_matches(calls)
         shares = shared_prefix.CALLS["shared"] > before
         progress(f"model {MODEL_LABEL}: {workload} (fastprompt {'shares' if shares else 'does not share'})")
         shared_at.append(f"{'' if shares else 'not '}at N={n} L={length} B={batch}")
         for name, ok in matches.items():
             if not ok:
                 progress(f"MISMATCH model {MODEL_LABEL}: {workload}: {name} differs from peft")
-        peaks = {name: peak_extra_bytes(step, device) for name, step in steps.items()}
-        timings = timings_each(steps, device, budget_s=budget_s)
-        peft_time, peft_peak = timings["peft"].median, peaks["peft"]
-        for name in steps:
-            results.append(
-                timed_result(
-                    workload,
-                    MODEL_LABEL,
-                    name,
-                    timings[name],
-                    peaks[name],
-                    speedup=peft_time / timings[name].median,
-                    memory_ratio=peaks[name] / peft_peak if peft_peak else None,
-                    matches_peft=matches[name],
-                )
-            )
+        results += timed_rows(workload, calls, matches, device, budget_s=budget_s)
     if notes is not None:
-        notes.append(
-            f"{MODEL_LABEL} train steps: fastprompt's default shared the prompt {', '.join(shared_at)}"
-        )
+        notes.append(f"{MODEL_LABEL}, {label}: fastprompt's default shared the prompt {', '.join(shared_at)}")
     return results
 
 

@@ -191,7 +191,8 @@ def _bench(args: argparse.Namespace) -> int:
         "peak mem: peak memory one call allocates above what was allocated before it (after a warm-up);\n"
         "mixed rows: 'vs peft' is against the per-adapter loop (set_adapter per sub-batch); prompt-KV rows:\n"
         "against generation without reuse; serving rows (vLLM): against fastprompt's transformers path;\n"
-        "multi-tenant rows (serve 180 req): the 60-adapter throughput over the 1-adapter one (goal >= 0.8)."
+        "multi-tenant rows (serve 180 req): the 60-adapter throughput over the 1-adapter one (goal >= 0.8);\n"
+        "packed rows: against PEFT on the same documents right-padded in a batch (PEFT is wrong on packed)."
     )
     if notes:
         print("\nNotes:")
