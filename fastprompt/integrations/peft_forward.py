@@ -18,8 +18,9 @@ import torch
 
 from ..prompt_once import policy as shared_prefix
 from ..prompt_once import shared_forward
-from .adapter_batches import pop_adapter_names, rows_for_adapters
+from .adapter_batches import pop_adapter_names
 from .peft_inputs_embeds import model_inputs_embeds
+from .peft_prompt_methods import batch_rows
 
 
 def _prefix_mask(attention_mask: torch.Tensor | None, batch_size: int, num_virtual_tokens: int):
@@ -61,7 +62,7 @@ def _prepare_kwargs(
     share = kwargs.pop(shared_prefix.SHARE_PROMPT_PREFIX, shared_prefix.model_default(peft_model))
     shared_prefix.check_request(share)
     adapter_names = pop_adapter_names(kwargs)
-    rows = None if adapter_names is None else rows_for_adapters(peft_model, adapter_names, batch_size)
+    rows = batch_rows(peft_model, adapter_names, args.get("task_ids"), batch_size)  # multitask: per task
     if rows is not None:
         n = rows.num_virtual_tokens
     attention_mask = _prefix_mask(args["attention_mask"], batch_size, n)

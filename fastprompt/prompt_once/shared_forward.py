@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from ..prompted_embeds import prompt_prefix_rows
+from ..prompt_rows import source_rows
 from .policy import (
     CACHE_KEYWORDS,
     CALLS,
@@ -37,6 +37,7 @@ from .policy import (
     checkpointing_mode,
 )
 from .prompt_pass import cache_argument, fill_prefix_cache, run_prompt
+from .sources import batch_sources
 
 
 def _read_only_update(layer, key_states, value_states, *args, **kwargs):
@@ -107,14 +108,10 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     """
     base_model = peft_model.get_base_model()
     batch = input_ids.shape[0]
-    if rows is None:
-        modules, index = [peft_model.prompt_encoder[peft_model.active_adapter]], None
-    else:
-        modules = [peft_model.prompt_encoder[name] for name in rows.names]
-        index = torch.tensor(rows.table_index, dtype=torch.int64, device=input_ids.device)
+    sources, index = batch_sources(peft_model, rows, input_ids.device)  # P-tuning: the encoder's rows
     word_embeddings = peft_model.word_embeddings
     token_embeds = word_embeddings(input_ids)  # [B, L, D], exactly PEFT's call
-    prompt_embeds = prompt_prefix_rows(modules, n, token_embeds.dtype).to(token_embeds.device)  # [K, N, D]
+    prompt_embeds = source_rows(sources, n, token_embeds.dtype).to(token_embeds.device)  # [K, N, D]
 
     layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
     mode = checkpointing_mode(layers)[0] if layers else None

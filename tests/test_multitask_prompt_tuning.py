@@ -1,0 +1,200 @@
+"""Multitask prompt tuning (PEFT's ``MULTITASK_PROMPT_TUNING``: the table scaled per task, ``task_ids`` per
+row) on fastprompt's machinery.
+
+Reference: PEFT's own model from the same weights. Checked equal within fp32 rounding: loss, logits and
+the gradients of ``embedding.weight``, ``prefix_task_cols`` and ``prefix_task_rows`` under random upstream
+gradients, on the fused path (one ``prompt_concat`` over the per-task rows) and with the shared prompt
+prefix (one prompt pass per distinct task of the batch); ``generate`` with ``task_ids`` (greedy, beams,
+``num_return_sequences``) against decoding without a cache; the prompt-KV store keyed per task; no
+``task_ids``: PEFT's error.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft_helpers import FastpromptOps, main_output
+
+from fastprompt.testing import tiny_models
+
+peft = pytest.importorskip("peft")
+import fastprompt  # noqa: E402
+from fastprompt.prompt_once import kv_store  # noqa: E402
+from fastprompt.prompt_once.policy import CALLS as SHARE_CALLS  # noqa: E402
+
+N = 6
+TASKS = 4
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def multitask_config(task: str, n: int = N):
+    return peft.MultitaskPromptTuningConfig(
+        task_type=task, num_virtual_tokens=n, num_tasks=TASKS, num_ranks=2
+    )
+
+
+def pair(family: str, task: str, n: int = N, seed: int = 0):
+    base = tiny_models.build(family, task, seed=seed)
+    torch.manual_seed(seed + 1)
+    reference = peft.get_peft_model(copy.deepcopy(base), multitask_config(task, n))
+    torch.manual_seed(seed + 2)
+    fast = fastprompt.get_peft_model(copy.deepcopy(base), multitask_config(task, n))
+    fast.load_state_dict(reference.state_dict())
+    return reference.eval(), fast.eval()
+
+
+def _inputs(task: str, task_ids, seq: int = 6) -> dict:
+    batch = len(task_ids)
+    inputs = tiny_models.batch(batch, seq)
+    inputs["task_ids"] = torch.tensor(task_ids)
+    generator = torch.Generator().manual_seed(3)
+    if task == "CAUSAL_LM":
+        inputs["labels"] = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"], -100)
+    elif task == "SEQ_2_SEQ_LM":
+        inputs["labels"] = torch.randint(4, tiny_models.VOCAB, (batch, 4), generator=generator)
+    elif task == "SEQ_CLS":
+        inputs["labels"] = torch.randint(0, 3, (batch,), generator=generator)
+    return inputs
+
+
+def assert_same_step(reference, fast, inputs: dict, **fast_kwargs):
+    reference.zero_grad(set_to_none=True)
+    fast.zero_grad(set_to_none=True)
+    expected, got = reference(**inputs), fast(**inputs, **fast_kwargs)
+    out_ref, out_fast = main_output(expected), main_output(got)
+    torch.testing.assert_close(out_fast, out_ref, **FP32)
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(11))
+    loss_ref, loss_fast = (out_ref * upstream).sum(), (out_fast * upstream).sum()
+    if expected.get("loss") is not None:
+        torch.testing.assert_close(got.loss, expected.loss, **FP32)
+        loss_ref, loss_fast = loss_ref + expected.loss, loss_fast + got.loss
+    loss_ref.backward()
+    loss_fast.backward()
+    fast_params = dict(fast.named_parameters())
+    checked = []
+    for name, param in reference.named_parameters():
+        if param.requires_grad:
+            scale = max(1.0, param.grad.abs().max().item())
+            torch.testing.assert_close(fast_params[name].grad, param.grad, rtol=1e-5, atol=1e-5 * scale)
+            checked.append(name.rsplit(".", 1)[-1])
+    assert {"weight", "prefix_task_cols", "prefix_task_rows"} <= set(checked)
+    return got
+
+
+@pytest.mark.parametrize(
+    "family,task",
+    [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS")],
+)
+def test_fused_forward_backward_equal_peft(family, task):
+    """One fused concat over the per-task rows; Seq2Seq's forward stays PEFT's (it puts task rows before
+    the decoder inputs too)."""
+    reference, fast = pair(family, task)
+    kwargs = {} if task == "SEQ_2_SEQ_LM" else dict(share_prompt_prefix=False)
+    with FastpromptOps() as ops:
+        assert_same_step(reference, fast, _inputs(task, [2, 0, 2, 3]), **kwargs)
+    assert ops.forward == (0 if task == "SEQ_2_SEQ_LM" else 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_shared_prefix_one_pass_per_distinct_task(family):
+    reference, fast = pair(family, "CAUSAL_LM", n=16)
+    inputs = _inputs("CAUSAL_LM", [1, 3, 1, 1, 3, 0])
+    before = SHARE_CALLS["shared"]
+    prompt_passes = []
+    base = fast.get_base_model()
+    hook = base.register_forward_pre_hook(
+        lambda module, args, kwargs: prompt_passes.append(kwargs["inputs_embeds"].shape[:2]), with_kwargs=True
+    )
+    try:
+        assert_same_step(reference, fast, inputs, share_prompt_prefix=True)
+    finally:
+        hook.remove()
+    assert SHARE_CALLS["shared"] == before + 1
+    assert prompt_passes[0] == (3, 16)  # the prompt pass: one row per distinct task
+
+
+def test_task_ids_required_and_checked():
+    reference, fast = pair("llama", "CAUSAL_LM")
+    inputs = _inputs("CAUSAL_LM", [0, 1, 2])
+    inputs.pop("task_ids")
+    with pytest.raises(ValueError, match="task_ids cannot be None"):
+        reference(**inputs)
+    with pytest.raises(ValueError, match="task_ids cannot be None"):
+        fast(**inputs)
+    with pytest.raises(ValueError, match="task_ids cannot be None"):
+        fast.generate(input_ids=inputs["input_ids"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="one task per batch row"):
+        fast(**inputs, task_ids=torch.tensor([0, 1]))
+    # one entry stands for every row, as PEFT's broadcast
+    torch.testing.assert_close(
+        fast(**inputs, task_ids=torch.tensor([2])).logits,
+        reference(**inputs, task_ids=torch.tensor([2])).logits,
+    )
+
+
+@torch.no_grad()
+def scratch_generate(peft_model, input_ids, task_ids, steps: int):
+    """Greedy decoding without a cache from PEFT's own per-row prompts, EOS suppressed."""
+    base = peft_model.get_base_model()
+    ids = input_ids.clone()
+    for _ in range(steps):
+        tokens = peft_model.word_embeddings(ids)
+        prompts = peft_model.get_prompt(ids.shape[0], task_ids=task_ids).to(tokens.dtype)
+        logits = base(inputs_embeds=torch.cat([prompts, tokens], 1)).logits[:, -1]
+        logits[:, tiny_models.EOS] = -float("inf")
+        ids = torch.cat([ids, logits.argmax(-1)[:, None]], 1)
+    return ids
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_with_task_ids(family):
+    reference, fast = pair(family, "CAUSAL_LM")
+    ids = tiny_models.batch(3, 4, left_pad=False)["input_ids"]
+    task_ids = torch.tensor([3, 1, 3])
+    expected = scratch_generate(reference, ids, task_ids, 5)
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tiny_models.PAD)
+    store = kv_store.prompt_kv_store(fast)
+    store.clear()
+    for reuse in (True, False):
+        got = fast.generate(input_ids=ids, task_ids=task_ids, reuse_prompt_kv=reuse, **kwargs)
+        assert torch.equal(got, expected), (reuse, got, expected)
+    assert sorted(store.names()) == [("default", 1), ("default", 3)]
+    beams = dict(num_beams=3, num_return_sequences=2, **kwargs)
+    with_reuse = fast.generate(input_ids=ids, task_ids=task_ids, **beams)
+    without = fast.generate(input_ids=ids, task_ids=task_ids, reuse_prompt_kv=False, **beams)
+    assert torch.equal(with_reuse, without)
+    # each returned sequence is its row's: equal to that row generated alone with its task
+    for row in range(3):
+        alone = fast.generate(input_ids=ids[row : row + 1], task_ids=task_ids[row : row + 1], **beams)
+        assert torch.equal(with_reuse[2 * row : 2 * row + 2], alone)
+
+
+def test_seq2seq_generate_with_task_ids():
+    reference, fast = pair("t5", "SEQ_2_SEQ_LM")
+    ids = tiny_models.batch(2, 5, left_pad=False)["input_ids"]
+    task_ids = torch.tensor([0, 2])
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    expected = reference.generate(input_ids=ids, task_ids=task_ids, **kwargs)
+    with FastpromptOps() as ops:
+        got = fast.generate(input_ids=ids, task_ids=task_ids, **kwargs)
+    assert torch.equal(got, expected)
+    assert ops.forward == 1
+
+
+def test_prompt_kv_per_task_never_stale():
+    """An optimizer step on one task's factors changes that task's rows: recomputed, the other kept."""
+    _, fast = pair("llama", "CAUSAL_LM")
+    ids = tiny_models.batch(2, 4, left_pad=False)["input_ids"]
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=tiny_models.PAD)
+    task_ids = torch.tensor([0, 1])
+    fast.generate(input_ids=ids, task_ids=task_ids, **kwargs)
+    computed = kv_store.CALLS["computed"]
+    with torch.no_grad():
+        fast.prompt_encoder["default"].prefix_task_rows[1] += 0.5
+    after = fast.generate(input_ids=ids, task_ids=task_ids, **kwargs)
+    assert kv_store.CALLS["computed"] == computed + 1  # task 1 only
+    assert torch.equal(
+        after, fast.generate(input_ids=ids, task_ids=task_ids, reuse_prompt_kv=False, **kwargs)
+    )
