@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import ast
 import collections
-import inspect
-import textwrap
 
 import torch
 
 from .ops import prompt_concat
-from .word_embeddings import FUSABLE_DTYPES, full_shape, plain_lookup_options
+from .word_embeddings import FUSABLE_DTYPES, forward_statements, full_shape, plain_lookup_options
 
 CALLS: collections.Counter = collections.Counter()
 
@@ -44,20 +42,8 @@ def plain_forward(cls: type) -> bool:
 
 
 def _plain_forward(cls: type) -> bool:
-    forward = getattr(cls, "forward", None)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    func = tree.body[0]
-    if not isinstance(func, ast.FunctionDef) or func.decorator_list:
-        return False
-    if [a.arg for a in func.args.args] != ["self", "indices"] or func.args.vararg or func.args.kwarg:
-        return False
-    body = func.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
-        body = body[1:]  # docstring
-    return ast.dump(ast.Module(body=body, type_ignores=[])) in _PLAIN_DUMPS
+    body = forward_statements(getattr(cls, "forward", None), ["self", "indices"])
+    return body is not None and ast.dump(ast.Module(body=body, type_ignores=[])) in _PLAIN_DUMPS
 
 
 def prompt_table(
