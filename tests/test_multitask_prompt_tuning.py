@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from peft_helpers import FastpromptOps, main_output
+from peft_helpers import FastpromptOps, assert_same_step, with_labels
 
 from fastprompt.testing import tiny_models
 
@@ -46,41 +46,13 @@ def pair(family: str, task: str, n: int = N, seed: int = 0):
 
 
 def _inputs(task: str, task_ids, seq: int = 6) -> dict:
-    batch = len(task_ids)
-    inputs = tiny_models.batch(batch, seq)
+    inputs = with_labels(tiny_models.batch(len(task_ids), seq), task)
     inputs["task_ids"] = torch.tensor(task_ids)
-    generator = torch.Generator().manual_seed(3)
-    if task == "CAUSAL_LM":
-        inputs["labels"] = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"], -100)
-    elif task == "SEQ_2_SEQ_LM":
-        inputs["labels"] = torch.randint(4, tiny_models.VOCAB, (batch, 4), generator=generator)
-    elif task == "SEQ_CLS":
-        inputs["labels"] = torch.randint(0, 3, (batch,), generator=generator)
     return inputs
 
 
-def assert_same_step(reference, fast, inputs: dict, **fast_kwargs):
-    reference.zero_grad(set_to_none=True)
-    fast.zero_grad(set_to_none=True)
-    expected, got = reference(**inputs), fast(**inputs, **fast_kwargs)
-    out_ref, out_fast = main_output(expected), main_output(got)
-    torch.testing.assert_close(out_fast, out_ref, **FP32)
-    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(11))
-    loss_ref, loss_fast = (out_ref * upstream).sum(), (out_fast * upstream).sum()
-    if expected.get("loss") is not None:
-        torch.testing.assert_close(got.loss, expected.loss, **FP32)
-        loss_ref, loss_fast = loss_ref + expected.loss, loss_fast + got.loss
-    loss_ref.backward()
-    loss_fast.backward()
-    fast_params = dict(fast.named_parameters())
-    checked = []
-    for name, param in reference.named_parameters():
-        if param.requires_grad:
-            scale = max(1.0, param.grad.abs().max().item())
-            torch.testing.assert_close(fast_params[name].grad, param.grad, rtol=1e-5, atol=1e-5 * scale)
-            checked.append(name.rsplit(".", 1)[-1])
-    assert {"weight", "prefix_task_cols", "prefix_task_rows"} <= set(checked)
-    return got
+def _trainable_names(model) -> set:
+    return {name.rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize(
@@ -92,6 +64,7 @@ def test_fused_forward_backward_equal_peft(family, task):
     the decoder inputs too)."""
     reference, fast = pair(family, task)
     kwargs = {} if task == "SEQ_2_SEQ_LM" else dict(share_prompt_prefix=False)
+    assert {"weight", "prefix_task_cols", "prefix_task_rows"} <= _trainable_names(reference)
     with FastpromptOps() as ops:
         assert_same_step(reference, fast, _inputs(task, [2, 0, 2, 3]), **kwargs)
     assert ops.forward == (0 if task == "SEQ_2_SEQ_LM" else 1)
