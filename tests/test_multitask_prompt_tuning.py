@@ -171,3 +171,22 @@ def test_prompt_kv_per_task_never_stale():
     assert torch.equal(
         after, fast.generate(input_ids=ids, task_ids=task_ids, reuse_prompt_kv=False, **kwargs)
     )
+
+
+def test_mixed_multitask_adapters():
+    """adapter_names with task_ids: each (adapter, task) of the batch is one prompt; every row equals its
+    adapter run alone with its task."""
+    _, fast = pair("llama", "CAUSAL_LM")
+    torch.manual_seed(5)
+    fast.add_adapter("other", multitask_config("CAUSAL_LM"))
+    fast.eval()
+    inputs = _inputs("CAUSAL_LM", [0, 2, 2, 1])
+    names = ["other", "default", "other", "default"]
+    for share in (False, True):
+        mixed = fast(**inputs, adapter_names=names, share_prompt_prefix=share)
+        for name in ("default", "other"):
+            rows = [i for i, row_name in enumerate(names) if row_name == name]
+            fast.set_adapter(name)
+            alone = fast(**{k: v[rows] for k, v in inputs.items()}, share_prompt_prefix=False)
+            torch.testing.assert_close(mixed.logits[rows], alone.logits, **FP32)
+        fast.set_adapter("default")

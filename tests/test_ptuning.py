@@ -272,3 +272,14 @@ def test_prefix_tuning_stays_peft():
         assert ops.forward == 0
     finally:
         fastprompt.unpatch_peft()
+
+
+def test_seq2seq_generate_equals_peft():
+    """Seq2Seq generate: the encoder's N of the 2N encoder-output rows before the encoder inputs, as PEFT."""
+    reference, fast = pair("t5", "SEQ_2_SEQ_LM")
+    ids = tiny_models.batch(2, 5, left_pad=False)["input_ids"]
+    expected = reference.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    with FastpromptOps() as ops:
+        got = fast.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+    assert ops.forward == 1
