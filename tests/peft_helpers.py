@@ -103,6 +103,21 @@ def assert_same_step(reference, fast, inputs: dict, **fast_kwargs):
     return got
 
 
+@torch.no_grad()
+def uncached_greedy(peft_model, input_ids, steps: int, task_ids=None) -> torch.Tensor:
+    """Greedy decoding without a cache from PEFT's own prompts (``get_prompt``, with ``task_ids`` for
+    multitask), EOS suppressed as ``min_new_tokens=steps`` does: the reference generation must match."""
+    base = peft_model.get_base_model()
+    ids = input_ids.clone()
+    for _ in range(steps):
+        tokens = peft_model.word_embeddings(ids)
+        prompts = peft_model.get_prompt(ids.shape[0], task_ids=task_ids).to(tokens.dtype)
+        logits = base(inputs_embeds=torch.cat([prompts, tokens], 1)).logits[:, -1]
+        logits[:, tiny_models.EOS] = -float("inf")
+        ids = torch.cat([ids, logits.argmax(-1)[:, None]], 1)
+    return ids
+
+
 class CausalRows(torch.utils.data.Dataset):
     """``n`` causal-LM rows of random tokens (labels = inputs, full attention mask), the same every time."""
 

@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from peft_helpers import FastpromptOps, assert_same_step, with_labels
+from peft_helpers import FastpromptOps, assert_same_step, uncached_greedy, with_labels
 
 from fastprompt.testing import tiny_models
 
@@ -107,26 +107,12 @@ def test_task_ids_required_and_checked():
     )
 
 
-@torch.no_grad()
-def scratch_generate(peft_model, input_ids, task_ids, steps: int):
-    """Greedy decoding without a cache from PEFT's own per-row prompts, EOS suppressed."""
-    base = peft_model.get_base_model()
-    ids = input_ids.clone()
-    for _ in range(steps):
-        tokens = peft_model.word_embeddings(ids)
-        prompts = peft_model.get_prompt(ids.shape[0], task_ids=task_ids).to(tokens.dtype)
-        logits = base(inputs_embeds=torch.cat([prompts, tokens], 1)).logits[:, -1]
-        logits[:, tiny_models.EOS] = -float("inf")
-        ids = torch.cat([ids, logits.argmax(-1)[:, None]], 1)
-    return ids
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generate_with_task_ids(family):
     reference, fast = pair(family, "CAUSAL_LM")
     ids = tiny_models.batch(3, 4, left_pad=False)["input_ids"]
     task_ids = torch.tensor([3, 1, 3])
-    expected = scratch_generate(reference, ids, task_ids, 5)
+    expected = uncached_greedy(reference, ids, 5, task_ids)
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tiny_models.PAD)
     store = kv_store.prompt_kv_store(fast)
     store.clear()

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from peft_helpers import FastpromptOps, assert_same_step, with_labels
+from peft_helpers import FastpromptOps, assert_same_step, uncached_greedy, with_labels
 
 from fastprompt.testing import tiny_models
 
@@ -160,21 +160,6 @@ def test_mixed_ptuning_adapters():
         fast.set_adapter("default")
 
 
-@torch.no_grad()
-def scratch_generate(peft_model, input_ids, steps: int, task_ids=None):
-    """Greedy decoding without a cache from PEFT's own prompts (``get_prompt``), EOS suppressed as
-    ``min_new_tokens=steps`` does: the reference."""
-    base = peft_model.get_base_model()
-    ids = input_ids.clone()
-    for _ in range(steps):
-        tokens = peft_model.word_embeddings(ids)
-        prompts = peft_model.get_prompt(ids.shape[0], task_ids=task_ids).to(tokens.dtype)
-        logits = base(inputs_embeds=torch.cat([prompts, tokens], 1)).logits[:, -1]
-        logits[:, tiny_models.EOS] = -float("inf")  # min_new_tokens = steps
-        ids = torch.cat([ids, logits.argmax(-1)[:, None]], 1)
-    return ids
-
-
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generate_equals_uncached_reference(family, encoder):
@@ -182,7 +167,7 @@ def test_generate_equals_uncached_reference(family, encoder):
     with and without prompt-KV reuse."""
     reference, fast = pair(family, "CAUSAL_LM", encoder)
     ids = tiny_models.batch(2, 4, left_pad=False)["input_ids"]
-    expected = scratch_generate(reference, ids, 5)
+    expected = uncached_greedy(reference, ids, 5)
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tiny_models.PAD)
     mask = torch.ones_like(ids)
     for reuse in (True, False):
@@ -243,7 +228,7 @@ def test_stored_rows_save_load_and_patch_peft(tmp_path):
             torch.testing.assert_close(got, trained, **FP32)
         assert CALLS["fused"] == before + 1
         ids = inputs["input_ids"][:2, 2:]
-        expected = scratch_generate(peft_loaded, ids, 4)
+        expected = uncached_greedy(peft_loaded, ids, 4)
         got = loaded.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert torch.equal(got, expected)
         # an ordinary PEFT-built P-tuning model under patch_peft takes the fused path too
