@@ -355,7 +355,8 @@ def shared_prefix_section(device: torch.device, budget: Budget) -> list[tuple[bo
     vocabulary 8000) at each (N, L, B) of ``shared_prefix.SHAPES``, PEFT vs fastprompt's default vs
     ``share_prompt_prefix=False``: the first step's loss and prompt gradient equal PEFT's, time and peak
     memory of a step (targets: >= 1.8x PEFT at N=100 L=64 B=8, >= 0.97x everywhere, less memory where
-    it shares)."""
+    it shares). Then the same for P-tuning (MLP encoder; target >= 1.7x at N=100 L=64 B=8) and
+    multitask prompt tuning at ``shared_prefix.METHOD_SHAPES`` (issue 21)."""
     from fastprompt.benchmarks.shared_prefix import shared_prefix_results
 
     notes: list[str] = []

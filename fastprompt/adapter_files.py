@@ -21,11 +21,15 @@ from typing import NamedTuple
 
 import torch
 
-from .config import CONFIG_NAME, PROMPT_TUNING
+from .config import CONFIG_NAME, MULTITASK_PROMPT_TUNING, P_TUNING, PROMPT_TUNING
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PROMPT_KEY = "prompt_embeddings"
+TASK_KEYS = ("prefix_task_cols", "prefix_task_rows")  # multitask prompt tuning's task factors
+# The PEFT types whose file holds the N (x S) rows to prepend as they are: prompt tuning's table and
+# P-tuning's encoder output (PEFT saves ``get_prompt_embedding_to_save``, the encoder's final rows).
+SERVABLE_TYPES = (PROMPT_TUNING, P_TUNING)
 
 
 class AdapterFileError(ValueError, KeyError, RuntimeError):
@@ -172,7 +176,9 @@ class PromptAdapter(NamedTuple):
     weights_file: str
 
 
-def load_prompt_adapter(path, model_dim: int | None = None) -> PromptAdapter:
+def load_prompt_adapter(
+    path, model_dim: int | None = None, peft_types: tuple[str, ...] = (PROMPT_TUNING,)
+) -> PromptAdapter:
     """Read and check the PEFT prompt-tuning adapter saved in the directory ``path``.
 
     The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or, from older PEFT,
@@ -180,7 +186,9 @@ def load_prompt_adapter(path, model_dim: int | None = None) -> PromptAdapter:
     and its ``peft_type`` is ``PROMPT_TUNING``; ``token_dim`` equals ``model_dim`` (when given); the
     weights file is readable, has ``prompt_embeddings`` of shape [num_virtual_tokens *
     num_transformer_submodules, token_dim], and every value is finite. ``path`` may also be an
-    :class:`AdapterFiles` (files read another way, named in messages as it says).
+    :class:`AdapterFiles` (files read another way, named in messages as it says). ``peft_types``: the
+    accepted ``peft_type`` values (``SERVABLE_TYPES`` adds P-tuning, whose file holds the encoder's final
+    rows; multitask adapters: :func:`load_multitask_adapter`).
 
     Raises:
         AdapterFileError: naming the file and what is wrong with it.
@@ -205,10 +213,11 @@ def load_prompt_adapter(path, model_dim: int | None = None) -> PromptAdapter:
         raise AdapterFileError(f"Cannot read {config_file}: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterFileError(f"{config_file} holds a {type(config).__name__}, not a JSON object.")
-    if config.get("peft_type") != PROMPT_TUNING:
+    if config.get("peft_type") not in peft_types:
+        expected = " or ".join(repr(t) for t in peft_types)
         raise AdapterFileError(
-            f"{config_file} has peft_type={config.get('peft_type')!r}, expected {PROMPT_TUNING!r}: only "
-            "prompt-tuning adapters (soft prompts) can be served as prompt embeddings."
+            f"{config_file} has peft_type={config.get('peft_type')!r}, expected {expected}: only "
+            "soft prompts whose file holds the rows to prepend can be served as prompt embeddings."
         )
     if expected_rows(config) is None:
         raise AdapterFileError(
@@ -251,3 +260,54 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             "left as it was."
         )
     return weights_file, table
+
+
+def _stored_tensors(weights_file: str, keys: tuple[str, ...]) -> dict:
+    """The tensors ``keys`` of the weights file (safetensors or pickle); AdapterFileError if one is
+    missing."""
+    if weights_file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(weights_file, framework="pt") as file:
+            present = set(file.keys())
+            tensors = {key: file.get_tensor(key) for key in keys if key in present}
+    else:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        tensors = {key: state[key] for key in keys if key in state}
+    missing = [key for key in keys if key not in tensors]
+    if missing:
+        raise AdapterFileError(f"{weights_file} has no {missing} tensor(s): not a multitask adapter's file.")
+    return tensors
+
+
+def load_multitask_adapter(path, model_dim: int | None = None) -> PromptAdapter:
+    """Read a PEFT multitask prompt-tuning adapter: its ``table`` is ``[num_tasks, N * S, token_dim]``, task
+    t's rows ``prompt_embeddings * (prefix_task_cols[t] @ prefix_task_rows[t])`` in float32, exactly as
+    PEFT's ``MultitaskPromptEmbedding`` computes them. Checked as :func:`load_prompt_adapter` checks a
+    prompt-tuning adapter, plus the task factors' shapes and values.
+
+    Raises:
+        AdapterFileError: naming the file and what is wrong with it.
+    """
+    adapter = load_prompt_adapter(path, model_dim, peft_types=(MULTITASK_PROMPT_TUNING,))
+    shared = adapter.table.float()
+    factors = _stored_tensors(adapter.weights_file, TASK_KEYS)
+    cols, rows = factors["prefix_task_cols"].float(), factors["prefix_task_rows"].float()
+    ok = (
+        cols.dim() == 3
+        and rows.dim() == 3
+        and cols.shape[0] == rows.shape[0]
+        and cols.shape[1] == shared.shape[0]
+        and cols.shape[2] == rows.shape[1]
+        and rows.shape[2] == shared.shape[1]
+    )
+    if not ok:
+        raise AdapterFileError(
+            f"{adapter.weights_file}: prefix_task_cols {list(cols.shape)} and prefix_task_rows "
+            f"{list(rows.shape)} do not fit prompt_embeddings {list(shared.shape)} (expected [T, N*S, R] "
+            "and [T, R, D])."
+        )
+    if not (torch.isfinite(cols).all() and torch.isfinite(rows).all()):
+        raise AdapterFileError(f"{adapter.weights_file}: the task factors hold NaN or Inf values.")
+    table = shared.unsqueeze(0) * torch.matmul(cols, rows)  # [T, N*S, D]
+    return PromptAdapter(table, adapter.config, adapter.weights_file)

@@ -20,6 +20,11 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 PROMPT_TUNING = "PROMPT_TUNING"
+P_TUNING = "P_TUNING"
+MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+# PEFT's soft-prompt methods whose N rows are put before the token rows (their ``inputs_embeds``):
+# fastprompt's machinery serves them all. Prefix tuning and CPT stay PEFT's.
+PREPENDED_PROMPT_TYPES = (PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING)
 
 # PEFT's ``TaskType`` values, in PEFT's order (used in the validation message).
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")

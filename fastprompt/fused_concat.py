@@ -12,14 +12,38 @@ and diagnostics.
 
 from __future__ import annotations
 
+import ast
 import collections
 
 import torch
 
 from .ops import prompt_concat
-from .word_embeddings import FUSABLE_DTYPES, full_shape, plain_lookup_options
+from .word_embeddings import FUSABLE_DTYPES, forward_statements, full_shape, plain_lookup_options
 
 CALLS: collections.Counter = collections.Counter()
+
+# The bodies of a prompt module's ``forward`` that return the table's rows as they are (fastprompt's and
+# PEFT's ``PromptEmbedding``). P-tuning's ``PromptEncoder`` and multitask's ``MultitaskPromptEmbedding``
+# also have an ``embedding``, but their rows are an encoder's output / task-scaled: not a plain table.
+_PLAIN_SOURCES = (
+    "return self.embedding(indices)",
+    "prompt_embeddings = self.embedding(indices)\nreturn prompt_embeddings",
+)
+_PLAIN_DUMPS = frozenset(ast.dump(ast.parse(src)) for src in _PLAIN_SOURCES)
+_PLAIN_FORWARDS: dict = {}  # class -> whether its forward is a plain table lookup (cached per class)
+
+
+def plain_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` returns ``self.embedding(indices)`` and nothing else (read off its source,
+    as :func:`fastprompt.word_embeddings.forward_kind` does for word embeddings; cached per class)."""
+    if cls not in _PLAIN_FORWARDS:
+        _PLAIN_FORWARDS[cls] = _plain_forward(cls)
+    return _PLAIN_FORWARDS[cls]
+
+
+def _plain_forward(cls: type) -> bool:
+    body = forward_statements(getattr(cls, "forward", None), ["self", "indices"])
+    return body is not None and ast.dump(ast.Module(body=body, type_ignores=[])) in _PLAIN_DUMPS
 
 
 def prompt_table(
@@ -28,13 +52,18 @@ def prompt_table(
     """The [P, D] weight a prompt-embedding module looks its rows up in, or None where calling the module
     could give something else (a custom ``forward``, hooks, ``max_norm`` ...).
 
-    ``prompt_embedding``: fastprompt's or PEFT's ``PromptEmbedding`` (anything whose ``embedding``
-    attribute is the ``nn.Embedding`` its ``forward`` calls). ``ignore_hook`` / ``partitioned``: as in
-    :func:`fastprompt.word_embeddings.lookup_spec`, for a caller that gathers the table itself.
+    ``prompt_embedding``: fastprompt's or PEFT's ``PromptEmbedding`` (any module whose ``forward`` is
+    exactly ``return self.embedding(indices)``, its ``embedding`` a plain ``nn.Embedding``). A module with
+    an ``embedding`` and another ``forward`` (P-tuning's ``PromptEncoder``: an MLP / LSTM over the table;
+    ``MultitaskPromptEmbedding``: the table scaled per task) is not a table: None.
+    ``ignore_hook`` / ``partitioned``: as in :func:`fastprompt.word_embeddings.lookup_spec`, for a caller
+    that gathers the table itself.
     """
     embedding = getattr(prompt_embedding, "embedding", None)
     if not isinstance(embedding, torch.nn.Embedding):
         return None
+    if "forward" in prompt_embedding.__dict__ or not plain_forward(type(prompt_embedding)):
+        return None  # P-tuning's encoder, multitask's task scaling, any other forward: call the module
     if type(embedding).forward is not torch.nn.Embedding.forward or "forward" in embedding.__dict__:
         return None
     if not plain_lookup_options(embedding):

@@ -98,21 +98,28 @@ def _forward_kind(cls: type) -> str | None:
     parent = owner.__mro__[1]
     if _defining_class(parent, "forward") is not torch.nn.Embedding:
         return None
+    body = forward_statements(owner.__dict__["forward"], ["self", "input_ids"])
+    if body is None or len(body) != 1:
+        return None
+    return _TEMPLATE_DUMPS.get(ast.dump(body[0]))
+
+
+def forward_statements(function, arguments: list[str]) -> list | None:
+    """The statements of ``function``'s body (its docstring left out), parsed from its source, when it is
+    a plain undecorated ``def`` taking exactly ``arguments``; else None."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(owner.__dict__["forward"])))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
         return None
     func = tree.body[0]
     if not isinstance(func, ast.FunctionDef) or func.decorator_list:
         return None
-    if [a.arg for a in func.args.args] != ["self", "input_ids"] or func.args.vararg or func.args.kwarg:
+    if [a.arg for a in func.args.args] != arguments or func.args.vararg or func.args.kwarg:
         return None
     body = func.body
     if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
         body = body[1:]  # docstring
-    if len(body) != 1:
-        return None
-    return _TEMPLATE_DUMPS.get(ast.dump(body[0]))
+    return body
 
 
 def _buffer_scale(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:

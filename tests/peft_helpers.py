@@ -63,6 +63,61 @@ def main_output(output) -> torch.Tensor:
     raise KeyError(list(output.keys()))
 
 
+def with_labels(inputs: dict, task: str) -> dict:
+    """``inputs`` (``tiny_models.batch``) with the targets of PEFT task ``task``: CAUSAL_LM labels where
+    the mask is on, 4 Seq2Seq label tokens, SEQ_CLS classes (random, seed 3); other tasks none."""
+    batch = inputs["input_ids"].shape[0]
+    generator = torch.Generator().manual_seed(3)
+    if task == "CAUSAL_LM":
+        inputs["labels"] = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"], -100)
+    elif task == "SEQ_2_SEQ_LM":
+        inputs["labels"] = torch.randint(4, tiny_models.VOCAB, (batch, 4), generator=generator)
+    elif task == "SEQ_CLS":
+        inputs["labels"] = torch.randint(0, 3, (batch,), generator=generator)
+    return inputs
+
+
+def assert_same_step(reference, fast, inputs: dict, **fast_kwargs):
+    """One forward/backward of ``fast`` (with ``fast_kwargs``) against PEFT's ``reference`` on ``inputs``:
+    the loss, the main output and every trainable parameter's gradient equal within fp32 rounding, with a
+    random upstream gradient on the output besides the loss. Returns ``fast``'s output."""
+    reference.zero_grad(set_to_none=True)
+    fast.zero_grad(set_to_none=True)
+    expected, got = reference(**inputs), fast(**inputs, **fast_kwargs)
+    out_ref, out_fast = main_output(expected), main_output(got)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(11))
+    loss_ref, loss_fast = (out_ref * upstream).sum(), (out_fast * upstream).sum()
+    if expected.get("loss") is not None:
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+        loss_ref, loss_fast = loss_ref + expected.loss, loss_fast + got.loss
+    loss_ref.backward()
+    loss_fast.backward()
+    fast_params = {name: p for name, p in fast.named_parameters() if p.requires_grad}
+    ref_params = {name: p for name, p in reference.named_parameters() if p.requires_grad}
+    assert ref_params.keys() == fast_params.keys()
+    for name, param in ref_params.items():
+        assert param.grad is not None and fast_params[name].grad is not None, name
+        scale = max(1.0, param.grad.abs().max().item())
+        torch.testing.assert_close(fast_params[name].grad, param.grad, rtol=1e-5, atol=1e-5 * scale)
+    return got
+
+
+@torch.no_grad()
+def uncached_greedy(peft_model, input_ids, steps: int, task_ids=None) -> torch.Tensor:
+    """Greedy decoding without a cache from PEFT's own prompts (``get_prompt``, with ``task_ids`` for
+    multitask), EOS suppressed as ``min_new_tokens=steps`` does: the reference generation must match."""
+    base = peft_model.get_base_model()
+    ids = input_ids.clone()
+    for _ in range(steps):
+        tokens = peft_model.word_embeddings(ids)
+        prompts = peft_model.get_prompt(ids.shape[0], task_ids=task_ids).to(tokens.dtype)
+        logits = base(inputs_embeds=torch.cat([prompts, tokens], 1)).logits[:, -1]
+        logits[:, tiny_models.EOS] = -float("inf")
+        ids = torch.cat([ids, logits.argmax(-1)[:, None]], 1)
+    return ids
+
+
 class CausalRows(torch.utils.data.Dataset):
     """``n`` causal-LM rows of random tokens (labels = inputs, full attention mask), the same every time."""
 

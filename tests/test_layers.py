@@ -23,6 +23,7 @@ LAYERS = {
     "embedding": 2,
     "prompted_embeds": 2,
     "fused_concat": 2,
+    "prompt_rows": 2,
     "word_embeddings": 2,
     "adapter_files": 2,
     "deepspeed_zero3": 2,

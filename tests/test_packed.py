@@ -298,7 +298,7 @@ def test_packed_rows_of_other_tasks_and_mixed_adapters_are_errors():
     _, fast = model_pair("llama", "CAUSAL_LM", num_virtual_tokens=N)
     fast.add_adapter("other", peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
     two = torch.cat((ids, ids))
-    with pytest.raises(ValueError, match="adapter_names names 2 adapters"):
+    with pytest.raises(ValueError, match="packed rows with 2 different soft prompts"):
         fast(input_ids=two, position_ids=positions, adapter_names=["default", "other"])
     out = fast(input_ids=two, position_ids=positions, adapter_names=["other", "other"])
     assert out.logits.shape == (2, N + ids.shape[1], tiny_models.VOCAB)

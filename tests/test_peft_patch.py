@@ -92,6 +92,8 @@ def test_loading_routes_are_covered(tmp_path, patched):
 
 
 def test_other_adapter_types_untouched(patched):
+    """LoRA and prefix tuning stay PEFT's; P-tuning (rows prepended, from its encoder) takes the fused
+    path with PEFT's result (tests/test_ptuning.py checks it in depth)."""
     inputs = tiny_models.batch()
     lora = peft.get_peft_model(
         tiny_models.build("llama", "CAUSAL_LM"),
@@ -104,19 +106,22 @@ def test_other_adapter_types_untouched(patched):
     p_tuning = peft.get_peft_model(
         tiny_models.build("bert", "SEQ_CLS"),
         peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=2, encoder_hidden_size=8),
-    )
+    ).eval()
     with FastpromptOps() as ops:
         outs = [
             lora(**inputs).logits,
             prefix(**inputs).logits,
-            p_tuning(**inputs).logits,
             lora.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0),
         ]
     assert ops.names == []
+    with FastpromptOps() as ops:
+        p_tuning_logits = p_tuning(**inputs).logits
+    assert ops.forward == 1
     fastprompt.unpatch_peft()
     try:
         assert torch.equal(outs[0], lora(**inputs).logits)
         assert torch.equal(outs[1], prefix(**inputs).logits)
+        torch.testing.assert_close(p_tuning_logits, p_tuning(**inputs).logits, rtol=1e-5, atol=1e-6)
     finally:
         fastprompt.patch_peft()
 

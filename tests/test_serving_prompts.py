@@ -122,3 +122,49 @@ def test_llm_checks_adapters_before_the_engine_starts(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="adapter_name must be a non-empty string"):
         LLM(str(tmp_path / "base"), prompt_adapters={"": tmp_path / "bad"})
     assert started == []
+
+
+def test_ptuning_and_multitask_adapters_serve_peft_rows(tmp_path):
+    """A P-tuning adapter serves the rows PEFT stores (the encoder's final output, what ``get_prompt``
+    gives); a multitask adapter loaded as NAME serves task T as ``NAME.taskT``, PEFT's rows of that task."""
+    peft = pytest.importorskip("peft")
+    model = tiny_models.build("llama", "CAUSAL_LM")
+    model.save_pretrained(tmp_path / "base")
+    word = read_word_table(str(tmp_path / "base"), torch.float32)
+    adapters = PromptAdapters(word, reserved=("base",))
+    torch.manual_seed(0)
+    ptuning = peft.get_peft_model(
+        tiny_models.build("llama", "CAUSAL_LM"),
+        peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8),
+    )
+    ptuning.save_pretrained(tmp_path / "pt")
+    adapters.load(tmp_path / "pt", "pt")
+    with torch.no_grad():
+        expected = ptuning.get_prompt(1)[0]
+    assert torch.equal(adapters.table("pt"), expected)
+    assert torch.equal(adapters.embeds("pt", [5, 6])[:4], expected)
+    multitask = peft.get_peft_model(
+        tiny_models.build("llama", "CAUSAL_LM"),
+        peft.MultitaskPromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, num_tasks=3, num_ranks=2
+        ),
+    )
+    multitask.save_pretrained(tmp_path / "mt")
+    adapters.load(tmp_path / "mt", "mt")
+    assert adapters.names() == ["pt", "mt.task0", "mt.task1", "mt.task2"]
+    with torch.no_grad():
+        rows = multitask.get_prompt(3, task_ids=torch.tensor([0, 1, 2]))
+    for task in range(3):
+        torch.testing.assert_close(adapters.table(f"mt.task{task}"), rows[task], rtol=0, atol=1e-6)
+        assert "/" not in f"mt.task{task}"
+    adapters.delete("mt.task1")
+    assert adapters.names() == ["pt", "mt.task0", "mt.task2"]
+    adapters.delete("mt")
+    assert adapters.names() == ["pt"]
+    prefix = peft.get_peft_model(
+        tiny_models.build("llama", "CAUSAL_LM"),
+        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    )
+    prefix.save_pretrained(tmp_path / "prefix")
+    with pytest.raises(ValueError, match="PREFIX_TUNING"):
+        adapters.load(tmp_path / "prefix", "prefix")

@@ -35,17 +35,20 @@ __all__ = [
 class TrainStep:
     """One training step of ``model`` on a fixed random batch; call it to run a step, get the loss."""
 
-    def __init__(self, model, batch: int, seq: int, *, lr: float = 1e-3, seed: int = 0):
+    def __init__(self, model, batch: int, seq: int, *, lr: float = 1e-3, seed: int = 0, extra=None):
         self.model = model
         self.input_ids = token_batch(model, batch, seq, seed=seed)
         self.attention_mask = torch.ones_like(self.input_ids)
+        self.extra = dict(extra or {})  # more keywords of every call (multitask: task_ids)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr)
 
     def outputs(self):
         """The model's output for the batch with labels: the step's forward (the model in train mode)."""
         self.model.train()
-        return self.model(input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids)
+        return self.model(
+            input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids, **self.extra
+        )
 
     def __call__(self) -> float:
         out = self.outputs()

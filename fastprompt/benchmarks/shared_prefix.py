@@ -1,5 +1,7 @@
 """Training with the shared prompt prefix measured: one prompt-tuning step, PEFT against fastprompt.
 
+Also P-tuning (MLP encoder) and multitask prompt tuning steps (``METHODS``, at ``METHOD_SHAPES``).
+
 The model: a Llama built here from a config (``BENCH_LLAMA``: hidden 256, 4 layers, vocabulary 8000),
 random weights, no dropout. The workload: one training step (forward with labels, backward, AdamW step
 on the prompt table) at each (N, L, B) of ``SHAPES``, on the same base weights and prompt table.
@@ -64,14 +66,47 @@ def _copy(base, prepare):
     return model
 
 
-def _models(base, num_virtual_tokens: int, providers, seed: int, prepare=None) -> dict:
-    """{provider: prompt-tuned model} on copies of ``base`` with the same prompt table; ``prepare`` is
-    applied to each copy before it is wrapped (e.g. TRL's ``add_fused_lm_head``, which must come first)."""
+# The soft-prompt methods timed: prompt tuning at every shape of SHAPES; P-tuning (MLP encoder, hidden
+# 256 as the issue's example) and multitask prompt tuning (4 tasks, rank 1; the batch's rows spread over
+# 2 tasks) at METHOD_SHAPES.
+METHODS = ("prompt tuning", "p-tuning mlp", "multitask")
+METHOD_SHAPES = ((100, 64, 8), (8, 128, 2))  # where sharing pays most, and where the rule declines
+MULTITASK_TASKS = 4
+
+
+def method_config(method: str, num_virtual_tokens: int):
+    """PEFT's config of ``method`` (one of ``METHODS``) for a CAUSAL_LM model."""
+    import peft
+
+    if method == "p-tuning mlp":
+        return peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=256
+        )
+    if method == "multitask":
+        return peft.MultitaskPromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, num_tasks=MULTITASK_TASKS
+        )
+    return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+
+
+def _extra(method: str, batch: int) -> dict:
+    """More keywords of each step's call: multitask's ``task_ids`` (rows alternate tasks 1 and 3)."""
+    if method != "multitask":
+        return {}
+    return {"task_ids": torch.tensor([1 + 2 * (b % 2) for b in range(batch)])}
+
+
+def _models(
+    base, num_virtual_tokens: int, providers, seed: int, prepare=None, method: str = "prompt tuning"
+) -> dict:
+    """{provider: prompt-tuned model} on copies of ``base`` with the same prompt table (or encoder);
+    ``prepare`` is applied to each copy before it is wrapped (e.g. TRL's ``add_fused_lm_head``, which must
+    come first)."""
     import peft
 
     import fastprompt
 
-    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    config = method_config(method, num_virtual_tokens)
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -93,12 +128,15 @@ def train_steps(
     seed: int = 0,
     step=TrainStep,
     prepare=None,
+    method: str = METHODS[0],
 ) -> dict:
-    """{provider: step} for one (N, L, B), every provider on the same batch and prompt table; ``step`` is
-    the step's class (``TrainStep``'s signature), ``prepare`` what is done to each base copy first."""
+    """{provider: step} for one (N, L, B), every provider on the same batch and prompt table (or encoder);
+    ``step`` is the step's class (``TrainStep``'s signature), ``prepare`` what is done to each base copy
+    first, ``method`` the soft-prompt method (of ``METHODS``)."""
     n, length, batch = shape
-    models = _models(base, n, providers, seed, prepare)
-    return {name: step(models[name], batch, length, seed=seed) for name in providers}
+    models = _models(base, n, providers, seed, prepare, method)
+    extra = _extra(method, batch)
+    return {name: step(models[name], batch, length, seed=seed, extra=extra) for name in providers}
 
 
 def _first_step_matches(steps: dict) -> dict[str, bool]:
@@ -153,25 +191,31 @@ def shared_prefix_results(
     notes: list[str] | None = None,
     steps=train_steps,
     label: str = "train step",
+    methods=METHODS[1:],
 ) -> list[Result]:
     """One row per (shape, provider): time of one training step, peak memory, speedup and memory ratio
     against ``peft`` (always run), and whether the first step matched PEFT's. Which shapes fastprompt's
     default shared the prompt at is appended to ``notes`` (and said by ``progress``). ``steps`` builds
-    the steps (``train_steps``'s signature), ``label`` starts each row's workload."""
+    the steps (``train_steps``'s signature), ``label`` starts each row's workload; ``methods``: the other
+    soft-prompt methods (of ``METHODS``) also timed, at ``METHOD_SHAPES``."""
     from ..prompt_once import policy as shared_prefix
 
     providers = ("peft", *[p for p in providers if p != "peft"])
     base = base_model(seed=seed).to(device)
     results, shared_at = [], []
-    for shape in shapes:
+    cases = [(METHODS[0], shape) for shape in shapes]
+    cases += [(method, shape) for method in (methods or ()) for shape in METHOD_SHAPES]
+    for method, shape in cases:
         n, length, batch = shape
-        workload = f"{label} N={n} L={length} B={batch}"
-        calls = steps(base, shape, providers, seed=seed)
+        prefix = "" if method == METHODS[0] else f"{method} "
+        workload = f"{prefix}{label} N={n} L={length} B={batch}"
+        by_method = {} if method == METHODS[0] else {"method": method}
+        calls = steps(base, shape, providers, seed=seed, **by_method)
         before = shared_prefix.CALLS["shared"]
         matches = _first_step_matches(calls)
         shares = shared_prefix.CALLS["shared"] > before
         progress(f"model {MODEL_LABEL}: {workload} (fastprompt {'shares' if shares else 'does not share'})")
-        shared_at.append(f"{'' if shares else 'not '}at N={n} L={length} B={batch}")
+        shared_at.append(f"{'' if shares else 'not '}at {prefix}N={n} L={length} B={batch}")
         for name, ok in matches.items():
             if not ok:
                 progress(f"MISMATCH model {MODEL_LABEL}: {workload}: {name} differs from peft")
@@ -205,6 +249,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=1.0, help="timing seconds per provider and shape")
     parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"of {', '.join(PROVIDERS)}")
     parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES), help="N,L,B;...")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS[1:]),
+        help=f"also time these at {METHOD_SHAPES}: of {METHODS[1:]}",
+    )
     args = parser.parse_args(argv)
     device = bench_device()
     if device.type == "cpu":
@@ -216,6 +265,7 @@ def main(argv=None) -> int:
         shapes=shapes,
         providers=args.providers.split(","),
         progress=lambda msg: print(msg, file=sys.stderr),
+        methods=[m for m in args.methods.split(",") if m],
     )
     print(_table(results), flush=True)
     return 0 if all(r.matches_peft for r in results) else 1

@@ -118,6 +118,7 @@ def fused_head_results(
         notes=notes,
         steps=fused_head_steps,
         label=FUSED_LABEL,
+        methods=(),
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import PROMPT_TUNING
+from ..config import PREPENDED_PROMPT_TYPES
 
 ADAPTER_NAMES = "adapter_names"
 
@@ -23,27 +23,30 @@ class RowAdapters:
     """Which prompt-tuning adapter each batch row takes.
 
     Attributes:
-        names: the distinct adapter names, in order of first appearance (K of them).
+        names: the distinct adapter names, in order of first appearance (K of them); multitask: the
+            adapter of each distinct (adapter, task) of the batch (a name can repeat).
         table_index: [B] ints in [0, K): row b takes adapter ``names[table_index[b]]``.
         num_virtual_tokens: N, shared by every adapter in the batch.
+        tasks: multitask prompt tuning: the task of each of the K prompts (None: no tasks).
     """
 
     names: tuple[str, ...]
     table_index: tuple[int, ...]
     num_virtual_tokens: int
+    tasks: tuple[int, ...] | None = None
 
     def repeat_rows(self, times: int) -> RowAdapters:
         """The same adapters for a batch whose every row is repeated ``times`` times in place
         (``repeat_interleave``, as ``generate`` expands rows for ``num_beams`` / ``num_return_sequences``)."""
         index = tuple(k for k in self.table_index for _ in range(times))
-        return RowAdapters(self.names, index, self.num_virtual_tokens)
+        return RowAdapters(self.names, index, self.num_virtual_tokens, self.tasks)
 
 
 def _prompt_tuning_adapters(peft_model) -> list[str]:
     return [
         name
         for name, config in getattr(peft_model, "peft_config", {}).items()
-        if getattr(config, "peft_type", None) == PROMPT_TUNING
+        if getattr(config, "peft_type", None) in PREPENDED_PROMPT_TYPES
     ]
 
 

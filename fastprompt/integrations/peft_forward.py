@@ -18,9 +18,11 @@ import torch
 
 from ..prompt_once import decoder_share, packed, packed_forward, shared_forward
 from ..prompt_once import policy as shared_prefix
-from ..prompted_embeds import prompt_prefix_rows
-from .adapter_batches import pop_adapter_names, rows_for_adapters
+from ..prompt_once.sources import batch_sources
+from ..prompt_rows import source_rows
+from .adapter_batches import pop_adapter_names
 from .peft_inputs_embeds import model_inputs_embeds
+from .peft_prompt_methods import batch_rows
 
 
 def _prefix_mask(attention_mask: torch.Tensor | None, batch_size: int, num_virtual_tokens: int):
@@ -62,7 +64,7 @@ def _prepare_kwargs(
     share = kwargs.pop(shared_prefix.SHARE_PROMPT_PREFIX, shared_prefix.model_default(peft_model))
     shared_prefix.check_request(share)
     adapter_names = pop_adapter_names(kwargs)
-    rows = None if adapter_names is None else rows_for_adapters(peft_model, adapter_names, batch_size)
+    rows = batch_rows(peft_model, adapter_names, args.get("task_ids"), batch_size)  # multitask: per task
     if rows is not None:
         n = rows.num_virtual_tokens
     packed_rows = _packed_rows(peft_model, input_ids, args, kwargs, rows)
@@ -102,8 +104,9 @@ def _packed_rows(peft_model, input_ids, args: dict, kwargs: dict, rows):
         )
     if rows is not None and len(rows.names) > 1:
         raise ValueError(
-            f"adapter_names names {len(rows.names)} adapters ({', '.join(rows.names)}) for packed rows: "
-            "each row's documents share one soft prompt; batch the adapters' rows separately."
+            f"packed rows with {len(rows.names)} different soft prompts in one batch (adapter_names "
+            f"{list(rows.names)} or several task_ids): each row's documents share one soft prompt; batch "
+            "the adapters' (or tasks') rows separately."
         )
     kwargs.pop("position_ids")
     return found
@@ -117,8 +120,8 @@ def _shares(peft_model, task: str, share, kwargs: dict, input_ids, n: int, rows)
 
 def _decoder_shared(peft_model, inputs_embeds, n: int, rows, share, kwargs: dict):
     """PEFT's base-model call, with the prompt run once at the decoder (a head's own forward)."""
-    modules, index = shared_forward.prompt_modules(peft_model, rows, inputs_embeds.device)
-    prompt_embeds = prompt_prefix_rows(modules, n, inputs_embeds.dtype).to(inputs_embeds.device)
+    sources, index = batch_sources(peft_model, rows, inputs_embeds.device)  # P-tuning: the encoder's rows
+    prompt_embeds = source_rows(sources, n, inputs_embeds.dtype).to(inputs_embeds.device)
     return decoder_share.run_shared(
         peft_model,
         lambda embeds: peft_model.base_model(inputs_embeds=embeds, **kwargs),

@@ -1,4 +1,8 @@
-"""Generation for PEFT prompt-tuning models, with ``prompt_concat``.
+"""Generation for PEFT prompt-tuning models (and P-tuning, multitask prompt tuning), with ``prompt_concat``.
+
+Multitask: ``task_ids`` ([B]) is taken out of the call and becomes the batch's prompts (one per distinct
+task, ``peft_prompt_methods.batch_rows``); beams and ``num_return_sequences`` repeat each row's prompt as
+they repeat the row.
 
 CausalLM: ``PeftModelForCausalLM.generate`` swaps the model's ``prepare_inputs_for_generation`` for the
 PEFT model's; :func:`causal_lm_prepare_inputs_for_generation` is that method for prompt tuning. It injects
@@ -25,8 +29,9 @@ import torch
 
 from ..prompt_once import kv_store as prompt_kv
 from ..prompt_once.prompt_pass import LAYER_TYPES, fill_prefix_cache
-from .adapter_batches import RowAdapters, pop_adapter_names, rows_for_adapters
+from .adapter_batches import RowAdapters, pop_adapter_names
 from .peft_inputs_embeds import model_inputs_embeds
+from .peft_prompt_methods import TASK_IDS, batch_rows, is_multitask
 
 CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24, < 5.24
 
@@ -248,11 +253,12 @@ def _static_cache_room(base_model, extra: int):
 def _pending_prompt_kv(peft_model, rows: RowAdapters | None) -> PendingKV:
     """The prompt KV for the batch: the active adapter's, or one per distinct adapter of ``rows``."""
     store = prompt_kv.prompt_kv_store(peft_model)
+    tasks = None if rows is None else rows.tasks or (None,) * len(rows.names)
     if rows is None or len(rows.names) == 1:
         name = peft_model.active_adapter if rows is None else rows.names[0]
-        entry = store.get(peft_model, name)
+        entry = store.get(peft_model, name, None if rows is None else tasks[0])
         return PendingKV(entry.keys, entry.values, None, None)
-    entries = [store.get(peft_model, name) for name in rows.names]
+    entries = [store.get(peft_model, name, task) for name, task in zip(rows.names, tasks, strict=True)]
     keys = [torch.cat(layer, dim=0) for layer in zip(*(e.keys for e in entries), strict=True)]
     values = [torch.cat(layer, dim=0) for layer in zip(*(e.values for e in entries), strict=True)]
     index = torch.tensor(rows.table_index, dtype=torch.int64)
@@ -283,15 +289,18 @@ def causal_lm_generate(peft_model, original, args: tuple, kwargs: dict, reuse: b
         raise TypeError(f"reuse_prompt_kv must be True, False or None, got {reuse!r}.")
     kwargs = dict(kwargs)
     adapter_names = pop_adapter_names(kwargs)
+    multitask = is_multitask(peft_model)
+    task_ids = kwargs.pop(TASK_IDS, None) if multitask else None  # the rows carry the tasks
     rows = None
-    if adapter_names is not None:
+    if adapter_names is not None or multitask:
         input_ids = _batch_input_ids(args, kwargs)
         if input_ids is None or input_ids.dim() != 2:
+            what = "adapter_names=..." if adapter_names is not None else "task_ids=..., multitask"
             raise ValueError(
-                "generate(adapter_names=...) needs input_ids ([B, L] token ids) and no inputs_embeds: the "
+                f"generate({what}) needs input_ids ([B, L] token ids) and no inputs_embeds: the "
                 "prompts are put before the embeddings of input_ids"
             )
-        rows = rows_for_adapters(peft_model, adapter_names, input_ids.shape[0])
+        rows = batch_rows(peft_model, adapter_names, task_ids, input_ids.shape[0])
     state = GenerationState(
         peft_model.active_peft_config.num_virtual_tokens if rows is None else rows.num_virtual_tokens, rows
     )
@@ -330,11 +339,11 @@ def seq2seq_generate(peft_model, kwargs: dict):
                 stacklevel=3,
             )
         input_ids = kwargs.pop("input_ids")
-        kwargs.pop("task_ids", None)
+        task_ids = kwargs.pop(TASK_IDS, None)
         adapter_names = pop_adapter_names(kwargs)
-        n, rows = config.num_virtual_tokens, None
-        if adapter_names is not None:
-            rows = rows_for_adapters(peft_model, adapter_names, input_ids.shape[0])
+        n = config.num_virtual_tokens
+        rows = batch_rows(peft_model, adapter_names, task_ids, input_ids.shape[0])
+        if rows is not None:
             n = rows.num_virtual_tokens
         kwargs["inputs_embeds"] = model_inputs_embeds(peft_model, input_ids, n, rows)
         if "attention_mask" in kwargs:

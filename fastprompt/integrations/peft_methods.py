@@ -1,9 +1,9 @@
 """The fastprompt versions of PEFT's task-model methods, as wrappers around PEFT's originals.
 
 - ``forward`` (every task), ``prepare_inputs_for_generation`` (CausalLM) and ``generate`` (Seq2Seq) take
-  the fused path when the active adapter is PROMPT_TUNING and ``input_ids`` (not ``inputs_embeds``) is
-  given; otherwise they call PEFT's own method unchanged (LoRA, prefix tuning, p-tuning, user-supplied
-  ``inputs_embeds``, ...).
+  the fused path when the active adapter is PROMPT_TUNING, P_TUNING or MULTITASK_PROMPT_TUNING and
+  ``input_ids`` (not ``inputs_embeds``) is given; otherwise they call PEFT's own method unchanged (LoRA,
+  prefix tuning, CPT, user-supplied ``inputs_embeds``, ...).
 - On the fused path the inputs are checked first (``input_checks.check_prompt_inputs``): wrong dtypes,
   ranks, an empty batch or a mask of another shape raise an error naming ``input_ids`` / ``attention_mask``.
 - They act only while ``patch_peft()`` is in effect or on models moved to a :class:`FastPromptModel`
@@ -29,11 +29,12 @@ import types
 import warnings
 import weakref
 
-from ..config import PROMPT_TUNING
+from ..config import PROMPT_TUNING  # noqa: F401 - re-exported (peft_loading)
 from ..prompt_once.policy import SHARE_PROMPT_PREFIX, check_request
 from . import peft_forward, peft_generate
 from .adapter_batches import ADAPTER_NAMES
 from .input_checks import check_prompt_inputs
+from .peft_prompt_methods import forward_applies, prompt_method
 from .peft_version import fused_path_allowed
 
 # PEFT task class name -> the prompt-tuning forward that replaces its ``forward``
@@ -75,7 +76,7 @@ def _prompt_tuning_active(peft_model) -> bool:
         config = peft_model.peft_config[peft_model.active_adapter]
     except (AttributeError, KeyError, TypeError):
         return False
-    return getattr(config, "peft_type", None) == PROMPT_TUNING and enabled(peft_model)
+    return prompt_method(config) and enabled(peft_model)
 
 
 def original_of(func):
@@ -228,7 +229,7 @@ def _wrap_forward(original, impl):
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if _prompt_tuning_active(self):
+        if _prompt_tuning_active(self) and forward_applies(self, impl):
             try:
                 bound = signature.bind(self, *args, **kwargs)
             except TypeError:

@@ -20,7 +20,8 @@ import threading
 
 from ..prompt_once.policy import check_request, set_global_default, set_model_default
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
-from .peft_methods import FORWARDS, PROMPT_TUNING, FastPromptModel, original_of, set_patched, task_methods
+from .peft_methods import FORWARDS, FastPromptModel, original_of, set_patched, task_methods
+from .peft_prompt_methods import prompt_method
 from .peft_version import fused_path_allowed
 
 __all__ = ["accelerate", "get_peft_model", "patch_peft", "unpatch_peft"]
@@ -132,7 +133,7 @@ def _has_prompt_tuning_adapter(peft_model) -> bool:
         configs = peft_model.peft_config.values()
     except AttributeError:
         return False
-    return any(getattr(config, "peft_type", None) == PROMPT_TUNING for config in configs)
+    return any(prompt_method(config) for config in configs)
 
 
 def accelerate(peft_model, *, share_prompt_prefix=_MISSING):

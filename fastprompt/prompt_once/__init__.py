@@ -13,6 +13,8 @@ that exploits that fact lives here, and training, generation and packing all go 
   their layouts and masks; :mod:`.packed_forward`: their causal-LM forward, each document with its own
   soft prompt.
 - :mod:`.kv_store`: generation's prompt-KV store (``reuse_prompt_kv``).
+- :mod:`.sources`: which prompts a batch runs (adapters, multitask tasks) and where their rows come from
+  (prompt tuning's table, P-tuning's encoder, multitask's task scaling).
 
 The functions take the base model and a prompt-learning model (PEFT's ``PeftModel``: ``get_base_model()``,
 ``prompt_encoder``, ``word_embeddings``) as objects; nothing here imports PEFT. The PEFT integration

@@ -1,5 +1,8 @@
 """The prompt-KV store: each prompt-tuning adapter's virtual-token keys/values, computed once.
 
+Also P-tuning adapters (the rows compared are the encoder's output) and multitask adapters (one entry
+per task, keyed ``(name, task)``).
+
 In a causal LM the N virtual tokens come first and attend only to each other, so their keys and values in
 every layer depend on nothing but the adapter's prompt table and the base model. :class:`PromptKVStore`
 keeps them per adapter (``[1, H_kv, N, head_dim]`` keys and values per layer, in the model's dtype and
@@ -28,7 +31,9 @@ import weakref
 
 import torch
 
+from ..prompt_rows import TABLE, source_rows
 from .prompt_pass import run_prompt
+from .sources import adapter_source
 
 DEFAULT_MAX_ADAPTERS = 8
 
@@ -107,32 +112,39 @@ class PromptKVStore:
         while len(self._entries) > self._max_adapters:
             self.drop(next(iter(self._entries)))
 
-    def get(self, peft_model, name: str) -> PromptKV:
-        """The prompt KV of adapter ``name``: the stored entry if still valid, else computed (and stored)."""
+    def get(self, peft_model, name: str, task: int | None = None) -> PromptKV:
+        """The prompt KV of adapter ``name`` (multitask: of its task ``task``, kept per task): the stored
+        entry if still valid, else computed (and stored)."""
         self._prune(peft_model)
         module = peft_model.prompt_encoder[name]
-        rows = _prompt_rows(peft_model, name)
+        key = name if task is None else (name, task)
+        rows = _prompt_rows(peft_model, name, task)
         base_key = base_fingerprint(peft_model.get_base_model())
-        entry = self._entries.get(name)
+        entry = self._entries.get(key)
         if entry is not None and _same_rows(entry.prompt_rows, rows) and entry.base_key == base_key:
-            self._entries.move_to_end(name)
+            self._entries.move_to_end(key)
             CALLS["reused"] += 1
             return entry
-        self.drop(name)
+        self.drop(key)
         keys, values = compute_prompt_kv(peft_model, rows)
         entry = PromptKV(keys, values, rows.detach().clone(), base_key)
         CALLS["computed"] += 1
         if self._max_adapters:
-            self._entries[name] = entry
+            self._entries[key] = entry
             # delete_adapter frees the prompt module: free its entry with it
-            self._finalizers[name] = weakref.finalize(module, _drop_if_alive, weakref.ref(self), name)
+            self._finalizers[key] = weakref.finalize(module, _drop_if_alive, weakref.ref(self), key)
             self._evict()
         return entry
 
     def _prune(self, peft_model) -> None:
         present = getattr(peft_model, "prompt_encoder", {})
-        for name in [n for n in self._entries if n not in present]:
-            self.drop(name)
+        for key in [k for k in self._entries if _adapter_of(k) not in present]:
+            self.drop(key)
+
+
+def _adapter_of(key) -> str:
+    """The adapter name of a store key: the name, or (name, task) for a multitask adapter's task."""
+    return key if isinstance(key, str) else key[0]
 
 
 def _drop_if_alive(store_ref, name: str) -> None:
@@ -159,11 +171,16 @@ def _same_rows(stored: torch.Tensor, rows: torch.Tensor) -> bool:
     )
 
 
-def _prompt_rows(peft_model, name: str) -> torch.Tensor:
-    """[N, D] prompt rows of adapter ``name`` as PEFT's ``get_prompt`` reads them (CausalLM: N*S = N)."""
+def _prompt_rows(peft_model, name: str, task: int | None = None) -> torch.Tensor:
+    """[N, D] prompt rows of adapter ``name`` as PEFT's ``get_prompt`` gives them (CausalLM: N*S = N):
+    prompt tuning's table rows; P-tuning's encoder output (so an optimizer step on any encoder
+    parameter changes them), or its stored rows in inference mode; multitask's rows of task ``task``."""
     config = peft_model.peft_config[name]
-    weight = peft_model.prompt_encoder[name].embedding.weight
-    return weight[: config.num_virtual_tokens]
+    source = adapter_source(peft_model, name, task)
+    if source.kind == TABLE:
+        return source.module.embedding.weight[: config.num_virtual_tokens]
+    with torch.no_grad():
+        return source_rows([source], config.num_virtual_tokens)[0]
 
 
 def base_fingerprint(base_model) -> tuple:

@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from ..prompted_embeds import prompt_prefix_rows
+from ..prompt_rows import source_rows
 from .policy import (
     CACHE_KEYWORDS,
     CALLS,
@@ -38,6 +38,7 @@ from .policy import (
     text_config,
 )
 from .prompt_pass import cache_argument, fill_prefix_cache, run_prompt
+from .sources import batch_sources
 
 
 def _read_only_update(layer, key_states, value_states, *args, **kwargs):
@@ -108,10 +109,10 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     """
     base_model = peft_model.get_base_model()
     batch = input_ids.shape[0]
-    modules, index = prompt_modules(peft_model, rows, input_ids.device)
+    sources, index = batch_sources(peft_model, rows, input_ids.device)  # P-tuning: the encoder's rows
     word_embeddings = peft_model.word_embeddings
     token_embeds = word_embeddings(input_ids)  # [B, L, D], exactly PEFT's call
-    prompt_embeds = prompt_prefix_rows(modules, n, token_embeds.dtype).to(token_embeds.device)  # [K, N, D]
+    prompt_embeds = source_rows(sources, n, token_embeds.dtype).to(token_embeds.device)  # [K, N, D]
 
     call = dict(kwargs)
     labels = call.pop("labels", None) if task == "CAUSAL_LM" else call.get("labels")
@@ -138,15 +139,6 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     output = type(output)(**fields)  # the fields in the model output's own order
     CALLS["shared"] += 1
     return output if return_dict is not False else output.to_tuple()
-
-
-def prompt_modules(peft_model, rows, device):
-    """The prompt modules of a call and the ``[B]`` int64 prompt of each row (None: the active adapter's
-    one prompt). ``rows``: the ``RowAdapters`` of a mixed batch, or None."""
-    if rows is None:
-        return [peft_model.prompt_encoder[peft_model.active_adapter]], None
-    modules = [peft_model.prompt_encoder[name] for name in rows.names]
-    return modules, torch.tensor(rows.table_index, dtype=torch.int64, device=device)
 
 
 def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, call: dict, *, all_logits=True):

@@ -1,5 +1,8 @@
 """The soft prompts a server holds, and the ``prompt_embeds`` of a request: adapter rows, then token rows.
 
+Prompt-tuning and P-tuning adapters (PEFT stores P-tuning's final encoder rows) serve under their name;
+a multitask adapter loaded as NAME serves each task T as ``NAME.taskT``.
+
 :class:`PromptAdapters` maps adapter names to prompt tables read from PEFT's files
 (``fastprompt.adapter_files``: no PEFT needed). :meth:`PromptAdapters.embeds` builds one request's
 [N + L, D] rows with ONE ``fastprompt.prompt_concat`` over the word table and the adapter's table, in the
@@ -15,25 +18,64 @@ request its table once, and the request builds its rows from that table whatever
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
 import torch
 
-from ..adapter_files import AdapterFileError, AdapterFiles, load_prompt_adapter
-from ..config import CONFIG_NAME
+from ..adapter_files import (
+    SERVABLE_TYPES,
+    AdapterFileError,
+    AdapterFiles,
+    load_multitask_adapter,
+    load_prompt_adapter,
+)
+from ..config import CONFIG_NAME, MULTITASK_PROMPT_TUNING
 from ..ops import prompt_concat
 from .adapter_dir import AdapterDirectory, UnknownAdapterError, valid_name
 from .word_table import WordTable
 
 
+def task_adapter_name(name: str, task: int) -> str:
+    """The served name of task ``task`` of the multitask adapter loaded as ``name``: ``NAME.taskT``."""
+    return f"{name}.task{task}"
+
+
+def _is_multitask(path) -> bool:
+    try:
+        with open(os.path.join(os.fspath(path), CONFIG_NAME)) as file:
+            config = json.load(file)
+    except (OSError, ValueError):
+        return False  # load_prompt_adapter says what is wrong
+    return isinstance(config, dict) and config.get("peft_type") == MULTITASK_PROMPT_TUNING
+
+
+def read_adapter_tables(path, name: str, model_dim: int | None = None) -> dict[str, torch.Tensor]:
+    """{served name: [N, D] table} of the adapter in ``path`` loaded as ``name``: ``{name: table}`` for a
+    prompt-tuning or P-tuning adapter (:func:`read_adapter_table`), one entry per task for a multitask
+    adapter, named by :func:`task_adapter_name` (``NAME.task0`` ... ``NAME.task{T-1}``), each the task's
+    rows as PEFT computes them (float32)."""
+    if not _is_multitask(path):
+        return {name: read_adapter_table(path, model_dim)}
+    adapter = load_multitask_adapter(path, model_dim=model_dim)
+    _check_causal_lm(path, adapter.config)
+    return {task_adapter_name(name, t): rows.contiguous() for t, rows in enumerate(adapter.table)}
+
+
 def read_adapter_table(path, model_dim: int | None = None) -> torch.Tensor:
-    """The [N, D] prompt table (CPU, the dtype it was saved in) of the PEFT prompt-tuning adapter in
-    directory ``path``, checked for serving: PEFT's checks (``load_prompt_adapter``: config, weights file,
-    shape, finite values, ``token_dim == model_dim`` when given), and a ``CAUSAL_LM`` (or untyped) adapter:
-    a Seq2Seq adapter's 2N rows or a classification adapter are ``AdapterFileError``."""
-    adapter = load_prompt_adapter(path, model_dim=model_dim)
-    task_type = adapter.config.get("task_type")
+    """The [N, D] prompt table (CPU, the dtype it was saved in) of the PEFT prompt-tuning or P-tuning
+    adapter in directory ``path`` (P-tuning's file holds the encoder's final rows: served as they are),
+    checked for serving: PEFT's checks (``load_prompt_adapter``: config, weights file, shape, finite
+    values, ``token_dim == model_dim`` when given), and a ``CAUSAL_LM`` (or untyped) adapter: a Seq2Seq
+    adapter's 2N rows or a classification adapter are ``AdapterFileError``."""
+    adapter = load_prompt_adapter(path, model_dim=model_dim, peft_types=SERVABLE_TYPES)
+    _check_causal_lm(path, adapter.config)
+    return adapter.table.detach().to("cpu").contiguous()
+
+
+def _check_causal_lm(path, config: dict) -> None:
+    task_type = config.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
         files = path if isinstance(path, AdapterFiles) else AdapterFiles(os.fspath(path), None)
         raise AdapterFileError(
@@ -41,7 +83,6 @@ def read_adapter_table(path, model_dim: int | None = None) -> torch.Tensor:
             "decoder-only model generates from one prompt of num_virtual_tokens rows: serve a CAUSAL_LM "
             "adapter."
         )
-    return adapter.table.detach().to("cpu").contiguous()
 
 
 def check_adapter_name(name, reserved: tuple[str, ...] = ()) -> None:
@@ -61,7 +102,7 @@ def check_adapter_dirs(adapter_dirs: dict) -> None:
     after minutes of start-up."""
     for name, path in adapter_dirs.items():
         check_adapter_name(name)
-        read_adapter_table(path)
+        read_adapter_tables(path, name)
 
 
 class PromptAdapters:
@@ -86,6 +127,7 @@ class PromptAdapters:
         self.reserved = tuple(reserved)
         self._tables: dict[str, torch.Tensor] = {}
         self._paths: dict[str, str] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}  # multitask: loaded name -> its tasks' names
         self._lock = threading.Lock()
         self.directory = None
         if adapter_dir is not None:
@@ -124,14 +166,29 @@ class PromptAdapters:
         error nothing changes and the adapters already held keep serving.
         """
         check_adapter_name(name, self.reserved)
-        table = read_adapter_table(path, model_dim=self.word_table.dim)
+        tables = read_adapter_tables(path, name, model_dim=self.word_table.dim)
+        for served in tables:
+            check_adapter_name(served, self.reserved)
         with self._lock:
-            self._tables[name] = table
-            self._paths[name] = os.fspath(path)
+            for served in self._groups.pop(name, ()):  # a multitask adapter replaced: all its tasks
+                self._tables.pop(served, None)
+                self._paths.pop(served, None)
+            for served, table in tables.items():
+                self._tables[served] = table
+                self._paths[served] = os.fspath(path)
+            if list(tables) != [name]:
+                self._groups[name] = tuple(tables)
 
     def delete(self, name: str) -> None:
-        """Remove adapter ``name`` (ValueError if there is none)."""
+        """Remove adapter ``name`` (ValueError if there is none); the name a multitask adapter was loaded
+        as removes all its tasks, ``NAME.taskT`` one of them."""
         with self._lock:
+            group = self._groups.pop(name, None)
+            if group is not None:
+                for served in group:
+                    self._tables.pop(served, None)
+                    self._paths.pop(served, None)
+                return
             self._check_known(name)
             del self._tables[name]
             del self._paths[name]

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# PEFT 0.21.2's own prompt-tuning tests, run three ways on local stand-in models (no hub needed):
+# PEFT 0.21.2's own prompt-tuning, P-tuning (PromptEncoder) and multitask prompt-tuning tests, run three ways
+# on local stand-in models (no hub needed):
 #   plain  PEFT alone;
 #   fast   after fastprompt.patch_peft() (default share_prompt_prefix=None);
 #   share  the same with the shared prefix's cost rule lifted (shares wherever it is exact).
@@ -34,12 +35,13 @@ rm -f results_*.xml calls_*.txt log_*.txt  # never compare a previous run's file
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$work"
 suite=(tests/test_decoder_models.py tests/test_encoder_decoder_models.py
-       tests/test_feature_extraction_models.py tests/test_seq_classifier.py)
+       tests/test_feature_extraction_models.py tests/test_seq_classifier.py
+       tests/test_multitask_prompt_tuning.py)
 run() {  # run MODE [plugins...]
     local mode=$1
     shift
     "$python" -m pytest -p plugin_local_data "$@" -p no:cacheprovider -q --tb=short -o addopts="" \
-        "${suite[@]}" -k "PromptTuning or prompt_tuning" --junitxml="results_$mode.xml" > "log_$mode.txt" 2>&1 || true
+        "${suite[@]}" -k "PromptTuning or prompt_tuning or PromptEncoder" --junitxml="results_$mode.xml" > "log_$mode.txt" 2>&1 || true
     echo "$mode: $(grep -E '[0-9]+ (passed|failed)' "log_$mode.txt" | tail -1)"
 }
 run plain
