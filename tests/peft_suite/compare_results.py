@@ -1,9 +1,10 @@
 """Compare two junit XML files of the same tests: ``python compare_results.py PLAIN.xml FASTPROMPT.xml
-[--min-passed K]``.
+[--min-passed K] [--subset]``.
 
 Prints the counts of each, then every test that passed in the first and not in the second (a regression:
 exit code 1) and those that failed in the first and passed in the second. ``--min-passed K``: exit code 1
-also when the first passed fewer than K tests (a run that tested nothing has no regressions either).
+also when the first (with ``--subset``: the second) passed fewer than K tests (a run that tested nothing
+has no regressions either). ``--subset``: the second ran a subset of the first's tests; only those count.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def outcomes(path: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def main(first: str, second: str, min_passed: int = 0) -> int:
+def main(first: str, second: str, min_passed: int = 0, subset: bool = False) -> int:
     a, b = outcomes(first), outcomes(second)
+    if subset:
+        a = {k: v for k, v in a.items() if k in b}
     for path, results in ((first, a), (second, b)):
         print(path, dict(collections.Counter(state for state, _ in results.values())))
     regressions = [k for k, (s, _) in a.items() if s == "passed" and b.get(k, ("missing", ""))[0] != "passed"]
@@ -40,7 +43,7 @@ def main(first: str, second: str, min_passed: int = 0) -> int:
     print(f"failed in {first}, passed in {second}: {len(fixed)}")
     for key in fixed:
         print(f"  {key}")
-    passed = sum(state == "passed" for state, _ in a.values())
+    passed = sum(state == "passed" for state, _ in (b if subset else a).values())
     if passed < min_passed:
         print(f"{first}: only {passed} tests passed, expected at least {min_passed}: the suite did not run")
         return 1
@@ -50,8 +53,11 @@ def main(first: str, second: str, min_passed: int = 0) -> int:
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     minimum = 0
+    only_common = "--subset" in arguments
+    if only_common:
+        arguments.remove("--subset")
     if "--min-passed" in arguments:
         at = arguments.index("--min-passed")
         minimum = int(arguments[at + 1])
         del arguments[at : at + 2]
-    raise SystemExit(main(*arguments[:2], min_passed=minimum))
+    raise SystemExit(main(*arguments[:2], min_passed=minimum, subset=only_common))
