@@ -33,7 +33,8 @@ import torch
 from .policy import CACHE_KEYWORDS, CALLS, decoder_of
 from .shared_forward import _rows, _uses_cache, prompt_then_tokens
 
-# Keywords of the decoder's call that the shared plan handles; the last three only when unset/False.
+# Keywords of the decoder's call that the shared plan handles (output_* only when unset or False).
+# Those of _UNSET_ONLY may come only unset (None / False): anything else declines the plan.
 _PLAN_KEYWORDS = frozenset(
     {
         "inputs_embeds",
