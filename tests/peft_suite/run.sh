@@ -7,7 +7,7 @@
 #          suites with decoder-only models (where sharing can apply).
 # A test that passes plain and not under fastprompt is a regression: exit code 1.
 #
-# Usage: tests/peft_suite/run.sh [WORKDIR]   (default /tmp/fastprompt-peft-suite; about 2 minutes)
+# Usage: tests/peft_suite/run.sh [WORKDIR]   (default /tmp/fastprompt-peft-suite; about 5 minutes)
 # Needs, in the Python that runs it ($PYTHON, default python): fastprompt with peft==0.21.2 (pip install -e
 # ".[dev]"), and what PEFT's test modules import: pip install diffusers==0.42.1 parameterized==0.9.0 scipy==1.17.1
 set -euo pipefail
