@@ -101,3 +101,28 @@ def fused_with_gathered_tables(
     finally:
         if external:
             unregister_external_parameter(hosts[-1], word)
+
+
+def fused_rows_with_gathered_word(
+    input_ids: torch.Tensor, word_embeddings: torch.nn.Module, rows: torch.Tensor, index, num_prompt: int
+) -> torch.Tensor | None:
+    """``fastprompt.prompt_rows.rows_inputs_embeds`` with a ZeRO-3 word table, in one fused
+    ``prompt_concat`` call; None where it cannot be fused (the caller then calls the module).
+
+    The rows (``[K, N, D]``: P-tuning's encoder output, multitask's task-scaled table) were computed by
+    calling the prompt modules, whose ZeRO-3 hooks gathered every encoder parameter and put the gradient
+    path on them; only the word table is left. The op runs as the ``forward`` of the word-embedding
+    module, so its ZeRO-3 hooks gather the table around the op (and for the backward where the table is
+    trainable, as for any module call).
+
+    Returns [B, N + L, D] in the word table's dtype.
+    """
+    spec = lookup_spec(word_embeddings, ignore_hook=is_zero3_hook, partitioned=True)
+    if spec is None or input_ids.device != spec.weight.device:
+        return None
+    if not (is_zero3_param(spec.weight) and _managed(word_embeddings)):
+        return None  # outside an engine (no hooks to gather with): the module call, as PEFT does
+    rows = rows.to(spec.weight.device)
+    return _call_as_forward(
+        word_embeddings, input_ids, lambda: fused(input_ids, spec, list(rows.unbind(0)), index, num_prompt)
+    )

@@ -129,7 +129,14 @@ def rows_inputs_embeds(
         index = index.to(device=input_ids.device, dtype=torch.int64)
     weight = getattr(word_embeddings, "weight", None)
     spec = None
-    if not deepspeed_zero3.is_zero3_param(weight):  # ZeRO-3: the module call gathers the word table
+    if deepspeed_zero3.is_zero3_param(weight):  # ZeRO-3: the word module's hooks gather its table
+        if rows.dtype in FUSABLE_DTYPES:
+            out = deepspeed_zero3.fused_rows_with_gathered_word(
+                input_ids, word_embeddings, rows, index, num_prompt
+            )
+            if out is not None:
+                return out
+    else:
         spec = lookup_spec(word_embeddings)
     if spec is None or rows.dtype not in FUSABLE_DTYPES or input_ids.device != spec.weight.device:
         CALLS["unfused"] += 1

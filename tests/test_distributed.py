@@ -1,7 +1,9 @@
 """Prompt tuning on 2 processes (CPU, gloo): DDP, FSDP2, HF Trainer (checkpoint + resume), mixed-adapter
 batches under DDP, DeepSpeed ZeRO-2 and ZeRO-3 (every parameter partitioned, tied GPT-2 word table),
 ZeRO-3 init (HF ``from_pretrained`` partitioned, TEXT / SAMPLE_VOCAB init), and the shared prompt prefix
-(``share_prompt_prefix=True``) under DDP, FSDP2, mixed DDP and ZeRO-2.
+(``share_prompt_prefix=True``) under DDP, FSDP2, mixed DDP and ZeRO-2; P-tuning (MLP, LSTM) and multitask
+prompt tuning under DDP, FSDP2 and ZeRO-3 (every encoder weight partitioned), every trained parameter of
+the prompt module compared.
 
 One ``torchrun --nproc-per-node 2`` launch runs every case in sequence (``tests/distributed/worker.py``);
 each test compares its case's trained tables, from BOTH ranks, with PEFT's own path in this process on
@@ -28,8 +30,23 @@ import cases  # noqa: E402
 peft = pytest.importorskip("peft")
 
 WORLD = 2
-TORCH_CASES = ["ddp", "fsdp2", "mixed_ddp", "trainer", "ddp_shared", "fsdp2_shared", "mixed_ddp_shared"]
+TORCH_CASES = [
+    "ddp",
+    "fsdp2",
+    "mixed_ddp",
+    "trainer",
+    "ddp_shared",
+    "fsdp2_shared",
+    "mixed_ddp_shared",
+    "ptuning_ddp",
+    "ptuning_ddp_shared",
+    "multitask_ddp_shared",
+    "ptuning_fsdp2_shared",
+]
 DEEPSPEED_CASES = [
+    "ptuning_zero3",
+    "ptuning_lstm_zero3_shared",
+    "multitask_zero3",
     "zero2",
     "zero3",
     "zero3_mixed",
@@ -178,6 +195,48 @@ def test_shared_prompt_trains_like_one_process(launch, reference, mixed_referenc
     if case == "fsdp2_shared":
         assert all(r["sharded"] for r in results)
     _check_tables(results, mixed_reference if "mixed" in case else reference)
+
+
+@pytest.fixture(scope="module")
+def method_references() -> dict:
+    return {method: cases.reference_params(method) for method in cases.METHODS}
+
+
+@pytest.mark.parametrize(
+    "case,method",
+    [
+        ("ptuning_ddp", "ptuning"),
+        ("ptuning_ddp_shared", "ptuning"),  # one prompt pass per step, the gradient into the MLP
+        ("multitask_ddp_shared", "multitask"),  # rows alternate 2 tasks: one pass per task
+        ("ptuning_fsdp2_shared", "ptuning"),  # the encoder's weights sharded DTensors of the root
+        pytest.param("ptuning_zero3", "ptuning", marks=needs_deepspeed),  # every weight partitioned
+        pytest.param("ptuning_lstm_zero3_shared", "ptuning_lstm", marks=needs_deepspeed),
+        pytest.param("multitask_zero3", "multitask", marks=needs_deepspeed),
+    ],
+)
+def test_prompt_methods_train_like_one_process(launch, method_references, case, method):
+    """P-tuning and multitask prompt tuning: every parameter of the prompt module (the encoder's table,
+    MLP / LSTM weights; the task factors) equals PEFT's one process on the whole batch, on both ranks;
+    the fused concat ran on every forward (or the prompt was shared on every forward), never unfused."""
+    results = launch.results(case)
+    expected = method_references[method]
+    initial = cases.prompt_params(cases.prompt_model(peft.get_peft_model, method=method))
+    assert sorted(initial) == sorted(expected)
+    for rank, result in enumerate(results):
+        assert result["unfused"] == 0, f"rank {rank} fell back to the unfused path {result['unfused']}x"
+        if case.endswith("_shared"):
+            assert result["shared"] == cases.STEPS, f"rank {rank} shared {result['shared']}x"
+        else:
+            _check_fused([result], cases.STEPS)
+        if "fsdp2" in case:
+            assert result["sharded"]
+        if "zero3" in case:
+            assert result["partitioned"] == {"word": True, "prompt": True}
+        assert sorted(result["params"]) == sorted(expected)
+        for key, value in expected.items():
+            if "weight_hh" not in key:  # (the LSTM's reverse recurrent weights move by less than TOL)
+                assert not torch.allclose(value, initial[key], **TOL), f"{key} did not train"
+            torch.testing.assert_close(result["params"][key], value, **TOL, msg=f"rank {rank}, {key}")
 
 
 def test_trainer_checkpoint_and_resume(launch, tmp_path):

@@ -1,6 +1,10 @@
 """What the distributed tests train, shared by the 2-process worker (``worker.py``) and the single-process
 references computed in the pytest process (``tests/test_distributed.py``).
 
+The method cases (``METHODS``) train P-tuning (MLP and LSTM encoders) and multitask prompt tuning (rows
+alternate two tasks) the same way and compare every trainable parameter of the prompt module (the
+encoder's table and weights; the task factors), not only a table.
+
 Every case prompt-tunes a tiny GPT-2 (tied word embeddings: the hard case for ZeRO-3) for ``STEPS`` SGD
 steps on a global batch of ``GLOBAL_BATCH`` rows; with W processes, rank r trains rows
 ``[r * B/W, (r + 1) * B/W)`` of each step's batch. Same token count in every row (no padding), so the
@@ -48,10 +52,31 @@ def mixed_names(batch_rows: slice) -> list[str]:
     return [MIXED_ADAPTERS[i % 2] for i in range(batch_rows.start, batch_rows.stop)]
 
 
-def peft_config(**kwargs):
+# The other soft-prompt methods: method name -> PEFT config keywords.
+METHODS = {
+    "ptuning": dict(encoder_reparameterization_type="MLP"),
+    "ptuning_lstm": dict(encoder_reparameterization_type="LSTM"),
+    "multitask": {},
+}
+ENCODER_HIDDEN = 8
+NUM_TASKS = 2
+
+
+def peft_config(method: str = "prompt_tuning", **kwargs):
+    """PEFT's config of ``method``: "prompt_tuning" or a key of ``METHODS``."""
     import peft
 
-    return peft.PromptTuningConfig(task_type=TASK, num_virtual_tokens=NUM_VIRTUAL_TOKENS, **kwargs)
+    common = dict(task_type=TASK, num_virtual_tokens=NUM_VIRTUAL_TOKENS, **kwargs)
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(**common)
+    if method == "multitask":
+        return peft.MultitaskPromptTuningConfig(num_tasks=NUM_TASKS, **METHODS[method], **common)
+    return peft.PromptEncoderConfig(encoder_hidden_size=ENCODER_HIDDEN, **METHODS[method], **common)
+
+
+def task_ids(batch_rows: slice) -> torch.Tensor:
+    """[rows] int64: the task of each row of a multitask batch (rows alternate tasks 0, 1)."""
+    return torch.arange(batch_rows.start, batch_rows.stop) % NUM_TASKS
 
 
 def base_model():
@@ -61,22 +86,32 @@ def base_model():
     return tiny_models.build(FAMILY, TASK, seed=0).train()
 
 
-def prompt_model(get_peft_model, base=None, adapters=("default",), **config):
-    """``get_peft_model`` (fastprompt's or PEFT's) on the base model; each adapter's table from its own
-    seed (1, 2, ...); every table trainable."""
+def prompt_model(get_peft_model, base=None, adapters=("default",), method="prompt_tuning", **config):
+    """``get_peft_model`` (fastprompt's or PEFT's) on the base model; each adapter's prompt module from
+    its own seed (1, 2, ...); every parameter of every prompt module trainable."""
     base = base_model() if base is None else base
     torch.manual_seed(1)
-    model = get_peft_model(base, peft_config(**config), adapter_name=adapters[0])
+    model = get_peft_model(base, peft_config(method, **config), adapter_name=adapters[0])
     for k, name in enumerate(adapters[1:]):
         torch.manual_seed(2 + k)
-        model.add_adapter(name, peft_config(**config))
+        model.add_adapter(name, peft_config(method, **config))
     for name in adapters:
-        table(model, name).requires_grad_(True)
+        model.prompt_encoder[name].requires_grad_(True)
     return model
 
 
 def table(model, name: str = "default") -> torch.nn.Parameter:
     return model.prompt_encoder[name].embedding.weight
+
+
+def prompt_params(model) -> dict:
+    """{"ADAPTER.PARAM": parameter} for every parameter of every prompt module (the encoder's table and
+    weights, the task factors)."""
+    return {
+        f"{name}.{param_name}": param
+        for name, module in model.prompt_encoder.items()
+        for param_name, param in module.named_parameters()
+    }
 
 
 def trainable(model) -> list[torch.nn.Parameter]:
@@ -111,6 +146,21 @@ def reference_tables(adapters=("default",), mixed: bool = False, base=None, **co
         optimizer.step()
         optimizer.zero_grad()
     return {name: table(model, name).detach().clone() for name in adapters}
+
+
+def reference_params(method: str) -> dict:
+    """PEFT's own path, one process, the whole batch each step (multitask: ``task_ids`` per row):
+    ``prompt_params`` of the trained model, detached."""
+    import peft
+
+    model = prompt_model(peft.get_peft_model, method=method)
+    optimizer = torch.optim.SGD(trainable(model), lr=LR)
+    for ids in batches():
+        extra = {"task_ids": task_ids(slice(0, GLOBAL_BATCH))} if method == "multitask" else {}
+        model(input_ids=ids, labels=ids, **extra).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {key: param.detach().clone() for key, param in prompt_params(model).items()}
 
 
 def text_init_config(data_dir: str) -> dict:

@@ -40,10 +40,13 @@ def _rank_batches():
     return rows, [ids[rows] for ids in cases.batches()]
 
 
-def _train(model, step_fn, mixed: bool = False) -> None:
-    """STEPS steps on this rank's rows; ``step_fn(input_ids, kwargs)`` runs forward, backward, step."""
+def _train(model, step_fn, mixed: bool = False, tasks: bool = False) -> None:
+    """STEPS steps on this rank's rows; ``step_fn(input_ids, kwargs)`` runs forward, backward, step.
+    ``mixed``: rows alternate adapters; ``tasks``: rows alternate tasks (multitask's ``task_ids``)."""
     rows, batches = _rank_batches()
     extra = {"adapter_names": cases.mixed_names(rows)} if mixed else {}
+    if tasks:
+        extra["task_ids"] = cases.task_ids(rows)
     for ids in batches:
         step_fn(ids, extra)
 
@@ -113,6 +116,46 @@ def case_fsdp2(share: bool = False) -> dict:
     return {"tables": {"default": _whole(cases.table(model))}, "sharded": sharded}
 
 
+def _whole_params(model) -> dict:
+    return {key: _whole(param) for key, param in cases.prompt_params(model).items()}
+
+
+def _method_ddp(method: str, share: bool = False) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = cases.prompt_model(_get_peft_model(share), method=method)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(cases.trainable(model), lr=cases.LR)
+    _train(ddp, _torch_step(ddp, optimizer), tasks=method == "multitask")
+    return {"params": _whole_params(model)}
+
+
+def case_ptuning_ddp() -> dict:
+    return _method_ddp("ptuning")
+
+
+def case_ptuning_ddp_shared() -> dict:
+    return _method_ddp("ptuning", share=True)
+
+
+def case_multitask_ddp_shared() -> dict:
+    return _method_ddp("multitask", share=True)
+
+
+def case_ptuning_fsdp2_shared() -> dict:
+    """fully_shard on every block and the root: the encoder's weights are sharded DTensors of the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = cases.prompt_model(_get_peft_model(share=True), method="ptuning")
+    for block in model.base_model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    sharded = all(hasattr(p, "full_tensor") for p in cases.prompt_params(model).values())
+    optimizer = torch.optim.SGD(cases.trainable(model), lr=cases.LR)
+    _train(model, _torch_step(model, optimizer))
+    return {"params": _whole_params(model), "sharded": sharded}
+
+
 def case_trainer() -> dict:
     """HF Trainer (DDP over the launch's process group): TRAINER_SAVE_AT steps with a checkpoint, then a
     new model and Trainer resumed from it to TRAINER_STEPS."""
@@ -157,23 +200,43 @@ def _gathered(param: torch.Tensor) -> torch.Tensor:
         return param.detach().clone()
 
 
-def _deepspeed_train(model, stage: int, mixed: bool = False) -> dict:
+def _deepspeed_train(model, stage: int, mixed: bool = False, tasks: bool = False) -> dict:
+    """Train under DeepSpeed ZeRO-``stage``: the trained tables ("tables"), every prompt-module
+    parameter ("params"), and which were partitioned (0 elements) between steps."""
     import deepspeed
 
     optimizer = torch.optim.SGD(cases.trainable(model), lr=cases.LR)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(stage))
-    word, prompt = model.word_embeddings.weight, cases.table(model, next(iter(model.prompt_encoder)))
-    partitioned = {"word": word.numel() == 0, "prompt": prompt.numel() == 0}
+    params = cases.prompt_params(model)
+    partitioned = {
+        "word": model.word_embeddings.weight.numel() == 0,
+        "prompt": all(p.numel() == 0 for p in params.values()),
+    }
 
     def step(ids, extra):
         engine.backward(engine(input_ids=ids, labels=ids, **extra).loss)
         engine.step()
 
-    _train(engine, step, mixed=mixed)
+    _train(engine, step, mixed=mixed, tasks=tasks)
     read = _gathered if stage == 3 else _whole
     tables = {name: read(cases.table(model, name)) for name in model.prompt_encoder}
+    trained = {key: read(param) for key, param in params.items()}
     engine.destroy()
-    return {"tables": tables, "partitioned": partitioned}
+    return {"tables": tables, "params": trained, "partitioned": partitioned}
+
+
+def case_ptuning_zero3() -> dict:
+    return _deepspeed_train(cases.prompt_model(fastprompt.get_peft_model, method="ptuning"), stage=3)
+
+
+def case_ptuning_lstm_zero3_shared() -> dict:
+    model = cases.prompt_model(_get_peft_model(share=True), method="ptuning_lstm")
+    return _deepspeed_train(model, stage=3)
+
+
+def case_multitask_zero3() -> dict:
+    model = cases.prompt_model(fastprompt.get_peft_model, method="multitask")
+    return _deepspeed_train(model, stage=3, tasks=True)
 
 
 def case_zero2() -> dict:
