@@ -1,4 +1,5 @@
-"""Reading and checking PEFT prompt-tuning adapter files, without PEFT.
+"""Reading and checking PEFT soft-prompt adapter files (prompt tuning, P-tuning, multitask prompt tuning),
+without PEFT.
 
 Two users: serving (:func:`load_prompt_adapter` reads a saved adapter's table for an engine that never
 imports PEFT) and the PEFT integration (:func:`check_prompt_adapter_files`, run before PEFT loads a
@@ -30,6 +31,9 @@ TASK_KEYS = ("prefix_task_cols", "prefix_task_rows")  # multitask prompt tuning'
 # The PEFT types whose file holds the N (x S) rows to prepend as they are: prompt tuning's table and
 # P-tuning's encoder output (PEFT saves ``get_prompt_embedding_to_save``, the encoder's final rows).
 SERVABLE_TYPES = (PROMPT_TUNING, P_TUNING)
+# The PEFT types whose files the PEFT integration checks before PEFT loads them: all hold
+# ``prompt_embeddings`` [N * S, token_dim]; multitask adds its task factors (``TASK_KEYS``).
+LOADABLE_TYPES = (PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING)
 
 
 class AdapterFileError(ValueError, KeyError, RuntimeError):
@@ -49,7 +53,8 @@ def _adapter_dir(model_id, subfolder: str | None) -> str | None:
 
 
 def read_prompt_config(model_id, subfolder: str | None = None) -> dict | None:
-    """The local adapter_config.json as a dict if it is a PROMPT_TUNING adapter, else None."""
+    """The local adapter_config.json as a dict if it is an adapter of ``LOADABLE_TYPES`` (prompt tuning,
+    P-tuning, multitask prompt tuning), else None."""
     path = _adapter_dir(model_id, subfolder)
     if path is None or not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return None
@@ -58,7 +63,7 @@ def read_prompt_config(model_id, subfolder: str | None = None) -> dict | None:
             config = json.load(file)
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"Cannot read {os.path.join(path, CONFIG_NAME)}: {exc}") from exc
-    if not isinstance(config, dict) or config.get("peft_type") != PROMPT_TUNING:
+    if not isinstance(config, dict) or config.get("peft_type") not in LOADABLE_TYPES:
         return None
     return config
 
@@ -101,7 +106,8 @@ def _read(files: AdapterFiles, name: str) -> bytes | None:
 
 
 def _stored_table(files: AdapterFiles):
-    """(file, the ``prompt_embeddings`` tensor) from the safetensors file or the pickle."""
+    """(file, the ``prompt_embeddings`` tensor, every stored tensor by name) from the safetensors file or
+    the pickle, read once (a multitask adapter's task factors come from the same bytes)."""
     data = _read(files, SAFETENSORS_NAME)
     if data is not None:
         from safetensors.torch import load
@@ -118,7 +124,7 @@ def _stored_table(files: AdapterFiles):
                 f"{safetensors_file} has no '{PROMPT_KEY}' tensor (keys: {sorted(tensors)}): "
                 "it is not a prompt-tuning adapter's weights file."
             )
-        return safetensors_file, tensors[PROMPT_KEY]
+        return safetensors_file, tensors[PROMPT_KEY], tensors
     data = _read(files, BIN_NAME)
     if data is not None:
         bin_file = files.file(BIN_NAME)
@@ -129,7 +135,7 @@ def _stored_table(files: AdapterFiles):
         if not isinstance(state, dict) or PROMPT_KEY not in state:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise AdapterFileError(f"{bin_file} has no '{PROMPT_KEY}' tensor (keys: {keys}).")
-        return bin_file, state[PROMPT_KEY]
+        return bin_file, state[PROMPT_KEY], state
     raise AdapterFileError(
         f"No adapter weights in {files.where}: expected {SAFETENSORS_NAME} (or {BIN_NAME}) next to "
         f"{CONFIG_NAME}."
@@ -150,7 +156,9 @@ def expected_rows(config: dict) -> int | None:
 def check_prompt_adapter_files(
     model_id, subfolder: str | None = None, model_dim: int | None = None, existing_shape: tuple | None = None
 ) -> None:
-    """Raise :class:`AdapterFileError` if the local prompt-tuning adapter at ``model_id`` cannot load.
+    """Raise :class:`AdapterFileError` if the local soft-prompt adapter at ``model_id`` (prompt tuning,
+    P-tuning, multitask prompt tuning) cannot load: its ``prompt_embeddings`` as below, and a multitask
+    adapter's task factors (present, shapes that fit, finite).
 
     Args:
         model_id: a local directory (anything else, e.g. a Hub id, is left to PEFT).
@@ -161,7 +169,10 @@ def check_prompt_adapter_files(
     config = read_prompt_config(model_id, subfolder)
     if config is None:
         return
-    _checked_table(local_files(_adapter_dir(model_id, subfolder)), config, model_dim, existing_shape)
+    files = local_files(_adapter_dir(model_id, subfolder))
+    weights_file, table, tensors = _checked_table(files, config, model_dim, existing_shape)
+    if config.get("peft_type") == MULTITASK_PROMPT_TUNING:
+        _checked_task_factors(weights_file, tensors, table)
 
 
 class PromptAdapter(NamedTuple):
@@ -193,6 +204,11 @@ def load_prompt_adapter(
     Raises:
         AdapterFileError: naming the file and what is wrong with it.
     """
+    return _load_adapter(path, model_dim, peft_types)[0]
+
+
+def _load_adapter(path, model_dim: int | None, peft_types: tuple[str, ...]) -> tuple[PromptAdapter, dict]:
+    """(:func:`load_prompt_adapter`'s result, every tensor of the weights file by name)."""
     if isinstance(path, AdapterFiles):
         files = path
     else:
@@ -223,12 +239,13 @@ def load_prompt_adapter(
         raise AdapterFileError(
             f"{config_file} has num_virtual_tokens={config.get('num_virtual_tokens')!r}, expected an int."
         )
-    weights_file, table = _checked_table(files, config, model_dim, None)
-    return PromptAdapter(table, config, weights_file)
+    weights_file, table, tensors = _checked_table(files, config, model_dim, None)
+    return PromptAdapter(table, config, weights_file), tensors
 
 
 def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, existing_shape: tuple | None):
-    """(weights file, table) of the adapter in ``files`` whose config is ``config``, checked."""
+    """(weights file, table, every stored tensor) of the adapter in ``files`` whose config is ``config``,
+    the table checked."""
     config_file = files.file(CONFIG_NAME)
     token_dim = config.get("token_dim")
     if model_dim is not None and token_dim is not None and token_dim != model_dim:
@@ -236,7 +253,7 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             f"{config_file} has token_dim={token_dim}, but the model's word embeddings have dimension "
             f"{model_dim}: this adapter was trained for another model."
         )
-    weights_file, table = _stored_table(files)
+    weights_file, table, tensors = _stored_table(files)
     if not isinstance(table, torch.Tensor):
         raise AdapterFileError(f"{weights_file}: '{PROMPT_KEY}' is a {type(table).__name__}, not a tensor.")
     shape = tuple(table.shape)
@@ -259,25 +276,37 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             "finite (NaN or Inf): a prompt table like that makes every output NaN; not loaded, the model is "
             "left as it was."
         )
-    return weights_file, table
+    return weights_file, table, tensors
 
 
-def _stored_tensors(weights_file: str, keys: tuple[str, ...]) -> dict:
-    """The tensors ``keys`` of the weights file (safetensors or pickle); AdapterFileError if one is
-    missing."""
-    if weights_file.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(weights_file, framework="pt") as file:
-            present = set(file.keys())
-            tensors = {key: file.get_tensor(key) for key in keys if key in present}
-    else:
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        tensors = {key: state[key] for key in keys if key in state}
-    missing = [key for key in keys if key not in tensors]
+def _checked_task_factors(weights_file: str, tensors: dict, shared: torch.Tensor):
+    """(prefix_task_cols [T, N*S, R], prefix_task_rows [T, R, D]) in float32 from a multitask adapter's
+    stored ``tensors`` (read from ``weights_file``), checked against its ``prompt_embeddings`` ``shared``
+    [N*S, D]: present, shapes that fit, finite."""
+    missing = [key for key in TASK_KEYS if key not in tensors]
     if missing:
         raise AdapterFileError(f"{weights_file} has no {missing} tensor(s): not a multitask adapter's file.")
-    return tensors
+    cols, rows = tensors["prefix_task_cols"], tensors["prefix_task_rows"]
+    if not (isinstance(cols, torch.Tensor) and isinstance(rows, torch.Tensor)):
+        raise AdapterFileError(f"{weights_file}: the task factors are not tensors.")
+    cols, rows = cols.float(), rows.float()
+    ok = (
+        cols.dim() == 3
+        and rows.dim() == 3
+        and cols.shape[0] == rows.shape[0]
+        and cols.shape[1] == shared.shape[0]
+        and cols.shape[2] == rows.shape[1]
+        and rows.shape[2] == shared.shape[1]
+    )
+    if not ok:
+        raise AdapterFileError(
+            f"{weights_file}: prefix_task_cols {list(cols.shape)} and prefix_task_rows "
+            f"{list(rows.shape)} do not fit prompt_embeddings {list(shared.shape)} (expected [T, N*S, R] "
+            "and [T, R, D])."
+        )
+    if not (torch.isfinite(cols).all() and torch.isfinite(rows).all()):
+        raise AdapterFileError(f"{weights_file}: the task factors hold NaN or Inf values.")
+    return cols, rows
 
 
 def load_multitask_adapter(path, model_dim: int | None = None) -> PromptAdapter:
@@ -289,25 +318,8 @@ def load_multitask_adapter(path, model_dim: int | None = None) -> PromptAdapter:
     Raises:
         AdapterFileError: naming the file and what is wrong with it.
     """
-    adapter = load_prompt_adapter(path, model_dim, peft_types=(MULTITASK_PROMPT_TUNING,))
+    adapter, tensors = _load_adapter(path, model_dim, (MULTITASK_PROMPT_TUNING,))
     shared = adapter.table.float()
-    factors = _stored_tensors(adapter.weights_file, TASK_KEYS)
-    cols, rows = factors["prefix_task_cols"].float(), factors["prefix_task_rows"].float()
-    ok = (
-        cols.dim() == 3
-        and rows.dim() == 3
-        and cols.shape[0] == rows.shape[0]
-        and cols.shape[1] == shared.shape[0]
-        and cols.shape[2] == rows.shape[1]
-        and rows.shape[2] == shared.shape[1]
-    )
-    if not ok:
-        raise AdapterFileError(
-            f"{adapter.weights_file}: prefix_task_cols {list(cols.shape)} and prefix_task_rows "
-            f"{list(rows.shape)} do not fit prompt_embeddings {list(shared.shape)} (expected [T, N*S, R] "
-            "and [T, R, D])."
-        )
-    if not (torch.isfinite(cols).all() and torch.isfinite(rows).all()):
-        raise AdapterFileError(f"{adapter.weights_file}: the task factors hold NaN or Inf values.")
+    cols, rows = _checked_task_factors(adapter.weights_file, tensors, shared)
     table = shared.unsqueeze(0) * torch.matmul(cols, rows)  # [T, N*S, D]
     return PromptAdapter(table, adapter.config, adapter.weights_file)

@@ -166,3 +166,26 @@ def layer0_lengths(model) -> list:
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
     layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
     return lengths
+
+
+def model_state(model):
+    """(adapter names, active adapter, every parameter's value, every ``requires_grad`` flag) of a PEFT
+    model, for :func:`assert_model_unchanged` after an operation that must leave it as it was."""
+    return (
+        list(model.peft_config),
+        model.active_adapter,
+        {name: p.detach().clone() for name, p in model.named_parameters()},
+        {name: p.requires_grad for name, p in model.named_parameters()},
+    )
+
+
+def assert_model_unchanged(model, before) -> None:
+    """``model`` is as :func:`model_state` recorded ``before``: same adapters, active adapter, parameters
+    (bit for bit) and flags."""
+    names, active, params, flags = before
+    assert list(model.peft_config) == names and model.active_adapter == active
+    now = dict(model.named_parameters())
+    assert now.keys() == params.keys()
+    for name, value in params.items():
+        assert torch.equal(now[name], value), name
+        assert now[name].requires_grad == flags[name], name

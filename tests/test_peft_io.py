@@ -7,7 +7,14 @@ import os
 
 import pytest
 import torch
-from peft_helpers import FastpromptOps, main_output, model_pair, peft_config
+from peft_helpers import (
+    FastpromptOps,
+    assert_model_unchanged,
+    main_output,
+    model_pair,
+    model_state,
+    peft_config,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -134,39 +141,20 @@ def _saved_adapter(tmp_path, family="gpt2", task="CAUSAL_LM"):
     return tmp_path
 
 
-def _state(model):
-    return (
-        list(model.peft_config),
-        model.active_adapter,
-        {name: p.detach().clone() for name, p in model.named_parameters()},
-        {name: p.requires_grad for name, p in model.named_parameters()},
-    )
-
-
-def _assert_unchanged(model, before):
-    names, active, params, flags = before
-    assert list(model.peft_config) == names and model.active_adapter == active
-    now = dict(model.named_parameters())
-    assert now.keys() == params.keys()
-    for name, value in params.items():
-        assert torch.equal(now[name], value), name
-        assert now[name].requires_grad == flags[name], name
-
-
 @pytest.mark.parametrize("how", BAD_FILES)
 def test_load_adapter_bad_file_leaves_model_as_it_was(tmp_path, how):
     directory = _saved_adapter(tmp_path)
     corrupt_adapter(directory, how)
     _, fast = model_pair("gpt2", "CAUSAL_LM")
-    before = _state(fast)
+    before = model_state(fast)
     with pytest.raises(AdapterFileError) as info:
         fast.load_adapter(directory, adapter_name="new")
     assert str(directory) in str(info.value)
-    _assert_unchanged(fast, before)
+    assert_model_unchanged(fast, before)
     # and into an existing adapter
     with pytest.raises(AdapterFileError):
         fast.load_adapter(directory, adapter_name="default")
-    _assert_unchanged(fast, before)
+    assert_model_unchanged(fast, before)
 
 
 @pytest.mark.parametrize("how", ["truncated", "missing_key", "wrong_shape"])
@@ -215,7 +203,7 @@ def test_failure_after_the_adapter_was_added_is_rolled_back(tmp_path, monkeypatc
     """Errors past the file checks (here: the weights loader itself) still leave the model as it was."""
     directory = _saved_adapter(tmp_path, "bert", "SEQ_CLS")
     _, fast = model_pair("bert", "SEQ_CLS")
-    before = _state(fast)
+    before = model_state(fast)
 
     def broken(*args, **kwargs):
         raise OSError("disk on fire")
@@ -223,5 +211,5 @@ def test_failure_after_the_adapter_was_added_is_rolled_back(tmp_path, monkeypatc
     monkeypatch.setattr(peft.peft_model, "load_peft_weights", broken)
     with pytest.raises(OSError, match="disk on fire"):
         fast.load_adapter(directory, adapter_name="new")
-    _assert_unchanged(fast, before)
+    assert_model_unchanged(fast, before)
     assert not any("new" in name for name, _ in fast.named_modules())

@@ -1,8 +1,10 @@
-"""Loading prompt-tuning adapters safely: PEFT's ``load_adapter`` / ``from_pretrained`` behind checks.
+"""Loading soft-prompt adapters safely: PEFT's ``load_adapter`` / ``from_pretrained`` behind checks.
 
-A local adapter's files are checked first (``adapter_files``); an error after that (PEFT has already
-added the adapter, or frozen the base model) is undone: the new adapter removed, an existing adapter's
-weights and every ``requires_grad`` flag restored. The exception itself is re-raised unchanged.
+Prompt tuning, P-tuning and multitask prompt tuning (``adapter_files.LOADABLE_TYPES``): a local adapter's
+files are checked first (``adapter_files``); an error after that (PEFT has already added the adapter, or
+frozen the base model) is undone: the new adapter removed, an existing adapter's weights (every parameter
+of its prompt module: the table, an encoder, the task factors) and every ``requires_grad`` flag restored.
+The exception itself is re-raised unchanged.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import warnings
 
 import torch
 
-from ..adapter_files import check_prompt_adapter_files, read_prompt_config
-from .peft_methods import PROMPT_TUNING, enabled, original_of
+from ..adapter_files import LOADABLE_TYPES, check_prompt_adapter_files, read_prompt_config
+from .peft_methods import enabled, original_of
 
 
 def _model_dim(peft_model) -> int | None:
@@ -42,9 +44,9 @@ def wrap_load_adapter(original):
         existing_shape = None
         snapshot = None
         if existed and adapter_name in getattr(self, "prompt_encoder", {}):
-            weight = self.prompt_encoder[adapter_name].embedding.weight
-            existing_shape = tuple(weight.shape)
-            snapshot = weight.detach().clone()
+            module = self.prompt_encoder[adapter_name]
+            existing_shape = tuple(module.embedding.weight.shape)
+            snapshot = {key: value.detach().clone() for key, value in module.state_dict().items()}
         if isinstance(model_id, (str, bytes)) or hasattr(model_id, "__fspath__"):
             check_prompt_adapter_files(model_id, subfolder, _model_dim(self), existing_shape)
         active_before = self.active_adapter
@@ -76,8 +78,11 @@ def _roll_back_load(peft_model, adapter_name, existed: bool, snapshot, active_be
         finally:
             peft_model.active_adapter = active_before
     elif snapshot is not None and adapter_name in getattr(peft_model, "prompt_encoder", {}):
+        state = peft_model.prompt_encoder[adapter_name].state_dict()
         with torch.no_grad():
-            peft_model.prompt_encoder[adapter_name].embedding.weight.copy_(snapshot)
+            for key, value in snapshot.items():
+                if key in state and state[key].shape == value.shape:
+                    state[key].copy_(value)
 
 
 def wrap_from_pretrained(original_classmethod):
@@ -97,7 +102,7 @@ def wrap_from_pretrained(original_classmethod):
         if config is None:
             is_prompt = local and read_prompt_config(model_id, subfolder) is not None
         else:
-            is_prompt = getattr(config, "peft_type", None) == PROMPT_TUNING
+            is_prompt = getattr(config, "peft_type", None) in LOADABLE_TYPES
         if not (is_prompt and isinstance(model, torch.nn.Module)):
             return original(cls, *args, **kwargs)
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -5,7 +5,8 @@ prompt-tuning adapter: ``adapter_config.json`` and ``adapter_model.safetensors``
 ``adapter_model.bin``) holding ``prompt_embeddings``. ``corrupt_adapter(directory, how)`` damages a saved
 adapter in one of the ways of ``BAD_FILES`` (the PEFT integration's tests and the serving tests share
 them); ``SERVING_BAD_FILES`` adds the cases only a PEFT-free reader sees (another PEFT type, a broken or
-missing config).
+missing config), ``TASK_FACTOR_BAD_FILES`` those of a multitask adapter's task factors. Damage keeps the
+file's other tensors (P-tuning's and multitask's files are damaged the same way).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ BAD_FILES = [
     "nan_bin",
 ]
 SERVING_BAD_FILES = [*BAD_FILES, "lora_config", "broken_config", "no_config"]
+# What only a multitask adapter's file can get wrong: its task factors missing, misshapen or not finite.
+TASK_FACTOR_BAD_FILES = ["no_task_rows", "task_cols_shape", "task_rows_nan"]
 
 # Model names a client could send to leave a served adapter directory, or to slip past its name rule:
 # each must be unknown (a 404), whatever lies behind it. The last two exist only in a tree that
@@ -103,10 +106,11 @@ def corrupt_adapter(directory, how: str) -> None:
         open(path, "wb").write(b"not a safetensors file at all")
     elif how == "missing_key":
         tensors = load_file(path)
-        save_file({"something_else": tensors[PROMPT_KEY]}, path, metadata={"format": "pt"})
+        tensors["something_else"] = tensors.pop(PROMPT_KEY)
+        save_file(tensors, path, metadata={"format": "pt"})
     elif how == "wrong_shape":
         tensors = load_file(path)
-        save_file({PROMPT_KEY: tensors[PROMPT_KEY][:2]}, path, metadata={"format": "pt"})
+        save_file({**tensors, PROMPT_KEY: tensors[PROMPT_KEY][:2]}, path, metadata={"format": "pt"})
     elif how == "wrong_dim":
         config = json.load(open(config_path))
         dim = 2 * load_file(path)[PROMPT_KEY].shape[1]
@@ -116,14 +120,24 @@ def corrupt_adapter(directory, how: str) -> None:
     elif how == "no_weights":
         os.remove(path)
     elif how in ("nan", "inf", "nan_bin"):
-        table = load_file(path)[PROMPT_KEY]
+        tensors = load_file(path)  # other tensors (a multitask adapter's task factors) kept
+        table = tensors[PROMPT_KEY]
         table[1, 2] = float("nan") if how != "inf" else float("inf")
         table[0, 0] = float("-inf") if how != "nan" else float("nan")
         if how == "nan_bin":  # PEFT's other format: the pickle, read when there is no safetensors file
             os.remove(path)
-            torch.save({PROMPT_KEY: table}, os.path.join(directory, BIN_NAME))
+            torch.save(tensors, os.path.join(directory, BIN_NAME))
         else:
-            save_file({PROMPT_KEY: table}, path, metadata={"format": "pt"})
+            save_file(tensors, path, metadata={"format": "pt"})
+    elif how in TASK_FACTOR_BAD_FILES:
+        tensors = load_file(path)
+        if how == "no_task_rows":
+            del tensors["prefix_task_rows"]
+        elif how == "task_cols_shape":
+            tensors["prefix_task_cols"] = tensors["prefix_task_cols"][:, :2].contiguous()
+        else:
+            tensors["prefix_task_rows"][0, 0, 0] = float("nan")
+        save_file(tensors, path, metadata={"format": "pt"})
     elif how == "lora_config":
         config = json.load(open(config_path))
         config["peft_type"] = "LORA"
@@ -133,4 +147,4 @@ def corrupt_adapter(directory, how: str) -> None:
     elif how == "no_config":
         os.remove(config_path)
     else:
-        raise ValueError(f"how={how!r}: expected one of {SERVING_BAD_FILES}")
+        raise ValueError(f"how={how!r}: expected one of {SERVING_BAD_FILES + TASK_FACTOR_BAD_FILES}")
