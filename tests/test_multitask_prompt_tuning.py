@@ -100,6 +100,15 @@ def test_task_ids_required_and_checked():
         fast.generate(input_ids=inputs["input_ids"], max_new_tokens=2)
     with pytest.raises(ValueError, match="one task per batch row"):
         fast(**inputs, task_ids=torch.tensor([0, 1]))
+    # out of range: PEFT's index_select IndexError on the CPU (a device-side assert on a GPU); here a
+    # clear error before anything runs, an IndexError too
+    for bad in ([0, 4, 1], [0, -1, 1]):
+        with pytest.raises(IndexError, match=r"task_ids\[1\] is -?\d, but adapter 'default' has num_tasks=4"):
+            fast(**inputs, task_ids=torch.tensor(bad))
+        with pytest.raises(ValueError, match="task ids 0..3 are expected"):
+            fast.generate(input_ids=inputs["input_ids"], task_ids=torch.tensor(bad), max_new_tokens=2)
+    with pytest.raises(IndexError):
+        reference(**inputs, task_ids=torch.tensor([0, 4, 1]))
     # one entry stands for every row, as PEFT's broadcast
     torch.testing.assert_close(
         fast(**inputs, task_ids=torch.tensor([2])).logits,

@@ -64,6 +64,21 @@ def _task_list(task_ids, batch_size: int) -> list[int]:
     return tasks
 
 
+class TaskIdError(ValueError, IndexError):
+    """A task id outside ``0 .. num_tasks - 1`` of its adapter. An IndexError too: PEFT's ``index_select``
+    raises one there on the CPU (on a GPU it is a device-side assert that ends the process)."""
+
+
+def _check_task_range(peft_model, names: list[str], tasks: list[int]) -> None:
+    for row, (name, task) in enumerate(zip(names, tasks, strict=True)):
+        num_tasks = getattr(peft_model.peft_config[name], "num_tasks", None)
+        if isinstance(num_tasks, int) and not 0 <= task < num_tasks:
+            raise TaskIdError(
+                f"task_ids[{row}] is {task}, but adapter {name!r} has num_tasks={num_tasks}: task ids "
+                f"0..{num_tasks - 1} are expected"
+            )
+
+
 def batch_rows(peft_model, adapter_names, task_ids, batch_size: int) -> RowAdapters | None:
     """Which prompt each batch row takes: None (the active adapter's, for every row), or the adapters of
     ``adapter_names`` (one per row), or for a multitask adapter one prompt per distinct (adapter, task).
@@ -75,9 +90,14 @@ def batch_rows(peft_model, adapter_names, task_ids, batch_size: int) -> RowAdapt
             other methods, as PEFT ignores it.
         batch_size: B.
 
+    The task ids are read on the host (one device sync where ``task_ids`` is on a GPU, as
+    ``adapter_names`` are host strings): the distinct tasks decide how many prompts run, and each id is
+    checked against its adapter's ``num_tasks``.
+
     Raises:
         ValueError: a multitask adapter without ``task_ids`` (PEFT's "task_ids cannot be None"), or
-            ``task_ids`` of another length than B; and what ``rows_for_adapters`` raises.
+            ``task_ids`` of another length than B; :class:`TaskIdError` for a task id out of range; and
+            what ``rows_for_adapters`` raises.
     """
     rows = None if adapter_names is None else rows_for_adapters(peft_model, adapter_names, batch_size)
     if not is_multitask(peft_model):
@@ -88,6 +108,7 @@ def batch_rows(peft_model, adapter_names, task_ids, batch_size: int) -> RowAdapt
         if rows is None
         else [rows.names[k] for k in rows.table_index]
     )
+    _check_task_range(peft_model, names, tasks)
     pairs = list(zip(names, tasks, strict=True))
     distinct = list(dict.fromkeys(pairs))
     position = {pair: k for k, pair in enumerate(distinct)}
