@@ -168,3 +168,88 @@ def test_ptuning_and_multitask_adapters_serve_peft_rows(tmp_path):
     prefix.save_pretrained(tmp_path / "prefix")
     with pytest.raises(ValueError, match="PREFIX_TUNING"):
         adapters.load(tmp_path / "prefix", "prefix")
+
+
+def test_ptuning_and_multitask_files_written_without_peft_are_peft_files(tmp_path):
+    """``save_ptuning_adapter`` / ``save_multitask_adapter`` (the vLLM venv's tests have no PEFT) write what
+    PEFT writes: its config keys, and files PEFT loads to the rows they were given."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    from fastprompt.testing.adapter_files import save_multitask_adapter, save_ptuning_adapter
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, tiny_models.HIDDEN, generator=generator)
+    shared = torch.randn(4, tiny_models.HIDDEN, generator=generator)
+    cols = torch.randn(3, 4, 2, generator=generator)
+    task_rows = torch.randn(3, 2, tiny_models.HIDDEN, generator=generator)
+    save_ptuning_adapter(tmp_path / "pt", rows)
+    save_multitask_adapter(tmp_path / "mt", shared, cols, task_rows)
+    configs = {
+        "pt": peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8),
+        "mt": peft.MultitaskPromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, num_tasks=3, num_ranks=2
+        ),
+    }
+    for name, config in configs.items():
+        peft.get_peft_model(tiny_models.build("llama", "CAUSAL_LM"), config).save_pretrained(
+            tmp_path / "p" / name
+        )
+        with (
+            open(tmp_path / name / "adapter_config.json") as ours,
+            open(tmp_path / "p" / name / "adapter_config.json") as theirs,
+        ):
+            ours, theirs = json.load(ours), json.load(theirs)
+        for key in ("peft_version", "num_attention_heads", "num_layers"):  # PEFT's version; the base model's
+            theirs.pop(key)
+        assert ours == theirs
+    loaded = peft.PeftModel.from_pretrained(tiny_models.build("llama", "CAUSAL_LM"), tmp_path / "pt")
+    multitask = peft.PeftModel.from_pretrained(tiny_models.build("llama", "CAUSAL_LM"), tmp_path / "mt")
+    with torch.no_grad():
+        assert torch.equal(loaded.get_prompt(1)[0], rows)
+        got = multitask.get_prompt(3, task_ids=torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(got, shared * torch.matmul(cols, task_rows), rtol=0, atol=1e-6)
+
+
+def test_multitask_and_ptuning_adapters_in_a_served_directory(tmp_path):
+    """In ``--adapter-dir``: a P-tuning adapter is the model NAME; a multitask adapter NAME's tasks are the
+    models ``NAME.taskT`` (listed as such), NAME itself and a task past ``num_tasks`` unknown (404), its bad
+    factors a 400 (``AdapterFileError``); a real ``NAME.taskT`` directory wins; an ``--adapter`` of the same
+    NAME hides the directory's tasks."""
+    from fastprompt.adapter_files import AdapterFileError
+    from fastprompt.serving.adapter_dir import UnknownAdapterError
+    from fastprompt.testing.adapter_files import corrupt_adapter, save_multitask_adapter, save_ptuning_adapter
+
+    tiny_models.build("llama", "CAUSAL_LM").save_pretrained(tmp_path / "base")
+    word = read_word_table(str(tmp_path / "base"), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    dim = tiny_models.HIDDEN
+    root = tmp_path / "adapters"
+    ptuned = torch.randn(4, dim, generator=generator)
+    save_ptuning_adapter(root / "pt", ptuned)
+    shared, cols, task_rows = (
+        torch.randn(5, dim, generator=generator),
+        torch.randn(3, 5, 2, generator=generator),
+        torch.randn(3, 2, dim, generator=generator),
+    )
+    save_multitask_adapter(root / "mt", shared, cols, task_rows)
+    own = torch.randn(6, dim, generator=generator)
+    save_prompt_adapter(root / "mt.task1", own)  # a real directory of that name wins
+    adapters = PromptAdapters(word, reserved=("base",), adapter_dir=root)
+    assert adapters.directory_names() == ["mt.task0", "mt.task1", "mt.task2", "pt"]
+    assert torch.equal(adapters.resolve("pt"), ptuned)
+    tasks = shared[None] * torch.matmul(cols, task_rows)
+    torch.testing.assert_close(adapters.resolve("mt.task0"), tasks[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(adapters.resolve("mt.task2"), tasks[2], rtol=0, atol=1e-6)
+    assert torch.equal(adapters.resolve("mt.task1"), own)
+    assert adapters.embeds("mt.task2", [5, 6], adapters.resolve("mt.task2")).shape == (7, dim)
+    for unknown in ("mt", "mt.task3", "mt.task01", "nope.task0", "pt.task0"):
+        with pytest.raises(UnknownAdapterError):
+            adapters.resolve(unknown)
+    corrupt_adapter(root / "mt", "task_rows_nan")
+    with pytest.raises(AdapterFileError, match="task factors hold NaN"):
+        adapters.resolve("mt.task0")
+    adapters.load(root / "pt", "mt")  # --adapter mt: hides the directory's mt and its tasks
+    assert "mt.task0" not in adapters.directory_names()
+    with pytest.raises(UnknownAdapterError):
+        adapters.resolve("mt.task0")

@@ -1,5 +1,5 @@
-"""A directory of soft prompts served by name, on demand: every ``DIR/NAME`` holding a PEFT prompt-tuning
-adapter is the model ``NAME``.
+"""A directory of soft prompts served by name, on demand: every ``DIR/NAME`` holding a PEFT prompt-tuning or
+P-tuning adapter is the model ``NAME`` (a multitask adapter's tasks: ``fastprompt.serving.prompts``).
 
 :class:`AdapterDirectory` owns what that takes, and nothing else (no vLLM, no HTTP):
 
@@ -150,7 +150,8 @@ class AdapterDirectory:
 
     Args:
         root: the directory (its real path is taken now; it must exist).
-        read_table: ``AdapterFiles`` -> the checked [N, D] table, raising ``AdapterFileError``.
+        read_table: ``AdapterFiles`` -> the checked [N, D] table (or a multitask adapter's [T, N, D]
+            tables, one per task), raising ``AdapterFileError``.
         max_loaded: how many tables to keep (least recently used dropped); ``DEFAULT_MAX_LOADED``.
         listeners: callables ``(event, name, details)`` told of each ``"load"``, ``"reload"``,
             ``"evict"`` and ``"error"`` (a failed load); details: ``rows``, ``seconds``, ``error``.
@@ -188,6 +189,27 @@ class AdapterDirectory:
         except OSError:
             return []
         return [name for name in entries if valid_name(name) and self._has_config(name)]
+
+    def read_config(self, name: str) -> dict | None:
+        """Adapter ``name``'s ``adapter_config.json`` as a dict (opened inside DIR as its files are), or None
+        where there is none or it cannot be read. Loads nothing."""
+        import json
+
+        if not valid_name(name):
+            return None
+        try:
+            fd = self._open(name, CONFIG_NAME)
+        except (UnknownAdapterError, AdapterFileError):
+            return None
+        if fd is None:
+            return None
+        try:
+            config = json.loads(_read_whole(fd, name, CONFIG_NAME, os.fstat(fd).st_size))
+        except (OSError, ValueError, AdapterFileError):
+            return None
+        finally:
+            os.close(fd)
+        return config if isinstance(config, dict) else None
 
     def _has_config(self, name: str) -> bool:
         try:
@@ -257,7 +279,8 @@ class AdapterDirectory:
             while len(self._entries) > self.max_loaded:
                 evicted.append(self._entries.popitem(last=False)[0])
         seconds = time.perf_counter() - start
-        self._emit("reload" if held is not None else "load", name, rows=table.shape[0], seconds=seconds)
+        rows = table.shape[-2]  # [N, D], or a multitask adapter's [T, N, D]
+        self._emit("reload" if held is not None else "load", name, rows=rows, seconds=seconds)
         for old in evicted:
             self._emit("evict", old)
         return table

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 
 import torch
@@ -42,13 +43,38 @@ def task_adapter_name(name: str, task: int) -> str:
     return f"{name}.task{task}"
 
 
+_TASK_NAME = re.compile(r"(.+)\.task(0|[1-9][0-9]*)")
+
+
+def task_of(served: str) -> tuple[str, int] | None:
+    """(NAME, T) of a served name ``NAME.taskT`` (:func:`task_adapter_name`), else None."""
+    match = _TASK_NAME.fullmatch(served) if isinstance(served, str) else None
+    return None if match is None else (match.group(1), int(match.group(2)))
+
+
 def _is_multitask(path) -> bool:
+    """Whether the adapter at ``path`` (a directory, or ``AdapterFiles``) is a multitask one."""
     try:
-        with open(os.path.join(os.fspath(path), CONFIG_NAME)) as file:
-            config = json.load(file)
+        if isinstance(path, AdapterFiles):
+            data = path.read(CONFIG_NAME)
+            config = json.loads(data) if data is not None else None
+        else:
+            with open(os.path.join(os.fspath(path), CONFIG_NAME)) as file:
+                config = json.load(file)
     except (OSError, ValueError):
         return False  # load_prompt_adapter says what is wrong
     return isinstance(config, dict) and config.get("peft_type") == MULTITASK_PROMPT_TUNING
+
+
+def read_served_table(files, model_dim: int | None = None) -> torch.Tensor:
+    """What a directory of adapters holds for one adapter: the [N, D] table of a prompt-tuning or P-tuning
+    adapter (:func:`read_adapter_table`), or a multitask adapter's [T, N, D] tables, task t's rows
+    ``[t]`` (served as ``NAME.taskT``), float32, checked as :func:`read_adapter_tables` checks them."""
+    if not _is_multitask(files):
+        return read_adapter_table(files, model_dim)
+    adapter = load_multitask_adapter(files, model_dim=model_dim)
+    _check_causal_lm(files, adapter.config)
+    return adapter.table.contiguous()
 
 
 def read_adapter_tables(path, name: str, model_dim: int | None = None) -> dict[str, torch.Tensor]:
@@ -134,7 +160,7 @@ class PromptAdapters:
             dim = word_table.dim
             self.directory = AdapterDirectory(
                 adapter_dir,
-                lambda files: read_adapter_table(files, model_dim=dim),
+                lambda files: read_served_table(files, model_dim=dim),
                 max_loaded=max_loaded,
                 listeners=listeners,
             )
@@ -152,7 +178,18 @@ class PromptAdapters:
         a directory). Lists the directory: nothing is loaded."""
         if self.directory is None:
             return []
-        return [n for n in self.directory.names() if n not in self._tables and n not in self.reserved]
+        hidden = set(self._tables) | set(self._groups) | set(self.reserved)
+        names = []
+        for name in self.directory.names():
+            if name in hidden:  # an added adapter (or the base model) of that name wins, tasks and all
+                continue
+            config = self.directory.read_config(name) or {}
+            tasks = config.get("num_tasks") if config.get("peft_type") == MULTITASK_PROMPT_TUNING else None
+            if isinstance(tasks, int) and not isinstance(tasks, bool) and tasks > 0:
+                names += [task_adapter_name(name, t) for t in range(tasks)]  # a multitask adapter's tasks
+            else:
+                names.append(name)
+        return [n for n in dict.fromkeys(names) if n not in hidden and valid_name(n)]
 
     def path(self, name: str) -> str:
         """The directory adapter ``name`` was loaded from."""
@@ -225,9 +262,23 @@ class PromptAdapters:
         if self.directory is None or name in self.reserved or not valid_name(name):
             raise self._unknown(name)
         try:
-            return self.directory.table(name)
+            table = self.directory.table(name)
+        except UnknownAdapterError:
+            table = None
+        if table is not None:
+            if table.dim() != 2:  # a multitask adapter: its tasks are the models, not its name
+                raise self._unknown(name)
+            return table
+        task = task_of(name)  # NAME.taskT: task T of the directory's multitask adapter NAME
+        if task is None or task[0] in self._tables or task[0] in self._groups or task[0] in self.reserved:
+            raise self._unknown(name)
+        try:
+            tables = self.directory.table(task[0])
         except UnknownAdapterError:
             raise self._unknown(name) from None
+        if tables.dim() != 3 or task[1] >= tables.shape[0]:
+            raise self._unknown(name)
+        return tables[task[1]]
 
     def embeds(self, name: str, token_ids, table: torch.Tensor | None = None) -> torch.Tensor:
         """[N + L, D] prompt embeddings in the word table's dtype (CPU): adapter ``name``'s N rows (``table``

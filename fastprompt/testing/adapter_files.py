@@ -1,12 +1,15 @@
-"""PEFT prompt-tuning adapter directories written without PEFT, and the ways such files go bad.
+"""PEFT soft-prompt adapter directories written without PEFT, and the ways such files go bad.
 
 ``save_prompt_adapter(directory, table)`` writes what ``PeftModel.save_pretrained`` writes for a
 prompt-tuning adapter: ``adapter_config.json`` and ``adapter_model.safetensors`` (or the older
-``adapter_model.bin``) holding ``prompt_embeddings``. ``corrupt_adapter(directory, how)`` damages a saved
-adapter in one of the ways of ``BAD_FILES`` (the PEFT integration's tests and the serving tests share
-them); ``SERVING_BAD_FILES`` adds the cases only a PEFT-free reader sees (another PEFT type, a broken or
-missing config), ``TASK_FACTOR_BAD_FILES`` those of a multitask adapter's task factors. Damage keeps the
-file's other tensors (P-tuning's and multitask's files are damaged the same way).
+``adapter_model.bin``) holding ``prompt_embeddings``; ``save_ptuning_adapter`` and
+``save_multitask_adapter`` the same for P-tuning (the encoder's final rows) and multitask prompt tuning
+(the shared table and the task factors), for the serving tests' venv, which has no PEFT.
+``corrupt_adapter(directory, how)`` damages a saved adapter in one of the ways of ``BAD_FILES`` (the PEFT
+integration's tests and the serving tests share them); ``SERVING_BAD_FILES`` adds the cases only a
+PEFT-free reader sees (another PEFT type, a broken or missing config), ``TASK_FACTOR_BAD_FILES`` those of
+a multitask adapter's task factors. Damage keeps the file's other tensors (P-tuning's and multitask's files
+are damaged the same way).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import torch
 
 from ..adapter_files import BIN_NAME, PROMPT_KEY, SAFETENSORS_NAME
-from ..config import CONFIG_NAME, PromptTuningConfig
+from ..config import CONFIG_NAME, MULTITASK_PROMPT_TUNING, P_TUNING, PromptTuningConfig
 
 BAD_FILES = [
     "truncated",
@@ -90,6 +93,68 @@ def save_prompt_adapter(directory, table: torch.Tensor, *, task_type: str = "CAU
         torch.save(state, os.path.join(directory, BIN_NAME))
     else:
         save_file(state, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def _save_method_adapter(directory, config: dict, tensors: dict) -> None:
+    """``adapter_config.json`` (``config``: the keys PEFT 0.21.2 writes for the method) and the safetensors
+    file of ``tensors`` in ``directory``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    save_file(tensors, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+
+
+def _method_config(peft_type: str, rows: int, dim: int) -> dict:
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": rows,
+        "peft_type": peft_type,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": dim,
+    }
+
+
+def save_ptuning_adapter(directory, rows: torch.Tensor, *, encoder_hidden_size: int = 8):
+    """Write what ``PeftModel.save_pretrained`` writes for a CAUSAL_LM P-tuning adapter (MLP encoder) whose
+    encoder's output is ``rows`` ([N, D] float32): the config, and ``prompt_embeddings`` = ``rows`` (PEFT
+    stores the encoder's final rows, not its weights)."""
+    config = _method_config(P_TUNING, *rows.shape)
+    config.update(
+        encoder_dropout=0.0,
+        encoder_hidden_size=encoder_hidden_size,
+        encoder_num_layers=2,
+        encoder_reparameterization_type="MLP",
+    )
+    _save_method_adapter(directory, config, {PROMPT_KEY: rows})
+    return directory
+
+
+def save_multitask_adapter(directory, shared: torch.Tensor, cols: torch.Tensor, task_rows: torch.Tensor):
+    """Write what ``PeftModel.save_pretrained`` writes for a CAUSAL_LM multitask prompt-tuning adapter:
+    ``prompt_embeddings`` ``shared`` [N, D], ``prefix_task_cols`` ``cols`` [T, N, R] and ``prefix_task_rows``
+    ``task_rows`` [T, R, D] (float32). Task t's rows are ``shared * (cols[t] @ task_rows[t])``."""
+    config = _method_config(MULTITASK_PROMPT_TUNING, *shared.shape)
+    config.update(
+        num_ranks=cols.shape[2],
+        num_tasks=cols.shape[0],
+        prompt_tuning_init="RANDOM",
+        prompt_tuning_init_state_dict_path=None,
+        prompt_tuning_init_task=0,
+        prompt_tuning_init_text=None,
+        tokenizer_kwargs=None,
+        tokenizer_name_or_path=None,
+    )
+    tensors = {PROMPT_KEY: shared, "prefix_task_cols": cols, "prefix_task_rows": task_rows}
+    _save_method_adapter(directory, config, tensors)
     return directory
 
 

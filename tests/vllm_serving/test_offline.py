@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run in the vLLM venv)")
 
-from vllm_helpers import BLOCK, ENGINE, TENANTS, table  # noqa: E402
+from vllm_helpers import BLOCK, ENGINE, TENANTS, table, task_factors  # noqa: E402
 
 import fastprompt  # noqa: E402
 from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
@@ -18,7 +18,9 @@ from fastprompt.testing.adapter_files import (  # noqa: E402
     ESCAPING_NAMES,
     SERVING_BAD_FILES,
     corrupt_adapter,
+    save_multitask_adapter,
     save_prompt_adapter,
+    save_ptuning_adapter,
 )
 
 NEW = 8
@@ -201,3 +203,51 @@ def test_directory_adapters_bad_and_escaping(llm, tenant_dir, tmp_path):
     for name in ESCAPING_NAMES:
         with pytest.raises(ValueError, match="Unknown prompt adapter"):
             llm.build_prompts(["the movie"], [name])
+
+
+def test_ptuning_and_multitask_adapters(llm, tmp_path, tenant_dir, reference, tokenize):
+    """A P-tuning adapter (PEFT stores the encoder's final rows) serves those rows, by name and from the
+    served directory; a multitask adapter loaded as "mt" serves task T as "mt.taskT", each the rows
+    ``shared * (cols[T] @ rows[T])``; one generate call mixes them, every row's tokens its own rows'."""
+    ptuned = table(24, seed=61)
+    save_ptuning_adapter(tmp_path / "pt", ptuned)
+    shared = table(20, seed=62)
+    cols, task_rows = task_factors(3, 20, 2, seed=63)
+    save_multitask_adapter(tmp_path / "mt", shared, cols, task_rows)
+    llm.load_adapter(tmp_path / "pt", "pt")
+    llm.load_adapter(tmp_path / "mt", "mt")
+    in_dir = table(16, seed=64)
+    save_ptuning_adapter(f"{tenant_dir}/ptuned", in_dir)
+    dir_cols, dir_rows = task_factors(2, 20, 2, seed=65)
+    save_multitask_adapter(f"{tenant_dir}/mtd", shared, dir_cols, dir_rows)  # in the directory too
+    try:
+        assert {"pt", "mt.task0", "mt.task1", "mt.task2", "mtd.task0", "mtd.task1"} <= set(llm.adapter_names)
+        tasks = shared[None] * torch.matmul(cols, task_rows)  # [3, 20, HIDDEN]
+        expected_rows = {"pt": ptuned, "ptuned": in_dir, **{f"mt.task{t}": tasks[t] for t in range(3)}}
+        expected_rows["mtd.task1"] = shared * torch.matmul(dir_cols[1], dir_rows[1])
+        names = ["mt.task0", "pt", "mt.task2", "ptuned", "mt.task1", "mtd.task1"]
+        prompts = [
+            "the movie was great",
+            "the food was bad",
+            "answer the question",
+            "hello world",
+            "the movie",
+            "the movie was great",
+        ]
+        outputs = llm.generate(prompts, greedy(), adapter_names=names, use_tqdm=False)
+        got = [list(output.outputs[0].token_ids) for output in outputs]
+        for tokens, name, prompt in zip(got, names, prompts, strict=True):
+            assert tokens == reference(expected_rows[name], tokenize(prompt), NEW), name
+        # the tasks differ: the same prompt under each task is not one answer three times
+        same = llm.generate(
+            ["the movie"] * 3, greedy(), adapter_names=[f"mt.task{t}" for t in range(3)], use_tqdm=False
+        )
+        assert len({tuple(output.outputs[0].token_ids) for output in same}) > 1
+        llm.delete_adapter("mt")
+        assert not any(name.startswith("mt.") for name in llm.adapter_names)
+    finally:
+        shutil.rmtree(f"{tenant_dir}/ptuned")
+        shutil.rmtree(f"{tenant_dir}/mtd")
+        for name in ("pt", "mt"):
+            if name in llm.adapter_names or f"{name}.task0" in llm.adapter_names:
+                llm.delete_adapter(name)

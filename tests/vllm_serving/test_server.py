@@ -12,10 +12,15 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run in the vLLM venv)")
 httpx = pytest.importorskip("httpx")
 
-from vllm_helpers import table  # noqa: E402
+from vllm_helpers import table, task_factors  # noqa: E402
 
 from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
-from fastprompt.testing.adapter_files import corrupt_adapter, save_prompt_adapter  # noqa: E402
+from fastprompt.testing.adapter_files import (  # noqa: E402
+    corrupt_adapter,
+    save_multitask_adapter,
+    save_prompt_adapter,
+    save_ptuning_adapter,
+)
 
 NEW = 6
 
@@ -134,3 +139,51 @@ def test_load_and_unload_while_running(client, tmp_path, reference, tokenize):
     assert _completion(client, "delta", "the movie").status_code == 404
     missing = client.post("/v1/unload_prompt_adapter", json={"adapter_name": "delta"})
     assert missing.status_code == 404
+
+
+def test_ptuning_and_multitask_adapters_over_http(client, tmp_path, tenant_dir, reference, tokenize):
+    """Loaded while running: a P-tuning adapter serves its stored rows, a multitask adapter "mt" serves
+    each task as model "mt.taskT" (listed in /v1/models), streaming too; unloading "mt" removes its tasks.
+    A multitask adapter put into the served directory serves its tasks the same way."""
+    import torch
+
+    dir_shared = table(20, seed=74)
+    dir_cols, dir_rows = task_factors(3, 20, 2, seed=75)
+    save_multitask_adapter(f"{tenant_dir}/mtd", dir_shared, dir_cols, dir_rows)
+    try:
+        text = "the food was bad"
+        reply = _completion(client, "mtd.task2", text)
+        assert reply.status_code == 200, reply.text
+        expected = reference(dir_shared * torch.matmul(dir_cols[2], dir_rows[2]), tokenize(text), NEW)
+        assert reply.json()["choices"][0]["token_ids"] == expected
+        assert _completion(client, "mtd", text).status_code == 404  # its tasks are the models
+        assert _completion(client, "mtd.task3", text).status_code == 404
+        models = [card["id"] for card in client.get("/v1/models").json()["data"]]
+        assert {"mtd.task0", "mtd.task1", "mtd.task2"} <= set(models) and "mtd" not in models
+    finally:
+        shutil.rmtree(f"{tenant_dir}/mtd")
+
+    ptuned = table(28, seed=71)
+    save_ptuning_adapter(tmp_path / "pt", ptuned)
+    shared = table(12, seed=72)
+    cols, task_rows = task_factors(2, 12, 2, seed=73)
+    save_multitask_adapter(tmp_path / "mt", shared, cols, task_rows)
+    for name in ("pt", "mt"):
+        load = {"adapter_name": name, "adapter_path": str(tmp_path / name)}
+        reply = client.post("/v1/load_prompt_adapter", json=load)
+        assert reply.status_code == 200, reply.text
+    models = [card["id"] for card in client.get("/v1/models").json()["data"]]
+    assert {"pt", "mt.task0", "mt.task1"} <= set(models) and "mt" not in models
+    tasks = shared[None] * torch.matmul(cols, task_rows)
+    text = "the movie was great"
+    for name, rows in (("pt", ptuned), ("mt.task0", tasks[0]), ("mt.task1", tasks[1])):
+        reply = _completion(client, name, text)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["token_ids"] == reference(rows, tokenize(text), NEW), name
+        assert reply.json()["usage"]["prompt_tokens"] == rows.shape[0] + len(tokenize(text))
+    body = {"model": "mt.task1", "prompt": text, "max_tokens": NEW, "temperature": 0.0, "ignore_eos": True}
+    tokens, _, done = _stream(client, "/v1/completions", body)
+    assert done and tokens == reference(tasks[1], tokenize(text), NEW)
+    assert client.post("/v1/unload_prompt_adapter", json={"adapter_name": "mt"}).status_code == 200
+    assert _completion(client, "mt.task0", text).status_code == 404
+    assert client.post("/v1/unload_prompt_adapter", json={"adapter_name": "pt"}).status_code == 200

@@ -23,3 +23,12 @@ def tenant_rows(index: int) -> int:
 def table(rows: int, seed: int) -> torch.Tensor:
     """A prompt table [rows, HIDDEN] fp32, values of the size of the word embeddings' (std 0.2)."""
     return 0.2 * torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def task_factors(tasks: int, rows: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A multitask adapter's ``prefix_task_cols`` [tasks, rows, rank] and ``prefix_task_rows`` [tasks, rank,
+    HIDDEN], fp32, whose products are of size 1 (each task's rows then of the size of the shared table's)."""
+    generator = torch.Generator().manual_seed(seed)
+    cols = torch.randn(tasks, rows, rank, generator=generator)
+    task_rows = torch.randn(tasks, rank, HIDDEN, generator=generator) / rank**0.5
+    return cols, task_rows
