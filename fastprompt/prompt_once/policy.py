@@ -253,13 +253,15 @@ def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tens
     check_request(requested)
     if requested is False or n == 0:
         return None
+    # The cost rule first: it is arithmetic, while the checks walk the model's modules (every forward
+    # of a batch too small to share would pay for them).
+    if requested is None and not sharing_pays(input_ids.shape[0], prompts, n, input_ids.shape[1]):
+        CALLS["not shared"] += 1
+        return None
     reason = why_not_share(peft_model, task, kwargs, input_ids)
     if reason is not None:
         if requested:
             raise ValueError(f"share_prompt_prefix=True cannot apply: {reason}.")
-        CALLS["not shared"] += 1
-        return None
-    if requested is None and not sharing_pays(input_ids.shape[0], prompts, n, input_ids.shape[1]):
         CALLS["not shared"] += 1
         return None
     base_model = peft_model.get_base_model()

@@ -40,10 +40,26 @@ class PromptPass:
     output: object
 
 
+# A class's forward function -> its cache argument's name: inspect.signature costs tens of microseconds a
+# call. Only class functions (a bounded set) are kept; a plain dict, not a WeakKeyDictionary or an
+# lru_cache, which dynamo cannot trace through (or warns on).
+_CACHE_ARGUMENT: dict = {}
+
+
 def cache_argument(model) -> str:
     """The name a model's ``forward`` (a module, or a forward function itself) takes its cache under:
     ``cache`` (transformers >= 5.24) or ``past_key_values`` (before)."""
     forward = model.forward if isinstance(model, torch.nn.Module) else model
+    function = type(model).forward if isinstance(model, torch.nn.Module) else None
+    if function is not None and getattr(forward, "__func__", None) is function:
+        name = _CACHE_ARGUMENT.get(function)
+        if name is None:
+            name = _CACHE_ARGUMENT[function] = _cache_argument_of(forward)
+        return name
+    return _cache_argument_of(forward)  # an instance's own forward (a wrapper): not kept
+
+
+def _cache_argument_of(forward) -> str:
     parameters = inspect.signature(forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
