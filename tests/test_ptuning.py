@@ -241,22 +241,58 @@ def test_stored_rows_save_load_and_patch_peft(tmp_path):
         fastprompt.unpatch_peft()
 
 
-def test_prefix_tuning_stays_peft():
-    """Prefix tuning is left to PEFT: not accelerated, and under patch_peft PEFT's own forward runs."""
+def _stays_peft_config(method: str):
+    if method == "cpt":
+        return peft.CPTConfig(
+            task_type="CAUSAL_LM",
+            cpt_token_ids=[5, 6, 7, 8, 9],
+            cpt_mask=[1, 1, 1, 1, 1],
+            cpt_tokens_type_mask=[1, 2, 2, 3, 3],
+        )
+    return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+
+
+@pytest.mark.parametrize("method", ["prefix", "cpt"])
+def test_prefix_tuning_and_cpt_stay_peft(tmp_path, method):
+    """Prefix tuning and CPT are left to PEFT: ``get_peft_model`` / ``accelerate`` return PEFT's model as it
+    is, and under ``patch_peft`` nothing of theirs changes: no fused op, the same logits, loss, gradient,
+    generated tokens and saved files as PEFT alone."""
     base = tiny_models.build("llama", "CAUSAL_LM")
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
-    model = fastprompt.get_peft_model(copy.deepcopy(base), config)
+    config = _stays_peft_config(method)
+    model = fastprompt.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
     assert not isinstance(model, FastPromptModel)
+    assert fastprompt.accelerate(model) is model and not isinstance(model, FastPromptModel)
+    inputs = _inputs("CAUSAL_LM")
+    if method == "cpt":
+        inputs["input_type_mask"] = torch.full_like(inputs["input_ids"], 4)
+    ids = inputs["input_ids"][:2, 2:]
+
+    def run(directory):
+        torch.manual_seed(0)
+        peft_model = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+        out = peft_model(**inputs)
+        out.logits.sum().backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+        tokens = peft_model.eval().generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        peft_model.save_pretrained(directory)
+        return out, grads, tokens
+
+    expected, expected_grads, expected_tokens = run(tmp_path / "peft")
     fastprompt.patch_peft()
     try:
-        torch.manual_seed(0)
-        patched = peft.get_peft_model(copy.deepcopy(base), config).eval()
-        inputs = _inputs("CAUSAL_LM")
         with FastpromptOps() as ops:
-            patched(**inputs)
-        assert ops.forward == 0
+            got, grads, tokens = run(tmp_path / "patched")
+        assert ops.names == []
     finally:
         fastprompt.unpatch_peft()
+    assert torch.equal(got.logits, expected.logits)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0, equal_nan=True)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in expected_grads.items():
+        assert torch.equal(grads[name], grad), name
+    assert torch.equal(tokens, expected_tokens)
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "patched" / file).read_bytes() == (tmp_path / "peft" / file).read_bytes()
 
 
 def test_seq2seq_generate_equals_peft():
