@@ -122,7 +122,7 @@ def _stored_table(files: AdapterFiles):
         if PROMPT_KEY not in tensors:
             raise AdapterFileError(
                 f"{safetensors_file} has no '{PROMPT_KEY}' tensor (keys: {sorted(tensors)}): "
-                "it is not a prompt-tuning adapter's weights file."
+                "it is not a soft-prompt (prompt tuning, P-tuning, multitask) adapter's weights file."
             )
         return safetensors_file, tensors[PROMPT_KEY], tensors
     data = _read(files, BIN_NAME)
@@ -172,7 +172,7 @@ def check_prompt_adapter_files(
     files = local_files(_adapter_dir(model_id, subfolder))
     weights_file, table, tensors = _checked_table(files, config, model_dim, existing_shape)
     if config.get("peft_type") == MULTITASK_PROMPT_TUNING:
-        _checked_task_factors(weights_file, tensors, table)
+        _checked_task_factors(weights_file, tensors, table, config, files.file(CONFIG_NAME))
 
 
 class PromptAdapter(NamedTuple):
@@ -279,10 +279,13 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
     return weights_file, table, tensors
 
 
-def _checked_task_factors(weights_file: str, tensors: dict, shared: torch.Tensor):
+def _checked_task_factors(
+    weights_file: str, tensors: dict, shared: torch.Tensor, config: dict, config_file: str
+):
     """(prefix_task_cols [T, N*S, R], prefix_task_rows [T, R, D]) in float32 from a multitask adapter's
     stored ``tensors`` (read from ``weights_file``), checked against its ``prompt_embeddings`` ``shared``
-    [N*S, D]: present, shapes that fit, finite."""
+    [N*S, D] and its config (``num_tasks`` = T, ``num_ranks`` = R, where given; PEFT builds the adapter
+    from the config, then loads the file strictly): present, shapes that fit, finite."""
     missing = [key for key in TASK_KEYS if key not in tensors]
     if missing:
         raise AdapterFileError(f"{weights_file} has no {missing} tensor(s): not a multitask adapter's file.")
@@ -304,6 +307,13 @@ def _checked_task_factors(weights_file: str, tensors: dict, shared: torch.Tensor
             f"{list(rows.shape)} do not fit prompt_embeddings {list(shared.shape)} (expected [T, N*S, R] "
             "and [T, R, D])."
         )
+    for key, got in (("num_tasks", cols.shape[0]), ("num_ranks", cols.shape[2])):
+        want = config.get(key)
+        if want is not None and want != got:
+            raise AdapterFileError(
+                f"{config_file} has {key}={want!r}, but the task factors in {weights_file} have {got} "
+                f"(prefix_task_cols {list(cols.shape)} is [num_tasks, N*S, num_ranks])."
+            )
     if not (torch.isfinite(cols).all() and torch.isfinite(rows).all()):
         raise AdapterFileError(f"{weights_file}: the task factors hold NaN or Inf values.")
     return cols, rows
@@ -320,6 +330,8 @@ def load_multitask_adapter(path, model_dim: int | None = None) -> PromptAdapter:
     """
     adapter, tensors = _load_adapter(path, model_dim, (MULTITASK_PROMPT_TUNING,))
     shared = adapter.table.float()
-    cols, rows = _checked_task_factors(adapter.weights_file, tensors, shared)
+    files = path if isinstance(path, AdapterFiles) else local_files(os.fspath(path))
+    config_file = files.file(CONFIG_NAME)
+    cols, rows = _checked_task_factors(adapter.weights_file, tensors, shared, adapter.config, config_file)
     table = shared.unsqueeze(0) * torch.matmul(cols, rows)  # [T, N*S, D]
     return PromptAdapter(table, adapter.config, adapter.weights_file)

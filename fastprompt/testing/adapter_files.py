@@ -35,7 +35,13 @@ BAD_FILES = [
 ]
 SERVING_BAD_FILES = [*BAD_FILES, "lora_config", "broken_config", "no_config"]
 # What only a multitask adapter's file can get wrong: its task factors missing, misshapen or not finite.
-TASK_FACTOR_BAD_FILES = ["no_task_rows", "task_cols_shape", "task_rows_nan"]
+TASK_FACTOR_BAD_FILES = [
+    "no_task_rows",
+    "task_cols_shape",
+    "task_rows_nan",
+    "num_tasks_config",
+    "num_ranks_config",
+]
 
 # Model names a client could send to leave a served adapter directory, or to slip past its name rule:
 # each must be unknown (a 404), whatever lies behind it. The last two exist only in a tree that
@@ -194,6 +200,11 @@ def corrupt_adapter(directory, how: str) -> None:
             torch.save(tensors, os.path.join(directory, BIN_NAME))
         else:
             save_file(tensors, path, metadata={"format": "pt"})
+    elif how in ("num_tasks_config", "num_ranks_config"):  # the config disagrees with the task factors
+        config = json.load(open(config_path))
+        key = how[: -len("_config")]
+        config[key] += 1
+        json.dump(config, open(config_path, "w"))
     elif how in TASK_FACTOR_BAD_FILES:
         tensors = load_file(path)
         if how == "no_task_rows":
