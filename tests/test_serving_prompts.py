@@ -246,10 +246,34 @@ def test_multitask_and_ptuning_adapters_in_a_served_directory(tmp_path):
     for unknown in ("mt", "mt.task3", "mt.task01", "nope.task0", "pt.task0"):
         with pytest.raises(UnknownAdapterError):
             adapters.resolve(unknown)
+    # a multitask adapter whose own name has the task form: its tasks are listed, and its name means the
+    # task of the adapter it names (as listed), never the multitask directory itself
+    save_multitask_adapter(root / "mt.task2", shared, cols, task_rows)
+    assert adapters.directory_names() == [
+        "mt.task0", "mt.task1", "mt.task2", "mt.task2.task0", "mt.task2.task1", "mt.task2.task2", "pt"
+    ]  # fmt: skip
+    torch.testing.assert_close(adapters.resolve("mt.task2"), tasks[2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(adapters.resolve("mt.task2.task1"), tasks[1], rtol=0, atol=1e-6)
+    # a task-form name of an adapter that is not multitask: a 404, and that adapter is not even loaded
+    # (its bad files stay its own requests' 400)
+    events = []
+    adapters.directory.listeners = [lambda event, name, details: events.append((event, name))]
+    corrupt_adapter(root / "pt", "nan")
+    with pytest.raises(UnknownAdapterError):
+        adapters.resolve("pt.task0")
+    assert events == []
+    with pytest.raises(AdapterFileError, match="not finite"):
+        adapters.resolve("pt")
+    # the config's num_tasks must be the task factors' (PEFT builds from the config): a 400
+    corrupt_adapter(root / "mt", "num_tasks_config")
+    with pytest.raises(AdapterFileError, match="num_tasks=4, but the task factors"):
+        adapters.resolve("mt.task0")
+    save_multitask_adapter(root / "mt", shared, cols, task_rows)
     corrupt_adapter(root / "mt", "task_rows_nan")
     with pytest.raises(AdapterFileError, match="task factors hold NaN"):
         adapters.resolve("mt.task0")
-    adapters.load(root / "pt", "mt")  # --adapter mt: hides the directory's mt and its tasks
+    save_ptuning_adapter(tmp_path / "other", ptuned)
+    adapters.load(tmp_path / "other", "mt")  # --adapter mt: hides the directory's mt and its tasks
     assert "mt.task0" not in adapters.directory_names()
     with pytest.raises(UnknownAdapterError):
         adapters.resolve("mt.task0")

@@ -19,6 +19,7 @@ request its table once, and the request builds its rows from that table whatever
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -37,6 +38,8 @@ from ..ops import prompt_concat
 from .adapter_dir import AdapterDirectory, UnknownAdapterError, valid_name
 from .word_table import WordTable
 
+logger = logging.getLogger(__name__)
+
 
 def task_adapter_name(name: str, task: int) -> str:
     """The served name of task ``task`` of the multitask adapter loaded as ``name``: ``NAME.taskT``."""
@@ -50,6 +53,25 @@ def task_of(served: str) -> tuple[str, int] | None:
     """(NAME, T) of a served name ``NAME.taskT`` (:func:`task_adapter_name`), else None."""
     match = _TASK_NAME.fullmatch(served) if isinstance(served, str) else None
     return None if match is None else (match.group(1), int(match.group(2)))
+
+
+MAX_LISTED_TASKS = 1024  # a multitask adapter of the directory with more tasks is not listed (still served)
+_WARNED: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("Prompt adapter directory: %s", message)
+
+
+def _num_tasks(config) -> int | None:
+    """A multitask adapter config's ``num_tasks`` (a positive int), else None (another adapter type, or no
+    readable config)."""
+    if not isinstance(config, dict) or config.get("peft_type") != MULTITASK_PROMPT_TUNING:
+        return None
+    tasks = config.get("num_tasks")
+    return tasks if isinstance(tasks, int) and not isinstance(tasks, bool) and tasks > 0 else None
 
 
 def _is_multitask(path) -> bool:
@@ -175,21 +197,29 @@ class PromptAdapters:
 
     def directory_names(self) -> list[str]:
         """The adapters of the directory now, less those the added ones and ``reserved`` hide (none without
-        a directory). Lists the directory: nothing is loaded."""
+        a directory): a multitask adapter NAME as its tasks ``NAME.taskT`` (by its config's ``num_tasks``,
+        at most ``MAX_LISTED_TASKS``). Lists the directory and reads the configs: nothing is loaded."""
         if self.directory is None:
             return []
-        hidden = set(self._tables) | set(self._groups) | set(self.reserved)
+        hidden = self._hidden()
         names = []
         for name in self.directory.names():
             if name in hidden:  # an added adapter (or the base model) of that name wins, tasks and all
                 continue
-            config = self.directory.read_config(name) or {}
-            tasks = config.get("num_tasks") if config.get("peft_type") == MULTITASK_PROMPT_TUNING else None
-            if isinstance(tasks, int) and not isinstance(tasks, bool) and tasks > 0:
-                names += [task_adapter_name(name, t) for t in range(tasks)]  # a multitask adapter's tasks
-            else:
+            tasks = _num_tasks(self.directory.read_config(name))
+            if tasks is None:
                 names.append(name)
+            elif tasks > MAX_LISTED_TASKS:
+                _warn_once(f"{name}: num_tasks={tasks}, more than the {MAX_LISTED_TASKS} tasks listed")
+            else:
+                served = [task_adapter_name(name, t) for t in range(tasks)]
+                if not valid_name(served[-1]):
+                    _warn_once(f"{name}: its task names ({served[-1]!r}) break the name rule (too long)")
+                names += served
         return [n for n in dict.fromkeys(names) if n not in hidden and valid_name(n)]
+
+    def _hidden(self) -> set:
+        return set(self._tables) | set(self._groups) | set(self.reserved)
 
     def path(self, name: str) -> str:
         """The directory adapter ``name`` was loaded from."""
@@ -261,16 +291,21 @@ class PromptAdapters:
             return table
         if self.directory is None or name in self.reserved or not valid_name(name):
             raise self._unknown(name)
-        try:
-            table = self.directory.table(name)
-        except UnknownAdapterError:
-            table = None
-        if table is not None:
-            if table.dim() != 2:  # a multitask adapter: its tasks are the models, not its name
-                raise self._unknown(name)
-            return table
-        task = task_of(name)  # NAME.taskT: task T of the directory's multitask adapter NAME
-        if task is None or task[0] in self._tables or task[0] in self._groups or task[0] in self.reserved:
+        if _num_tasks(self.directory.read_config(name)) is None:
+            try:
+                table = self.directory.table(name)  # DIR/NAME itself (its bad files: a 400)
+            except UnknownAdapterError:
+                table = None  # no such adapter: maybe a task of a multitask adapter
+            if table is not None:
+                if table.dim() != 2:  # became a multitask adapter since its config was read
+                    raise self._unknown(name)
+                return table
+        # NAME.taskT: task T of the directory's multitask adapter NAME (a multitask DIR/NAME itself is not
+        # a model: its tasks are). Only a multitask NAME is loaded for it.
+        task = task_of(name)
+        if task is None or task[0] in self._hidden():
+            raise self._unknown(name)
+        if _num_tasks(self.directory.read_config(task[0])) is None:
             raise self._unknown(name)
         try:
             tables = self.directory.table(task[0])

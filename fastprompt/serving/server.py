@@ -38,7 +38,7 @@ from vllm.inputs.engine import embeds_input
 from ..adapter_files import AdapterFileError
 from .adapter_dir import UnknownAdapterError
 from .adapter_events import vllm_listeners
-from .prompts import PromptAdapters, check_adapter_dirs
+from .prompts import PromptAdapters, check_adapter_dirs, task_of
 from .settings import engine_defaults
 from .word_table import read_word_table
 
@@ -65,8 +65,9 @@ class _PromptServing:
         name, adapters = request.model, self.prompt_adapters
         if not isinstance(name, str) or not name or self.models.is_base_model(name):
             return None
-        if name in self.models.lora_requests:
-            return None
+        task = task_of(name)
+        if name in self.models.lora_requests or (task is not None and task[0] in self.models.lora_requests):
+            return None  # a LoRA of vLLM's, or a task of a directory adapter that a LoRA's name hides
         try:
             if name in adapters:
                 return name, adapters.resolve(name)
@@ -194,7 +195,7 @@ class _PromptModels:
                 permission=[ModelPermission()],
             )
             for name in names
-            if name not in shown
+            if name not in shown and (task_of(name) is None or task_of(name)[0] not in shown)
         )
         return models
 
