@@ -113,7 +113,9 @@ def rows_inputs_embeds(
     Args:
         input_ids: [B, L] int64 or int32 token ids.
         word_embeddings: the model's word-embedding module (reproduced inside the op where fastprompt
-            knows its ``forward``; else called, as PEFT does).
+            knows its ``forward``; else called, as PEFT does). A DeepSpeed ZeRO-3 word table: the op
+            runs as the module's ``forward``, its ZeRO-3 hooks gathering the table around it
+            (:func:`fastprompt.deepspeed_zero3.fused_rows_with_gathered_word`).
         rows: [K, N, D] prompt rows (:func:`source_rows`: an encoder's output, with grad, or any tensor).
         index: [B] int64, the prompt (of K) of each batch row; None: K = 1, every row takes it.
 

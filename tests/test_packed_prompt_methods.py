@@ -3,8 +3,8 @@ encoder's rows (or its task's rows) at positions 0..N-1 and its tokens after the
 run alone through PEFT. Checked: the loss, every document's logits, and the gradient of every trainable
 parameter of the prompt module (the table, the MLP / LSTM weights; the task factors) under the loss plus
 random weights on the logits, on both layouts (the shared prompt, once per packed row; the prompt inserted
-before each document), with the encoder run once per forward. Documents of several tasks in one packed row
-are a clear error: the row's documents share one prompt.
+before each document), with the encoder run once per forward. A packed batch of several tasks is a clear
+error: it takes one task.
 """
 
 from __future__ import annotations
@@ -127,10 +127,13 @@ def test_packed_row_equals_each_document_alone(method, family, share):
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5 * scale, rtol=1e-5, msg=name)
 
 
-def test_packed_row_of_several_tasks_is_a_clear_error():
+def test_packed_batch_of_several_tasks_is_a_clear_error():
+    """Two packed rows of tasks 0 and 1: a packed batch takes one task."""
     _, fast = _pair("multitask", "llama")
     docs, labels = _documents()
     ids = torch.stack([torch.cat(docs), torch.cat(docs)])
     positions = torch.cat([torch.arange(len(doc)) for doc in docs])[None].expand(2, -1)
-    with pytest.raises(ValueError, match="several task_ids"):
+    with pytest.raises(
+        ValueError, match=r"task_ids of 2 different tasks \[0, 1\] in one batch: a packed batch"
+    ):
         fast(input_ids=ids, position_ids=positions, task_ids=torch.tensor([0, 1]))

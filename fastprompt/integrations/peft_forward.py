@@ -103,10 +103,16 @@ def _packed_rows(peft_model, input_ids, args: dict, kwargs: dict, rows):
             "one document per row."
         )
     if rows is not None and len(rows.names) > 1:
+        if rows.tasks is not None and len(set(rows.names)) == 1:
+            raise ValueError(
+                f"packed rows with task_ids of {len(rows.tasks)} different tasks {list(rows.tasks)} in one "
+                "batch: a packed batch takes one task (its rows share the prompt plan); batch each task's "
+                "rows separately, with task_ids=torch.tensor([task])."
+            )
         raise ValueError(
             f"packed rows with {len(rows.names)} different soft prompts in one batch (adapter_names "
-            f"{list(rows.names)} or several task_ids): each row's documents share one soft prompt; batch "
-            "the adapters' (or tasks') rows separately."
+            f"{list(dict.fromkeys(rows.names))}): a packed batch takes one soft prompt; batch each adapter's "
+            "rows separately."
         )
     kwargs.pop("position_ids")
     return found
