@@ -45,6 +45,7 @@ TORCH_CASES = [
 ]
 DEEPSPEED_CASES = [
     "ptuning_zero3",
+    "ptuning_zero3_word",
     "ptuning_lstm_zero3_shared",
     "multitask_zero3",
     "zero2",
@@ -199,7 +200,9 @@ def test_shared_prompt_trains_like_one_process(launch, reference, mixed_referenc
 
 @pytest.fixture(scope="module")
 def method_references() -> dict:
-    return {method: cases.reference_params(method) for method in cases.METHODS}
+    references = {method: cases.reference_params(method) for method in cases.METHODS}
+    references["ptuning_word"] = cases.reference_params("ptuning", train_word=True)
+    return references
 
 
 @pytest.mark.parametrize(
@@ -210,6 +213,7 @@ def method_references() -> dict:
         ("multitask_ddp_shared", "multitask"),  # rows alternate 2 tasks: one pass per task
         ("ptuning_fsdp2_shared", "ptuning"),  # the encoder's weights sharded DTensors of the root
         pytest.param("ptuning_zero3", "ptuning", marks=needs_deepspeed),  # every weight partitioned
+        pytest.param("ptuning_zero3_word", "ptuning_word", marks=needs_deepspeed),  # word table trained
         pytest.param("ptuning_lstm_zero3_shared", "ptuning_lstm", marks=needs_deepspeed),
         pytest.param("multitask_zero3", "multitask", marks=needs_deepspeed),
     ],
@@ -220,7 +224,13 @@ def test_prompt_methods_train_like_one_process(launch, method_references, case, 
     the fused concat ran on every forward (or the prompt was shared on every forward), never unfused."""
     results = launch.results(case)
     expected = method_references[method]
-    initial = cases.prompt_params(cases.prompt_model(peft.get_peft_model, method=method))
+    train_word = method.endswith("_word")
+    model = cases.prompt_model(
+        peft.get_peft_model, method=method.removesuffix("_word"), train_word=train_word
+    )
+    initial = cases.prompt_params(model)
+    if train_word:
+        initial["word"] = model.word_embeddings.weight
     assert sorted(initial) == sorted(expected)
     for rank, result in enumerate(results):
         assert result["unfused"] == 0, f"rank {rank} fell back to the unfused path {result['unfused']}x"

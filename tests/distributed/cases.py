@@ -86,9 +86,12 @@ def base_model():
     return tiny_models.build(FAMILY, TASK, seed=0).train()
 
 
-def prompt_model(get_peft_model, base=None, adapters=("default",), method="prompt_tuning", **config):
+def prompt_model(
+    get_peft_model, base=None, adapters=("default",), method="prompt_tuning", train_word=False, **config
+):
     """``get_peft_model`` (fastprompt's or PEFT's) on the base model; each adapter's prompt module from
-    its own seed (1, 2, ...); every parameter of every prompt module trainable."""
+    its own seed (1, 2, ...); every parameter of every prompt module trainable, and the word table too
+    with ``train_word`` (GPT-2's, tied to its output layer)."""
     base = base_model() if base is None else base
     torch.manual_seed(1)
     model = get_peft_model(base, peft_config(method, **config), adapter_name=adapters[0])
@@ -97,6 +100,8 @@ def prompt_model(get_peft_model, base=None, adapters=("default",), method="promp
         model.add_adapter(name, peft_config(method, **config))
     for name in adapters:
         model.prompt_encoder[name].requires_grad_(True)
+    if train_word:
+        model.word_embeddings.weight.requires_grad_(True)
     return model
 
 
@@ -148,19 +153,22 @@ def reference_tables(adapters=("default",), mixed: bool = False, base=None, **co
     return {name: table(model, name).detach().clone() for name in adapters}
 
 
-def reference_params(method: str) -> dict:
+def reference_params(method: str, train_word: bool = False) -> dict:
     """PEFT's own path, one process, the whole batch each step (multitask: ``task_ids`` per row):
-    ``prompt_params`` of the trained model, detached."""
+    ``prompt_params`` of the trained model, detached, and with ``train_word`` its word table ("word")."""
     import peft
 
-    model = prompt_model(peft.get_peft_model, method=method)
+    model = prompt_model(peft.get_peft_model, method=method, train_word=train_word)
     optimizer = torch.optim.SGD(trainable(model), lr=LR)
     for ids in batches():
         extra = {"task_ids": task_ids(slice(0, GLOBAL_BATCH))} if method == "multitask" else {}
         model(input_ids=ids, labels=ids, **extra).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {key: param.detach().clone() for key, param in prompt_params(model).items()}
+    trained = {key: param.detach().clone() for key, param in prompt_params(model).items()}
+    if train_word:
+        trained["word"] = model.word_embeddings.weight.detach().clone()
+    return trained
 
 
 def text_init_config(data_dir: str) -> dict:

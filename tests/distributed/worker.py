@@ -221,12 +221,21 @@ def _deepspeed_train(model, stage: int, mixed: bool = False, tasks: bool = False
     read = _gathered if stage == 3 else _whole
     tables = {name: read(cases.table(model, name)) for name in model.prompt_encoder}
     trained = {key: read(param) for key, param in params.items()}
+    if model.word_embeddings.weight.requires_grad:
+        trained["word"] = read(model.word_embeddings.weight)
     engine.destroy()
     return {"tables": tables, "params": trained, "partitioned": partitioned}
 
 
 def case_ptuning_zero3() -> dict:
     return _deepspeed_train(cases.prompt_model(fastprompt.get_peft_model, method="ptuning"), stage=3)
+
+
+def case_ptuning_zero3_word() -> dict:
+    """A trainable (tied) word table: the fused op runs inside the word module's call, whose ZeRO-3 hooks
+    gather the table for the forward and the backward."""
+    model = cases.prompt_model(fastprompt.get_peft_model, method="ptuning", train_word=True)
+    return _deepspeed_train(model, stage=3)
 
 
 def case_ptuning_lstm_zero3_shared() -> dict:
