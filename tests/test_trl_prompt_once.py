@@ -103,8 +103,19 @@ def test_fused_lm_head_share_true_says_why_not():
     assert shared_prefix.CALLS["not shared"] == before.get("not shared", 0) + 1
 
 
-def _sft(tokenizer, output_dir, *, patched: bool, steps: int = 2, max_length=16, **config):
-    """(prompt table after ``steps`` SFTTrainer steps, first-layer input lengths, the trainer)."""
+PROMPT_CONFIGS = {
+    "prompt tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+    "p-tuning": lambda: peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N, encoder_hidden_size=16
+    ),
+}
+
+
+def _sft(
+    tokenizer, output_dir, *, patched: bool, steps: int = 2, max_length=16, method="prompt tuning", **config
+):
+    """({name: every prompt-module parameter} after ``steps`` SFTTrainer steps, first-layer input lengths,
+    the trainer). ``method``: a key of ``PROMPT_CONFIGS``."""
     if patched:
         fastprompt.patch_peft()
     model = tiny_models.build("llama", "CAUSAL_LM")
@@ -121,37 +132,48 @@ def _sft(tokenizer, output_dir, *, patched: bool, steps: int = 2, max_length=16,
         args=args,
         train_dataset=datasets.Dataset.from_dict({"text": tiny_models.CORPUS * 4}),
         processing_class=tokenizer,
-        peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+        peft_config=PROMPT_CONFIGS[method](),
     )
     trainer.train()
-    return trainer.model.prompt_encoder["default"].embedding.weight.detach().clone(), lengths, trainer
+    module = trainer.model.prompt_encoder["default"]
+    params = {name: p.detach().clone() for name, p in module.named_parameters()}
+    return params, lengths, trainer
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_sft_trainer_as_shipped_shares_the_prompt(tokenizer, tmp_path, bf16):
+@pytest.mark.parametrize(
+    "method,bf16", [("prompt tuning", False), ("prompt tuning", True), ("p-tuning", False)]
+)
+def test_sft_trainer_as_shipped_shares_the_prompt(tokenizer, tmp_path, method, bf16):
     """``SFTTrainer`` defaults: TRL's fused LM head and gradient checkpointing on, in fp32 and with
-    ``bf16=True`` (autocast in both passes). The prompt runs once per step (batch 1, N positions) and the
-    table trains as PEFT's does (SGD: the table then moves by the gradient itself; Adam's normalization
-    turns rounding-order differences of near-zero gradient entries into steps of the learning rate's
-    size)."""
-    table_peft, _, trainer_peft = _sft(tokenizer, tmp_path / "peft", patched=False, optim="sgd", bf16=bf16)
+    ``bf16=True`` (autocast in both passes), prompt tuning and P-tuning. The prompt runs once per step
+    (batch 1, N positions) and every prompt-module parameter (P-tuning: the table and the MLP) trains as
+    PEFT's does (SGD: the parameters then move by the gradient itself; Adam's normalization turns
+    rounding-order differences of near-zero gradient entries into steps of the learning rate's size)."""
+    kwargs = dict(optim="sgd", bf16=bf16, method=method)
+    table_peft, _, trainer_peft = _sft(tokenizer, tmp_path / "peft", patched=False, **kwargs)
     assert trainer_peft.args.gradient_checkpointing  # TRL's default
     before = shared_prefix.CALLS["shared"]
-    table, lengths, trainer = _sft(tokenizer, tmp_path / "fast", patched=True, optim="sgd", bf16=bf16)
+    table, lengths, trainer = _sft(tokenizer, tmp_path / "fast", patched=True, **kwargs)
     assert shared_prefix.CALLS["shared"] == before + 2
     assert lengths[0::2] == [N, N]  # each step: the prompt pass, then the rows (recomputed in backward)
     torch.testing.assert_close(table, table_peft, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
-    "config", [{"packing": True}, {"padding_free": True, "max_length": None}], ids=["packing", "padding_free"]
+    "config,method",
+    [
+        ({"packing": True}, "prompt tuning"),
+        ({"padding_free": True, "max_length": None}, "prompt tuning"),
+        ({"packing": True}, "p-tuning"),
+    ],
+    ids=["packing", "padding_free", "packing-p-tuning"],
 )
-def test_sft_trainer_packed_batches_give_each_document_its_prompt(tokenizer, tmp_path, config):
-    """``packing=True`` (BFD, padding-free) and ``padding_free=True``: the first layer sees ONE prompt for
-    the packed row (``[1, N + T]``), and the loss of a packed batch equals its documents run alone through
-    PEFT (TRL's labels: each document's first token ignored)."""
+def test_sft_trainer_packed_batches_give_each_document_its_prompt(tokenizer, tmp_path, config, method):
+    """``packing=True`` (BFD, padding-free) and ``padding_free=True``, prompt tuning and P-tuning: the first
+    layer sees ONE prompt for the packed row (``[1, N + T]``), and the loss of a packed batch equals its
+    documents run alone through PEFT (TRL's labels: each document's first token ignored)."""
     before = shared_prefix.CALLS["packed shared"]
-    _, lengths, trainer = _sft(tokenizer, tmp_path / "fast", patched=True, steps=1, **config)
+    _, lengths, trainer = _sft(tokenizer, tmp_path / "fast", patched=True, steps=1, method=method, **config)
     assert shared_prefix.CALLS["packed shared"] >= before + 1
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
