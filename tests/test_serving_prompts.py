@@ -211,7 +211,7 @@ def test_ptuning_and_multitask_files_written_without_peft_are_peft_files(tmp_pat
     torch.testing.assert_close(got, shared * torch.matmul(cols, task_rows), rtol=0, atol=1e-6)
 
 
-def test_multitask_and_ptuning_adapters_in_a_served_directory(tmp_path):
+def test_multitask_and_ptuning_adapters_in_a_served_directory(tmp_path, caplog):
     """In ``--adapter-dir``: a P-tuning adapter is the model NAME; a multitask adapter NAME's tasks are the
     models ``NAME.taskT`` (listed as such), NAME itself and a task past ``num_tasks`` unknown (404), its bad
     factors a 400 (``AdapterFileError``); a real ``NAME.taskT`` directory wins; an ``--adapter`` of the same
@@ -239,7 +239,9 @@ def test_multitask_and_ptuning_adapters_in_a_served_directory(tmp_path):
     assert adapters.directory_names() == ["mt.task0", "mt.task1", "mt.task2", "pt"]
     assert torch.equal(adapters.resolve("pt"), ptuned)
     tasks = shared[None] * torch.matmul(cols, task_rows)
+    caplog.set_level("INFO", logger="fastprompt.serving.adapter_dir")
     torch.testing.assert_close(adapters.resolve("mt.task0"), tasks[0], rtol=0, atol=1e-6)
+    assert "Loaded prompt adapter 'mt': 3 tasks of 5 rows" in caplog.text
     torch.testing.assert_close(adapters.resolve("mt.task2"), tasks[2], rtol=0, atol=1e-6)
     assert torch.equal(adapters.resolve("mt.task1"), own)
     assert adapters.embeds("mt.task2", [5, 6], adapters.resolve("mt.task2")).shape == (7, dim)

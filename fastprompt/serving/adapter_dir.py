@@ -154,7 +154,8 @@ class AdapterDirectory:
             tables, one per task), raising ``AdapterFileError``.
         max_loaded: how many tables to keep (least recently used dropped); ``DEFAULT_MAX_LOADED``.
         listeners: callables ``(event, name, details)`` told of each ``"load"``, ``"reload"``,
-            ``"evict"`` and ``"error"`` (a failed load); details: ``rows``, ``seconds``, ``error``.
+            ``"evict"`` and ``"error"`` (a failed load); details: ``rows``, ``seconds``, ``error``, and
+            ``tasks`` for a multitask adapter.
     """
 
     def __init__(
@@ -280,7 +281,8 @@ class AdapterDirectory:
                 evicted.append(self._entries.popitem(last=False)[0])
         seconds = time.perf_counter() - start
         rows = table.shape[-2]  # [N, D], or a multitask adapter's [T, N, D]
-        self._emit("reload" if held is not None else "load", name, rows=rows, seconds=seconds)
+        tasks = {"tasks": table.shape[0]} if table.dim() == 3 else {}
+        self._emit("reload" if held is not None else "load", name, rows=rows, seconds=seconds, **tasks)
         for old in evicted:
             self._emit("evict", old)
         return table
@@ -390,6 +392,7 @@ def log_event(event: str, name: str, details: dict) -> None:
         logger.info("Evicted prompt adapter %r (least recently used)", name)
     else:
         verb = "Loaded" if event == "load" else "Reloaded (its files changed)"
-        logger.info(
-            "%s prompt adapter %r: %d rows in %.1f ms", verb, name, details["rows"], 1e3 * details["seconds"]
-        )
+        what = f"{details['rows']} rows"
+        if "tasks" in details:  # a multitask adapter: its tasks' tables
+            what = f"{details['tasks']} tasks of {what}"
+        logger.info("%s prompt adapter %r: %s in %.1f ms", verb, name, what, 1e3 * details["seconds"])
