@@ -291,18 +291,19 @@ class PromptAdapters:
             return table
         if self.directory is None or name in self.reserved or not valid_name(name):
             raise self._unknown(name)
-        if _num_tasks(self.directory.read_config(name)) is None:
+        task = task_of(name)
+        # DIR/NAME itself (its bad files: a 400), unless it is a multitask adapter, whose tasks are the
+        # models. Configs are read only for names of the task form: the common request costs no more.
+        if task is None or _num_tasks(self.directory.read_config(name)) is None:
             try:
-                table = self.directory.table(name)  # DIR/NAME itself (its bad files: a 400)
+                table = self.directory.table(name)
             except UnknownAdapterError:
                 table = None  # no such adapter: maybe a task of a multitask adapter
             if table is not None:
-                if table.dim() != 2:  # became a multitask adapter since its config was read
+                if table.dim() != 2:  # a multitask adapter (or one since its config was read)
                     raise self._unknown(name)
                 return table
-        # NAME.taskT: task T of the directory's multitask adapter NAME (a multitask DIR/NAME itself is not
-        # a model: its tasks are). Only a multitask NAME is loaded for it.
-        task = task_of(name)
+        # NAME.taskT: task T of the directory's multitask adapter NAME. Only a multitask NAME is loaded.
         if task is None or task[0] in self._hidden():
             raise self._unknown(name)
         if _num_tasks(self.directory.read_config(task[0])) is None:
