@@ -46,6 +46,7 @@ TORCH_CASES = [
 DEEPSPEED_CASES = [
     "ptuning_zero3",
     "ptuning_zero3_word",
+    "ptuning_zero3_mixed",
     "ptuning_lstm_zero3_shared",
     "multitask_zero3",
     "zero2",
@@ -202,6 +203,7 @@ def test_shared_prompt_trains_like_one_process(launch, reference, mixed_referenc
 def method_references() -> dict:
     references = {method: cases.reference_params(method) for method in cases.METHODS}
     references["ptuning_word"] = cases.reference_params("ptuning", train_word=True)
+    references["ptuning_mixed"] = cases.reference_params("ptuning", mixed=True)
     return references
 
 
@@ -214,6 +216,7 @@ def method_references() -> dict:
         ("ptuning_fsdp2_shared", "ptuning"),  # the encoder's weights sharded DTensors of the root
         pytest.param("ptuning_zero3", "ptuning", marks=needs_deepspeed),  # every weight partitioned
         pytest.param("ptuning_zero3_word", "ptuning_word", marks=needs_deepspeed),  # word table trained
+        pytest.param("ptuning_zero3_mixed", "ptuning_mixed", marks=needs_deepspeed),  # adapter_names
         pytest.param("ptuning_lstm_zero3_shared", "ptuning_lstm", marks=needs_deepspeed),
         pytest.param("multitask_zero3", "multitask", marks=needs_deepspeed),
     ],
@@ -224,9 +227,11 @@ def test_prompt_methods_train_like_one_process(launch, method_references, case, 
     the fused concat ran on every forward (or the prompt was shared on every forward), never unfused."""
     results = launch.results(case)
     expected = method_references[method]
-    train_word = method.endswith("_word")
+    train_word, mixed = method.endswith("_word"), method.endswith("_mixed")
+    adapters = cases.MIXED_ADAPTERS if mixed else ("default",)
+    base_method = method.removesuffix("_word").removesuffix("_mixed")
     model = cases.prompt_model(
-        peft.get_peft_model, method=method.removesuffix("_word"), train_word=train_word
+        peft.get_peft_model, adapters=adapters, method=base_method, train_word=train_word
     )
     initial = cases.prompt_params(model)
     if train_word:

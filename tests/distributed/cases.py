@@ -123,16 +123,19 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def reference_tables(adapters=("default",), mixed: bool = False, base=None, **config) -> dict:
-    """PEFT's own code path (not fastprompt), one process, the whole batch each step: {adapter: table}.
+def _reference_model(method: str, adapters, mixed: bool, base, train_word: bool, **config):
+    """The model PEFT's own code path (not fastprompt) trains in one process on the whole batch each step.
 
     ``mixed``: rows alternate adapters "a" / "b"; PEFT cannot mix prompt adapters in a batch, so each
     adapter's rows run as their own sub-batch (``set_adapter``) and the losses are weighted by their
-    row counts: the mean over the whole batch, as one mixed forward computes it.
+    row counts: the mean over the whole batch, as one mixed forward computes it. Multitask: ``task_ids``
+    per row.
     """
     import peft
 
-    model = prompt_model(peft.get_peft_model, base=base, adapters=adapters, **config)
+    model = prompt_model(
+        peft.get_peft_model, base=base, adapters=adapters, method=method, train_word=train_word, **config
+    )
     optimizer = torch.optim.SGD(trainable(model), lr=LR)
     for ids in batches():
         if mixed:
@@ -142,29 +145,29 @@ def reference_tables(adapters=("default",), mixed: bool = False, base=None, **co
                 picked = torch.tensor([n == name for n in names])
                 model.set_adapter(name)
                 for other in adapters:
-                    table(model, other).requires_grad_(True)  # set_adapter freezes the others
+                    model.prompt_encoder[other].requires_grad_(True)  # set_adapter freezes the others
                 sub = ids[picked]
                 loss = loss + model(input_ids=sub, labels=sub).loss * (len(sub) / GLOBAL_BATCH)
         else:
-            loss = model(input_ids=ids, labels=ids).loss
+            extra = {"task_ids": task_ids(slice(0, GLOBAL_BATCH))} if method == "multitask" else {}
+            loss = model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return model
+
+
+def reference_tables(adapters=("default",), mixed: bool = False, base=None, **config) -> dict:
+    """Prompt tuning on PEFT's own path (:func:`_reference_model`): {adapter: trained table}."""
+    model = _reference_model("prompt_tuning", adapters, mixed, base, False, **config)
     return {name: table(model, name).detach().clone() for name in adapters}
 
 
-def reference_params(method: str, train_word: bool = False) -> dict:
-    """PEFT's own path, one process, the whole batch each step (multitask: ``task_ids`` per row):
+def reference_params(method: str, train_word: bool = False, mixed: bool = False) -> dict:
+    """``method`` on PEFT's own path (:func:`_reference_model`; ``mixed``: adapters "a" / "b"):
     ``prompt_params`` of the trained model, detached, and with ``train_word`` its word table ("word")."""
-    import peft
-
-    model = prompt_model(peft.get_peft_model, method=method, train_word=train_word)
-    optimizer = torch.optim.SGD(trainable(model), lr=LR)
-    for ids in batches():
-        extra = {"task_ids": task_ids(slice(0, GLOBAL_BATCH))} if method == "multitask" else {}
-        model(input_ids=ids, labels=ids, **extra).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    adapters = MIXED_ADAPTERS if mixed else ("default",)
+    model = _reference_model(method, adapters, mixed, None, train_word)
     trained = {key: param.detach().clone() for key, param in prompt_params(model).items()}
     if train_word:
         trained["word"] = model.word_embeddings.weight.detach().clone()

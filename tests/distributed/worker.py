@@ -238,6 +238,12 @@ def case_ptuning_zero3_word() -> dict:
     return _deepspeed_train(model, stage=3)
 
 
+def case_ptuning_zero3_mixed() -> dict:
+    """Rows alternate two P-tuning adapters: one fused op over both encoders' rows."""
+    model = cases.prompt_model(fastprompt.get_peft_model, adapters=cases.MIXED_ADAPTERS, method="ptuning")
+    return _deepspeed_train(model, stage=3, mixed=True)
+
+
 def case_ptuning_lstm_zero3_shared() -> dict:
     model = cases.prompt_model(_get_peft_model(share=True), method="ptuning_lstm")
     return _deepspeed_train(model, stage=3)
