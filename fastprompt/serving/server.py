@@ -9,13 +9,19 @@ of its objects are given a fastprompt subclass that changes what a model name me
   adapter's rows, then the token rows: ``PromptAdapters.embeds``), and the response says
   ``"model": NAME``. The base model's name serves no soft prompt (vLLM unchanged).
 - ``/v1/models``: the base model, then one entry per adapter (``parent``: the base model; ``root``: its
-  name, never a server path).
+  name, never a server path; vLLM's own cards too: ``root`` is their name, not the model's or a LoRA's
+  path).
 - with a directory of adapters (``--adapter-dir``: ``adapter_dir.AdapterDirectory``), a model name that
   is neither the base model's, nor vLLM's LoRA's, nor an ``--adapter`` one is looked up there, once per
   request and off the event loop: its table (loaded on demand) stays with the request to its end; a bad
   adapter is a 400 naming the model and the problem; ``/v1/models`` lists the directory's adapters too.
 - an unknown model: vLLM's own 404 ``{"error": {"message", "type", "param", "code"}}`` (it names the
   base model's served names, never the adapters).
+- the base model's served name is never a server path (``names.default_served_name``: its directory's
+  name unless ``--served-model-name`` is given), so no body, chunk, error or ``/v1/models`` field shows
+  one. An empty or missing ``model`` is served as ``--default-model`` names; without it, with
+  ``--adapter-dir`` it is a 404 on every endpoint (a tenant that names nothing reaches nothing), else
+  vLLM's default, the base model.
 
 ``--allow-adapter-updates`` adds ``POST /v1/load_prompt_adapter`` (``{"adapter_name", "adapter_path"}``:
 add or replace) and ``POST /v1/unload_prompt_adapter`` (``{"adapter_name"}``); off by default, since it
@@ -38,6 +44,7 @@ from vllm.inputs.engine import embeds_input
 from ..adapter_files import AdapterFileError
 from .adapter_dir import UnknownAdapterError
 from .adapter_events import vllm_listeners
+from .names import check_served_names, default_served_name
 from .prompts import PromptAdapters, check_adapter_dirs, task_of
 from .settings import engine_defaults
 from .word_table import read_word_table
@@ -48,7 +55,19 @@ from .word_table import read_word_table
 _REQUESTED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("fastprompt_adapter", default=None)
 
 
-class _PromptServing:
+class _EmptyName:
+    """Every serving object of the app: an empty or missing model name is supported only where it is
+    served as the base model (``empty_model``: the name it is served as, None: a 404)."""
+
+    empty_model: str | None
+
+    def _is_model_supported(self, model_name) -> bool:
+        if not model_name:
+            return self.empty_model is not None and self.models.is_base_model(self.empty_model)
+        return super()._is_model_supported(model_name)
+
+
+class _PromptServing(_EmptyName):
     """What completions and chat completions share: adapter names are models, and their token prompts
     become prompt embeddings. Mixed in before vLLM's own serving class."""
 
@@ -94,7 +113,17 @@ class _PromptServing:
         return super()._maybe_get_adapters(request, *args, **kwargs)
 
     async def _answer(self, handler, request, raw_request):
-        """``handler(request, raw_request)`` with the requested adapter and its table resolved once."""
+        """``handler(request, raw_request)`` with the requested adapter and its table resolved once; a
+        request naming no model is served as ``empty_model``, or is a 404."""
+        if not request.model:  # None (absent) or ""
+            if self.empty_model is None:
+                return self.create_error_response(
+                    'The request names no model: set "model" to one of the ids of /v1/models.',
+                    err_type="NotFoundError",
+                    status_code=HTTPStatus.NOT_FOUND,
+                    param="model",
+                )
+            request.model = self.empty_model
         resolved = await self._resolve(request)
         if isinstance(resolved, ErrorResponse):
             return resolved
@@ -182,6 +211,8 @@ class _PromptModels:
 
     async def show_available_models(self):
         models = await super().show_available_models()
+        for card in models.data:  # vLLM's root is the base model's path, a LoRA's its directory
+            card.root = card.id
         base = self.base_model_paths[0].name
         shown = {card.id for card in models.data}
         names = self.prompt_adapters.names()
@@ -203,24 +234,41 @@ class _PromptModels:
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def _adopt(obj, mixin: type, adapters: PromptAdapters) -> None:
+def _adopt(obj, mixin: type, **attributes) -> None:
     """Give vLLM's serving object ``obj`` the fastprompt behaviour ``mixin`` (a subclass of its own class,
-    so every setting vLLM built it with stays) and the adapters."""
+    so every setting vLLM built it with stays) and ``attributes``."""
     cls = type(obj)
     key = (mixin, cls)
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"Prompt{cls.__name__}", (mixin, cls), {"__module__": __name__})
     obj.__class__ = _SUBCLASSES[key]
-    obj.prompt_adapters = adapters
+    for name, value in attributes.items():
+        setattr(obj, name, value)
 
 
-def install(state, adapters: PromptAdapters) -> None:
-    """Make the vLLM app whose ``app.state`` is ``state`` serve ``adapters`` by model name."""
-    _adopt(state.openai_serving_models, _PromptModels, adapters)
+def empty_name_model(served: tuple[str, ...], default_model: str | None, adapter_dir) -> str | None:
+    """What a request with an empty or missing ``model`` is served as: ``--default-model``, else the base
+    model (vLLM's default) unless the server has a directory of adapters (None: a 404)."""
+    if default_model is not None:
+        return default_model
+    return None if adapter_dir is not None else served[0]
+
+
+def install(state, adapters: PromptAdapters, empty_model: str | None = None) -> None:
+    """Make the vLLM app whose ``app.state`` is ``state`` serve ``adapters`` by model name, and a request
+    naming no model as ``empty_model`` (None: a 404 on every endpoint)."""
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    _adopt(state.openai_serving_models, _PromptModels, prompt_adapters=adapters)
     if getattr(state, "openai_serving_completion", None) is not None:
-        _adopt(state.openai_serving_completion, _PromptCompletion, adapters)
+        _adopt(state.openai_serving_completion, _PromptCompletion, prompt_adapters=adapters)
     if getattr(state, "openai_serving_chat", None) is not None:
-        _adopt(state.openai_serving_chat, _PromptChat, adapters)
+        _adopt(state.openai_serving_chat, _PromptChat, prompt_adapters=adapters)
+    for obj in state._state.values():  # every endpoint: responses, tokenize, Anthropic's, pooling, ...
+        if isinstance(obj, BaseServing):
+            if not isinstance(obj, _EmptyName):
+                _adopt(obj, _EmptyName)
+            obj.empty_model = empty_model
 
 
 def add_adapter_routes(app, adapters: PromptAdapters) -> None:
@@ -290,8 +338,10 @@ async def run_server(
     allow_adapter_updates: bool = False,
     adapter_dir: str | None = None,
     max_loaded_adapters: int | None = None,
+    default_model: str | None = None,
 ) -> None:
-    """Start vLLM's engine and OpenAI app for ``args``, load the adapters, serve until stopped."""
+    """Start vLLM's engine and OpenAI app for ``args``, load the adapters, serve until stopped; the base
+    model's served name is ``--served-model-name``'s or ``default_served_name``'s, never a path."""
     import vllm.envs as envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
@@ -303,9 +353,21 @@ async def run_server(
         raise KeyboardInterrupt("terminated")
 
     signal.signal(signal.SIGTERM, interrupt)
-    check_adapter_dirs(adapter_dirs)  # before the engine's start-up, not after it
+    served_adapters = check_adapter_dirs(adapter_dirs)  # before the engine's start-up, not after it
     if adapter_dir is not None and not os.path.isdir(adapter_dir):
         raise ValueError(f"--adapter-dir {adapter_dir!r} is not a directory")
+    named = args.served_model_name is not None
+    if not named:  # vLLM's default is the model path: it would reach every client
+        args.served_model_name = [default_served_name(args.model)]
+    served = tuple(args.served_model_name)
+    check_served_names(
+        served,
+        named=named,
+        adapters=tuple(served_adapters),
+        adapter_dir=adapter_dir,
+        default_model=default_model,
+        other_models=tuple(lora.name for lora in args.lora_modules or ()),
+    )
     listen_address, sock = setup_server(args, reuse_port=False)
     async with build_async_engine_client(args) as engine_client:
         supported_tasks = await engine_client.get_supported_tasks()
@@ -317,7 +379,6 @@ async def run_server(
             revision=args.revision,
             trust_remote_code=args.trust_remote_code,
         )
-        served = tuple(model.name for model in app.state.openai_serving_models.base_model_paths)
         adapters = PromptAdapters(
             word_table,
             reserved=served,
@@ -327,7 +388,7 @@ async def run_server(
         )
         for name, path in adapter_dirs.items():
             adapters.load(path, name)
-        install(app.state, adapters)
+        install(app.state, adapters, empty_name_model(served, default_model, adapter_dir))
         if allow_adapter_updates:
             add_adapter_routes(app, adapters)
         uvicorn_kwargs = {}
@@ -368,10 +429,13 @@ def serve(
     allow_adapter_updates: bool = False,
     adapter_dir: str | None = None,
     max_loaded_adapters: int | None = None,
+    default_model: str | None = None,
 ) -> None:
     """``python -m fastprompt serve``: serve ``model`` and the adapters {name: directory} over HTTP, and
     with ``adapter_dir`` every adapter of that directory by its name, on demand (at most
-    ``max_loaded_adapters`` tables held)."""
+    ``max_loaded_adapters`` tables held); a request naming no model as ``default_model`` (None: the base
+    model, or a 404 with ``adapter_dir``). ``names.ServeArgumentError`` before the engine starts if the
+    names clash."""
     import uvloop
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
@@ -386,5 +450,6 @@ def serve(
             allow_adapter_updates=allow_adapter_updates,
             adapter_dir=adapter_dir,
             max_loaded_adapters=max_loaded_adapters,
+            default_model=default_model,
         )
     )

@@ -121,7 +121,7 @@ def test_models_lists_the_directory_and_no_paths(client, tenant_dir, base_dir):
     assert reply.status_code == 200
     ids = [card["id"] for card in reply.json()["data"]]
     tenants = [f"t{i:02d}" for i in range(TENANTS)]
-    assert ids[:3] == [base_dir, "alpha", "beta"] and set(tenants) <= set(ids)
+    assert ids[:3] == [os.path.basename(base_dir), "alpha", "beta"] and set(tenants) <= set(ids)
     assert ids.count("alpha") == 1  # --adapter alpha hides the directory's alpha
     assert not {".hidden", "link_out", "file_link_out"} & set(ids)
     assert os.path.dirname(tenant_dir) not in reply.text
@@ -239,9 +239,6 @@ def test_the_adapter_flag_wins_over_the_directory(client, adapter_dirs, tenant_d
 
 @pytest.mark.parametrize("name", ESCAPING_NAMES, ids=repr)
 def test_escaping_names_are_openai_404s(client, tenant_dir, base_dir, name):
-    if name == "":  # vLLM's default model, the base model: never looked up in the directory
-        assert _answer(client, name, TEXTS[0])[2] == {base_dir}
-        return
     for stream in (False, True):
         status, _, _, error = _answer(client, name, TEXTS[0], stream=stream)
         assert status == 404, (name, error)
