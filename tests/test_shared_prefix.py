@@ -390,6 +390,8 @@ def test_true_raises_naming_the_reason(name):
 def test_default_falls_back_to_peft_path(name):
     """The default (None) takes PEFT's path where sharing is not exact, even where it would pay."""
     model, call, _ = _fallback_case(name)
+    if name == "checkpointed gpt2":  # found at run time: the first call tries, then takes PEFT's path
+        _check_first_call_is_peft(model, call)
     positions = _Positions(model)
     before = shared_prefix.CALLS["shared"]
     try:
@@ -398,6 +400,22 @@ def test_default_falls_back_to_peft_path(name):
         positions.close()
     assert shared_prefix.CALLS["shared"] == before
     assert positions.seen[0] == (4, N + 7)
+
+
+def _check_first_call_is_peft(model, call):
+    """A model that turns out at run time not to read the prompt's cache (GPT-2 hands its blocks no cache
+    under checkpointing): the call that finds it out gives PEFT's result, and is counted not shared."""
+    shared_prefix.OBSERVED.clear()
+    reference = copy.deepcopy(model)
+    ids, mask, labels = _batch(batch=8, length=9)  # where sharing pays: the default tries it
+    call = {**call, "input_ids": ids, "attention_mask": mask, "labels": labels}
+    before = dict(shared_prefix.CALLS)
+    out = model(**call)
+    expected = reference(**call, share_prompt_prefix=False)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=RTOL, atol=1e-6)
+    assert shared_prefix.CALLS["not shared"] == before.get("not shared", 0) + 1
+    assert shared_prefix.CALLS["shared"] == before.get("shared", 0)
+    assert "gradient checkpointing" in next(iter(shared_prefix.OBSERVED.values()))
 
 
 def test_token_classification_labels_are_left_to_peft():

@@ -163,7 +163,10 @@ def causal_lm_forward(peft_model, args: dict, kwargs: dict):
         )
     where = _shares(peft_model, "CAUSAL_LM", share, kwargs, input_ids, n, rows)
     if where == shared_prefix.MODEL:
-        return shared_forward.shared_forward(peft_model, "CAUSAL_LM", input_ids, n, rows, kwargs)
+        output = shared_forward.shared_forward(peft_model, "CAUSAL_LM", input_ids, n, rows, kwargs, share)
+        if output is not None:
+            return output
+        where = None  # the model did not read the prompt's cache: PEFT's path
     inputs_embeds = model_inputs_embeds(peft_model, input_ids, n, rows)
     labels = args["labels"]
     if labels is not None:
@@ -188,7 +191,10 @@ def _encoder_task_forward(
     if task is not None and kwargs.get("token_type_ids") is None:
         where = _shares(peft_model, task, share, kwargs, input_ids, n, rows)
         if where == shared_prefix.MODEL:
-            return shared_forward.shared_forward(peft_model, task, input_ids, n, rows, kwargs)
+            output = shared_forward.shared_forward(peft_model, task, input_ids, n, rows, kwargs, share)
+            if output is not None:
+                return output
+            where = None  # the model did not read the prompt's cache: PEFT's path
     elif share:
         raise ValueError(f"share_prompt_prefix=True cannot apply: {_why_task(task, kwargs)}.")
     _prefixed_token_type_ids(peft_model, kwargs, batch_size, n)

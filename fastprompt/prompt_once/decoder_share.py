@@ -30,7 +30,7 @@ import inspect
 
 import torch
 
-from .policy import CACHE_KEYWORDS, CALLS, decoder_of
+from .policy import CACHE_KEYWORDS, CALLS, RuntimeDecline, decoder_of
 from .shared_forward import _rows, _uses_cache, prompt_then_tokens
 
 # Keywords of the decoder's call that the shared plan handles (output_* only when unset or False).
@@ -51,10 +51,12 @@ _UNSET_ONLY = ("output_attentions", "output_hidden_states", "position_ids", *CAC
 @dataclasses.dataclass
 class PlanState:
     """What happened to the plan during the call: ``ran`` (it ran), ``declined`` (the reason the plain
-    forward ran instead), both empty if the decoder was never called with the marked rows."""
+    forward ran instead), both empty if the decoder was never called with the marked rows; ``fallback``
+    (the reason a plan ran its exact fallback instead of its own layout)."""
 
     ran: int = 0
     declined: str | None = None
+    fallback: str | None = None
 
 
 @contextlib.contextmanager
@@ -147,9 +149,15 @@ def shared_plan(base_model, prompt_embeds: torch.Tensor, index, n: int, requeste
         use_cache = call.pop("use_cache", None)
         return_dict = call.pop("return_dict", None)
         call.pop("output_attentions", None), call.pop("output_hidden_states", None)
-        prompt, output, mode = prompt_then_tokens(
-            base_model, forward, prompt_embeds, marked[:, n:], index, call
-        )
+        try:
+            prompt, output, mode = prompt_then_tokens(
+                base_model, forward, prompt_embeds, marked[:, n:], index, call
+            )
+        except RuntimeDecline as decline:  # the decoder did not read the prompt's cache: its plain forward
+            if requested:
+                raise ValueError(f"share_prompt_prefix=True cannot apply: {decline}.") from None
+            state.declined = str(decline)
+            return forward(**kwargs)
         fields = dict(output.items())
         prompt_hidden = prompt.output.last_hidden_state  # [K, N, D]
         fields["last_hidden_state"] = torch.cat(

@@ -5,11 +5,24 @@ states, keys and values in every layer are the same for every batch row that use
 runs them B times; :mod:`fastprompt.prompt_once.shared_forward` runs them once per adapter and the rows'
 tokens on top of their keys/values.
 
-This module decides when: only where it is exact (:func:`why_not_share` says why not otherwise: task type,
-architecture, dropout in training, per-layer outputs, a cache passed in, checkpointing it cannot keep
-exact) and, for the default ``None``, where it pays (:func:`sharing_pays`, a position-count rule). It holds
-the defaults (the model's, then ``patch_peft``'s) and ``CALLS``, and inspects gradient checkpointing for
-both modules.
+This module decides when: only where it is exact (:func:`why_not_share` says why not otherwise) and, for
+the default ``None``, where it pays (:func:`sharing_pays`, a position-count rule). It holds the defaults
+(the model's, then ``patch_peft``'s) and ``CALLS``, and inspects gradient checkpointing for both modules.
+
+Exactness is decided from what the model does, never from a list of model names that may share:
+
+- the task and the call: a decoder-only model, a forward that takes a cache, no per-layer outputs, no
+  cache passed in, no dropout active in training, no router auxiliary loss asked for;
+- the model's own cache (``DynamicCache(config=...)``): every layer an attention key/value layer (full,
+  sliding-window, chunked, indexed; the prompt pass fills it and its layers' own batch methods expand it
+  over the rows), none holding recurrent or convolution state;
+- the attention implementation: one that applies a padding mask over a cached prefix;
+- gradient checkpointing that keeps the cache readable by the layers;
+- at run time (:mod:`.prompt_pass`): the token pass must read every cache layer that holds the prompt. A
+  model that does not (GPT-2 hands its blocks no cache under gradient checkpointing; a model of its own
+  making) is declined from then on (``OBSERVED``), and that forward takes PEFT's path.
+
+``DENIED`` lists the model types a test shows inexact despite those checks, each with its reason.
 """
 
 from __future__ import annotations
@@ -25,11 +38,17 @@ from .prompt_pass import cache_argument
 SHARE_PROMPT_PREFIX = "share_prompt_prefix"
 DEFAULT_ATTRIBUTE = "_fastprompt_share_prompt_prefix"
 
-# Base-model types whose shared-prefix forward is checked equal to PEFT's (tests/test_shared_prefix.py).
-ARCHITECTURES = frozenset({"gpt2", "llama", "mistral", "qwen2", "opt", "gemma2", "gemma3_text"})
-# Of those, the ones whose layers get the cache under gradient checkpointing (GPT-2's model passes its
-# blocks None there).
-CHECKPOINT_ARCHITECTURES = ARCHITECTURES - {"gpt2"}
+# Model types a test shows inexact where every check below passes: type -> the reason (and the test that
+# shows it, tests/test_model_matrix.py unless said). Empty while the matrix finds none.
+DENIED: dict[str, str] = {}
+# What a model's own cache layer may be for the prompt to be shared: transformers' attention key/value
+# layers (a base class name; sliding-window, chunked and indexed layers derive from it). A layer that
+# also carries recurrent or convolution state (hybrids) derives from the second.
+KEY_VALUE_LAYER = "DynamicLayer"
+RECURRENT_LAYER = "LinearAttentionCacheLayerMixin"
+# Attention implementations that apply a padding mask over a cached prefix as over the same positions in
+# one pass (flash variants: transformers' own and the kernels hub's, whose names contain "flash").
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
 # Keywords of the base model's forward that the shared forward passes on as PEFT's path would.
 _PASSED_ON = frozenset(
@@ -47,6 +66,29 @@ MIN_SAVED_POSITIONS = 64
 # Counts forwards that shared ("shared") and that took PEFT's path for a reason ("not shared"), for
 # tests and diagnostics.
 CALLS: collections.Counter = collections.Counter()
+
+# What the run-time check found: (model class, checkpointed) -> why its token pass did not read the
+# prompt's cache. Such a model is declined from then on, for that class and checkpointing state.
+OBSERVED: dict = {}
+# Errors of a prompt pass that mean the model does not take transformers' cache (a model of its own
+# making): the forward takes PEFT's path, never ends in them.
+PROMPT_PASS_ERRORS = (AttributeError, TypeError, NotImplementedError, KeyError, IndexError)
+# Errors of a token pass that, where it also left a prompt-holding cache layer unread, mean the model's
+# layers got no cache (their keys meet the mask of N + L positions): declined the same way.
+TOKEN_PASS_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, AttributeError)
+
+
+class RuntimeDecline(Exception):
+    """A shared forward found at run time that it cannot be exact (:data:`OBSERVED`); the caller takes
+    PEFT's path (or raises ``ValueError`` for ``share_prompt_prefix=True``)."""
+
+
+def record_decline(base_model, checkpointing_mode, reason: str) -> RuntimeDecline:
+    """Remember that ``base_model``'s class cannot share in this checkpointing state, and why."""
+    if checkpointing_mode is not None:
+        reason = f"under gradient checkpointing, {reason}"
+    OBSERVED[(type(base_model), checkpointing_mode is not None)] = reason
+    return RuntimeDecline(f"{reason} (model type {_base_model_type(base_model)!r})")
 
 
 def check_request(value) -> None:
@@ -82,6 +124,54 @@ def text_config(model):
 def _base_model_type(base_model) -> str | None:
     config = getattr(base_model, "config", None)
     return getattr(config, "model_type", None)
+
+
+def _class_names(cls) -> set:
+    return {klass.__name__ for klass in cls.__mro__}
+
+
+def cache_reason(base_model) -> str | None:
+    """Why the model's own cache cannot carry a shared prompt (None: every layer is an attention
+    key/value layer that the prompt pass fills and the layers' batch methods expand)."""
+    supports = getattr(base_model, "_supports_default_dynamic_cache", None)
+    if callable(supports) and not supports():
+        return f"{type(base_model).__name__} does not run on transformers' DynamicCache"
+    from .prompt_pass import model_cache
+
+    try:
+        layers = model_cache(base_model).layers
+    except (AttributeError, TypeError, KeyError, ValueError, NotImplementedError) as error:
+        return f"its cache cannot be built from its config ({type(error).__name__}: {error})"
+    recurrent = sorted({type(x).__name__ for x in layers if RECURRENT_LAYER in _class_names(type(x))})
+    if recurrent:
+        return f"its cache layers {recurrent} carry recurrent or convolution state (a hybrid model)"
+    other = sorted({type(x).__name__ for x in layers if KEY_VALUE_LAYER not in _class_names(type(x))})
+    if other:
+        return f"its cache layers {other} are not attention key/value layers"
+    return None
+
+
+def attention_reason(base_model) -> str | None:
+    """Why the model's attention implementation may not apply the mask over a cached prefix, or None."""
+    implementation = getattr(text_config(base_model), "_attn_implementation", None)
+    if implementation is None or implementation in ATTENTION_IMPLEMENTATIONS or "flash" in implementation:
+        return None
+    known = ", ".join(ATTENTION_IMPLEMENTATIONS)
+    return f"attn_implementation={implementation!r} (sharing runs with {known} and flash attention)"
+
+
+def router_loss_reason(base_model, kwargs: dict) -> str | None:
+    """Why the call's router auxiliary loss would differ when shared (the prompt's router logits would
+    count once, not once per row), or None."""
+    if kwargs.get("output_router_logits") or (
+        kwargs.get("output_router_logits") is None
+        and getattr(text_config(base_model), "output_router_logits", False)
+    ):
+        return (
+            "output_router_logits=True (the router's auxiliary loss would count the prompt once, not once "
+            "per row)"
+        )
+    return None
 
 
 def active_dropout(base_model) -> str | None:
@@ -151,11 +241,10 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
         return f"task type {task} (sharing applies to {', '.join(TASKS)} on a decoder-only base model)"
     base_model = peft_model.get_base_model()
     model_type = _base_model_type(base_model)
-    if model_type not in ARCHITECTURES:
-        return (
-            f"base model type {model_type!r} is not among those checked equal to PEFT's path "
-            f"({', '.join(sorted(ARCHITECTURES))})"
-        )
+    if getattr(base_model.config, "is_encoder_decoder", False):
+        return f"an encoder-decoder model ({model_type!r})"
+    if model_type in DENIED:
+        return f"base model type {model_type!r}: {DENIED[model_type]}"
     if input_ids.shape[1] == 0:
         return "no input tokens"
     at_decoder = bool(other_keywords(kwargs)) or not stock_head(base_model)
@@ -171,6 +260,9 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
     for key in CACHE_KEYWORDS:
         if kwargs.get(key) is not None:
             return f"a cache was passed in ({key}=...)"
+    reason = router_loss_reason(base_model, kwargs) or attention_reason(base_model)
+    if reason is not None:
+        return reason
     if task == "TOKEN_CLS" and kwargs.get("labels") is not None:
         return "token classification labels (PEFT does not prefix them)"
     if any(k in kwargs and kwargs[k] is not None for k in LOSS_KEYWORDS) and task != "CAUSAL_LM":
@@ -178,15 +270,15 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
     dropout = active_dropout(base_model)
     if dropout is not None:
         return f"active dropout in training mode ({dropout}): the rows would share one dropout mask"
-    if torch.is_grad_enabled():
-        layers = checkpointed_layers(base_model)
-        if layers and model_type not in CHECKPOINT_ARCHITECTURES:
-            return f"gradient checkpointing of {model_type!r}, whose model gives its layers no cache then"
-        if layers:
-            _, reason = checkpointing_mode(layers)
-            if reason is not None:
-                return reason
-    return None
+    layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
+    if layers:
+        _, reason = checkpointing_mode(layers)
+        if reason is not None:
+            return reason
+    observed = OBSERVED.get((type(base_model), bool(layers)))
+    if observed is not None:
+        return observed
+    return cache_reason(base_model)
 
 
 def other_keywords(kwargs: dict) -> list:
@@ -207,7 +299,24 @@ def decoder_of(base_model) -> torch.nn.Module | None:
             decoder = None
     if not isinstance(decoder, torch.nn.Module) or decoder is base_model:
         decoder = getattr(base_model, "base_model", None)
+    if not isinstance(decoder, torch.nn.Module) or decoder is base_model:
+        decoder = _embedding_owner(base_model)  # Llama 4's CausalLM names no decoder: the child that embeds
     return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base_model else None
+
+
+def _embedding_owner(base_model) -> torch.nn.Module | None:
+    """The direct child of ``base_model`` that holds its input embeddings (the stack a head reads), or None."""
+    get_embeddings = getattr(base_model, "get_input_embeddings", None)
+    try:
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    if embeddings is None:
+        return None
+    for _, child in base_model.named_children():
+        if any(module is embeddings for module in child.modules()):
+            return child
+    return None
 
 
 _PARAMETERS: dict = {}  # forward function -> its parameter names (not an lru_cache: dynamo warns on it)
@@ -261,7 +370,8 @@ def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tens
     reason = why_not_share(peft_model, task, kwargs, input_ids)
     if reason is not None:
         if requested:
-            raise ValueError(f"share_prompt_prefix=True cannot apply: {reason}.")
+            model_type = _base_model_type(peft_model.get_base_model())
+            raise ValueError(f"share_prompt_prefix=True cannot apply: {reason} (model type {model_type!r}).")
         CALLS["not shared"] += 1
         return None
     base_model = peft_model.get_base_model()

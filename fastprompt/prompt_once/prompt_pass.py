@@ -9,14 +9,24 @@ features run the base model over the prompt rows alone (batch K = one row per ad
 - a training or evaluation forward (``shared_prefix``) with grad, for one batch: the rows' tokens then
   run on top of these keys/values and every row's gradient flows back through the one prompt pass.
 
-Every layer keeps all N keys/values (a sliding-window layer of the model's own cache would keep only the
-last window); the cache the tokens run with applies its own window when it is filled
-(:func:`fill_prefix_cache`), exactly as if the prompt had been part of the same forward.
+Generation keeps every layer's N keys/values (a full-attention ``DynamicCache``; a sliding-window layer of
+the model's own cache would keep only the last window) and fills them into the cache ``generate`` makes
+(:func:`fill_prefix_cache`), whose layers apply their own window, exactly as if the prompt had been part of
+the same forward.
+
+A training forward runs the prompt into the model's own cache (``DynamicCache(config=...)``: whatever
+layers the model's config asks for) and hands that cache to the token pass, expanded over the rows by the
+layers' own batch methods (:func:`expand_prefix`): nothing here knows a layer's layout. Whether the token
+pass then read every layer that holds the prompt is checked (:class:`PrefixReads`): a model that does not
+hand its layers the cache (GPT-2 under gradient checkpointing, a model of its own making) is found out and
+declined, never silently wrong.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
 
 import torch
@@ -33,11 +43,13 @@ class PromptPass:
         keys, values: per decoder layer, ``[K, H_kv, N, head_dim]`` in the model's dtype.
         output: the base model's own output over the prompts (CausalLM: ``logits`` ``[K, N, V]``, or
             ``[K, 1, V]`` when only the last position was asked for).
+        cache: the cache the prompt ran into (batch K).
     """
 
     keys: list
     values: list
     output: object
+    cache: object = None
 
 
 # A class's forward function -> its cache argument's name: inspect.signature costs tens of microseconds a
@@ -64,28 +76,117 @@ def _cache_argument_of(forward) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def run_prompt(model, prompt_embeds: torch.Tensor, *, all_logits: bool = True) -> PromptPass:
-    """Run ``model`` over ``prompt_embeds`` alone: positions 0..N-1, no mask, a full-attention cache.
+def run_prompt(model, prompt_embeds: torch.Tensor, *, all_logits: bool = True, cache=None) -> PromptPass:
+    """Run ``model`` over ``prompt_embeds`` alone: positions 0..N-1, no mask, into ``cache`` (default: a
+    full-attention ``DynamicCache``; :func:`model_cache` is the model's own).
 
     Args:
         model: the (decoder-only) base model, called as a module (its hooks run), or its decoder's own
             forward function (a decoder already being called: its hooks have run).
         prompt_embeds: [K, N, D] prompt rows in the model's dtype (with grad or not, as the caller runs).
         all_logits: keep the logits of all N positions (else only the last one, where the model can).
+        cache: an empty cache to run into, or None.
 
     Returns:
-        :class:`PromptPass`.
+        :class:`PromptPass` (``keys`` / ``values``: None for a layer the pass left empty).
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = DynamicCache() if cache is None else cache
     kwargs = {cache_argument(model): cache, "use_cache": True, "return_dict": True}
     forward = model.forward if isinstance(model, torch.nn.Module) else model
     if not all_logits and "logits_to_keep" in inspect.signature(forward).parameters:
         kwargs["logits_to_keep"] = 1
     output = model(inputs_embeds=prompt_embeds, **kwargs)
-    keys = [layer.keys for layer in cache.layers]
-    return PromptPass(keys, [layer.values for layer in cache.layers], output)
+    keys = [getattr(layer, "keys", None) for layer in cache.layers]
+    return PromptPass(keys, [getattr(layer, "values", None) for layer in cache.layers], output, cache)
+
+
+def model_cache(base_model):
+    """An empty cache of the layers the model's config asks for (``DynamicCache(config=...)``, as
+    ``generate`` makes it): full, sliding-window, chunked, indexed... layers, each in its own layout."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=base_model.config)
+
+
+def cache_layer_kinds(base_model) -> list[str]:
+    """The class names of the layers of the model's own cache (:func:`model_cache`)."""
+    return [type(layer).__name__ for layer in model_cache(base_model).layers]
+
+
+def holds_prompt(layer) -> bool:
+    """Whether a cache layer holds something after the prompt pass (KV-shared layers stay empty)."""
+    initialized = getattr(layer, "is_initialized", None)
+    if initialized is not None:
+        return bool(initialized)
+    return getattr(layer, "keys", None) is not None
+
+
+def prefix_leaves(cache) -> tuple[list, list]:
+    """Replace every tensor of the cache's layers that requires grad by a detached leaf that requires
+    grad (for reentrant checkpointing, whose recomputed layers see the cache's tensors as constants).
+
+    Returns:
+        ``(leaves, originals)``: the new leaves and the tensors they replace, in the same order.
+    """
+    leaves, originals = [], []
+    for layer in cache.layers:
+        for name, value in list(vars(layer).items()):
+            if torch.is_tensor(value) and value.requires_grad:
+                leaf = value.detach().requires_grad_(True)
+                setattr(layer, name, leaf)
+                leaves.append(leaf)
+                originals.append(value)
+    return leaves, originals
+
+
+def expand_prefix(cache, index: torch.Tensor | None, rows: int) -> None:
+    """Expand a batch-K prompt cache over ``rows`` batch rows in place, by the cache's own batch methods
+    (each layer knows its layout: keys/values, indexer keys, ...); differentiable.
+
+    Args:
+        index: ``[rows]`` int64, the prompt (of K) each row takes; None: K = 1, every row takes it.
+    """
+    if index is None:
+        if rows != 1:
+            cache.batch_repeat_interleave(rows)
+    else:
+        cache.batch_select_indices(index)
+
+
+class PrefixReads:
+    """Counts the token pass's reads (``update`` calls) of each cache layer that holds the prompt.
+
+    With ``read_only`` (gradient checkpointing), ``update`` returns what it would return and stores
+    nothing, so that a recomputed layer sees the same cache and does not append to it twice: the layer's
+    own ``update`` runs on a shallow copy of the layer.
+    """
+
+    def __init__(self, cache, *, read_only: bool):
+        self.layers = [i for i, layer in enumerate(cache.layers) if holds_prompt(layer)]
+        self.counts = dict.fromkeys(self.layers, 0)
+        for i in self.layers:
+            layer = cache.layers[i]
+            layer.update = functools.partial(self._update, i, layer, read_only)
+
+    def _update(self, i, layer, read_only, *args, **kwargs):
+        self.counts[i] += 1
+        target = copy.copy(layer) if read_only else layer
+        return type(layer).update(target, *args, **kwargs)
+
+    def complete(self) -> bool:
+        """Whether every layer holding the prompt was read."""
+        return all(self.counts[i] for i in self.layers)
+
+    def unread_reason(self, model) -> str:
+        """Which layers were not read, in words."""
+        unread = [i for i in self.layers if not self.counts[i]]
+        name = getattr(model, "__qualname__", None) or type(model).__name__
+        return (
+            f"{name} did not read the prompt's cache in layer(s) {unread} of {len(self.counts)}: its "
+            "layers get no cache in this forward, or read it another way"
+        )
 
 
 def fill_prefix_cache(cache, keys: list, values: list, index: torch.Tensor | None, rows: int) -> None:

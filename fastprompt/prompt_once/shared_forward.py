@@ -23,30 +23,26 @@ once every layer's backward has run.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
 from ..prompt_rows import source_rows
+from . import prompt_pass
 from .policy import (
     CACHE_KEYWORDS,
     CALLS,
     LOSS_KEYWORDS,
+    PROMPT_PASS_ERRORS,
+    TOKEN_PASS_ERRORS,
+    RuntimeDecline,
     checkpoint_flagged,
     checkpointed_layers,
     checkpointing_mode,
+    record_decline,
     text_config,
 )
-from .prompt_pass import cache_argument, fill_prefix_cache, run_prompt
+from .prompt_pass import cache_argument, run_prompt
 from .sources import batch_sources
-
-
-def _read_only_update(layer, key_states, value_states, *args, **kwargs):
-    """What a cache layer's ``update`` returns, without storing anything: ``(cat(layer.keys, key_states),
-    cat(layer.values, value_states))`` along the sequence, each ``[B, H_kv, N + L, head_dim]`` (the layer
-    holds the prompt's ``[B, H_kv, N, head_dim]``, the new states are the tokens' ``[B, H_kv, L, head_dim]``),
-    in their dtype."""
-    return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
 @contextlib.contextmanager
@@ -71,8 +67,8 @@ _MISSING = object()
 class _PrefixGradients(torch.autograd.Function):
     """Identity on the token embeddings (``[B, L, D]``); its backward, which runs after every
     checkpointed layer's backward (the token pass starts from its output), returns the gradients the
-    layers accumulated into the prompt keys/values' leaves (each ``[K, H_kv, N, head_dim]``, detached
-    copies that require grad) as the gradients of the prompt pass's keys/values (``*prefix``, the same
+    layers accumulated into the prompt cache's leaves (:func:`prompt_pass.prefix_leaves`: detached copies
+    of the cache layers' tensors, batch K) as the gradients of those tensors (``*prefix``, the same
     shapes)."""
 
     @staticmethod
@@ -93,7 +89,7 @@ class _PrefixGradients(torch.autograd.Function):
         return (grad, None, *(leaf.grad for leaf in leaves))
 
 
-def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict):
+def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict, requested=None):
     """The base model's output for ``cat(prompts, tokens)`` per row, with the prompt run once per adapter.
 
     Args:
@@ -103,9 +99,12 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
         rows: ``RowAdapters`` of a mixed batch, or None (the active adapter).
         kwargs: what PEFT's path would pass to the base model besides ``inputs_embeds`` (the mask already
             prefixed to [B, N+L]; CausalLM ``labels`` NOT prefixed).
+        requested: the call's ``share_prompt_prefix`` (True: a decline found at run time raises).
 
     Returns:
-        What the base model returns on PEFT's path (a ModelOutput, or a tuple with ``return_dict=False``).
+        What the base model returns on PEFT's path (a ModelOutput, or a tuple with ``return_dict=False``),
+        or None where the model turned out not to read the prompt's cache (:class:`policy.RuntimeDecline`;
+        the caller takes PEFT's path, counted "not shared").
     """
     base_model = peft_model.get_base_model()
     batch = input_ids.shape[0]
@@ -119,9 +118,15 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict)
     loss_kwargs = {k: call.pop(k) for k in LOSS_KEYWORDS if k in call}
     use_cache = call.pop("use_cache", None)
     return_dict = call.pop("return_dict", None)
-    prompt, output, mode = prompt_then_tokens(
-        base_model, base_model, prompt_embeds, token_embeds, index, call, all_logits=task != "SEQ_CLS"
-    )
+    try:
+        prompt, output, mode = prompt_then_tokens(
+            base_model, base_model, prompt_embeds, token_embeds, index, call, all_logits=task != "SEQ_CLS"
+        )
+    except RuntimeDecline as decline:
+        if requested:
+            raise ValueError(f"share_prompt_prefix=True cannot apply: {decline}.") from None
+        CALLS["not shared"] += 1
+        return None
 
     fields = dict(output.items())
     if task != "SEQ_CLS":
@@ -167,27 +172,34 @@ def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, ca
     layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
     mode = checkpointing_mode(layers)[0] if layers else None
     flagged = checkpoint_flagged(base_model) if layers else []
+    cache = prompt_pass.model_cache(base_model)  # the model's own layers: full, sliding, chunked, ...
     with _instance_attributes(flagged, "gradient_checkpointing", False):
-        prompt = run_prompt(model, prompt_embeds, all_logits=all_logits)  # batch K, N positions
+        try:  # batch K, N positions
+            prompt = run_prompt(model, prompt_embeds, all_logits=all_logits, cache=cache)
+        except PROMPT_PASS_ERRORS as error:  # a model of its own making that takes no DynamicCache
+            reason = f"its prompt pass failed ({type(error).__name__}: {error})"
+            raise record_decline(base_model, mode, reason) from None
 
-    keys, values = prompt.keys, prompt.values
-    if mode == "reentrant":
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (*keys, *values)]
-        if any(leaf.requires_grad for leaf in leaves):
-            token_embeds = _PrefixGradients.apply(token_embeds, leaves, *keys, *values)
-        keys, values = leaves[: len(keys)], leaves[len(keys) :]
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=base_model.config)
-    fill_prefix_cache(cache, keys, values, index, token_embeds.shape[0])
+    if mode == "reentrant":  # the recomputed layers see the cache's tensors as leaves
+        leaves, originals = prompt_pass.prefix_leaves(cache)
+        if leaves:
+            token_embeds = _PrefixGradients.apply(token_embeds, leaves, *originals)
+    prompt_pass.expand_prefix(cache, index, token_embeds.shape[0])  # batch B, by the layers' own methods
+    # a recomputed (checkpointed) layer must see the same cache and not append to it again
+    reads = prompt_pass.PrefixReads(cache, read_only=mode is not None)
     call = {**call, cache_argument(model): cache, "use_cache": True, "return_dict": True}
-    if mode is not None:  # the layers read the cache; a recomputed layer must not append to it again
-        for layer in cache.layers:
-            layer.update = functools.partial(_read_only_update, layer)
-        with _instance_attributes(layers, "_can_checkpoint_with_cache", True):
-            return prompt, model(inputs_embeds=token_embeds, **call), mode
-    return prompt, model(inputs_embeds=token_embeds, **call), mode
+    readable = _instance_attributes(layers, "_can_checkpoint_with_cache", True)
+    try:
+        with readable if mode else contextlib.nullcontext():
+            output = model(inputs_embeds=token_embeds, **call)
+    except TOKEN_PASS_ERRORS as error:  # a layer without the cache meets the N + L mask, say: if it did
+        if isinstance(error, torch.OutOfMemoryError) or reads.complete():
+            raise
+        reason = f"{reads.unread_reason(model)} ({type(error).__name__}: {error})"
+        raise record_decline(base_model, mode, reason) from error
+    if not reads.complete():
+        raise record_decline(base_model, mode, reads.unread_reason(model))
+    return prompt, output, mode
 
 
 def _causal_lm_loss(loss_function, last, token_logits, labels, loss_kwargs: dict) -> torch.Tensor:
