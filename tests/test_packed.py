@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft_helpers import layer0_lengths, model_pair
 
-from fastprompt.prompt_once import packed, packed_forward
+from fastprompt.prompt_once import packed
 from fastprompt.prompt_once import policy as shared_prefix
 from fastprompt.testing import tiny_models
 
@@ -278,15 +278,16 @@ def test_bad_position_ids_are_clear_errors():
     assert out.logits.shape == (2, N + 8, tiny_models.VOCAB)
 
 
-def test_packed_rows_errors_where_they_cannot_be_exact(monkeypatch):
+def test_packed_rows_errors_where_they_cannot_be_exact():
     _, fast = model_pair("llama", "CAUSAL_LM", num_virtual_tokens=N)
     docs, labels = _documents(first_label="real")
     ids, positions, packed_labels = _packed(docs, labels)
     with pytest.raises(ValueError, match="head of this call .*'fused_lm_head'"):
         fast(input_ids=ids, position_ids=positions, labels=packed_labels, fused_lm_head=True)
-    monkeypatch.setattr(packed_forward, "ARCHITECTURES", frozenset({"gpt2"}))
-    with pytest.raises(ValueError, match="base model type 'llama' is not among those checked exact"):
-        fast(input_ids=ids, position_ids=positions)
+    from transformers import DynamicCache
+
+    with pytest.raises(ValueError, match=r"cannot run exact: a cache was passed in"):
+        fast(input_ids=ids, position_ids=positions, past_key_values=DynamicCache())
 
 
 def test_packed_rows_of_other_tasks_and_mixed_adapters_are_errors():
@@ -349,10 +350,18 @@ def test_packed_rows_with_active_dropout_run_the_prompt_per_document():
         fast(input_ids=ids, position_ids=positions, share_prompt_prefix=True)
 
 
-def test_packed_rows_under_flex_attention_are_an_error():
-    _, fast = model_pair("llama", "CAUSAL_LM", num_virtual_tokens=N)
-    fast.get_base_model().config._attn_implementation = "flex_attention"
+def test_packed_rows_under_flex_attention_run_unpacked():
+    """An attention implementation that takes no dense mask (flex attention) runs the documents unpacked,
+    one per row: exact, never an error (flex attention has no backward on the CPU: evaluation here)."""
+    reference, fast = model_pair("llama", "CAUSAL_LM", num_virtual_tokens=N)
+    for model in (reference, fast):
+        model.get_base_model().config._attn_implementation = "flex_attention"
     docs, labels = _documents()
-    ids, positions, _ = _packed(docs, labels)
-    with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
-        fast(input_ids=ids, position_ids=positions)
+    ids, positions, packed_labels = _packed(docs, labels)
+    before = dict(shared_prefix.CALLS)
+    with torch.no_grad():
+        out = fast(input_ids=ids, position_ids=positions, labels=packed_labels)
+    assert shared_prefix.CALLS["packed unpacked"] == before.get("packed unpacked", 0) + 1
+    torch.testing.assert_close(out.loss, _reference_loss(reference, docs, labels), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention' takes no dense mask"):
+        fast(input_ids=ids, position_ids=positions, share_prompt_prefix=True)

@@ -13,12 +13,19 @@ alone through PEFT.
   document starts there). With an attention mask a batch is an ordinary one, positions as PEFT's.
 - **Shared layout** (the default): PEFT's own ``[B, N + L]`` rows (the prompt once, first) with
   positions ``0..N-1, N + p`` and a mask that is prompt-visible and block-causal per document, keeping each
-  layer's sliding window: the prompt runs once per row, whatever the number of documents. The mask takes
-  the form each attention implementation takes (boolean for SDPA, additive for eager).
-- **Inserted layout** (``share_prompt_prefix=False``, and flash attention's varlen kernels, whose keys
-  must be contiguous): the prompt inserted before each document, ``[P d1 P d2 ...]``, positions restarting
-  per segment, ``cu_seq_lens_*`` / ``max_length_*`` / ``seq_idx`` rewritten to match; the decoder's
-  output is gathered back to PEFT's ``[B, N + L, D]`` (:mod:`fastprompt.prompt_once.decoder_share` runs it).
+  layer's sliding window or chunk (counted in positions): the prompt runs once per row, whatever the
+  number of documents. The masks reach the model where it makes its own, one per kind of layer it has
+  (:mod:`.packed_masks`), in the form its attention implementation takes (boolean for SDPA, additive
+  for eager).
+- **Inserted layout** (``share_prompt_prefix=False``, dropout active in training, and flash attention's
+  varlen kernels, whose keys must be contiguous): the prompt inserted before each document,
+  ``[P d1 P d2 ...]``, positions restarting per segment, ``cu_seq_lens_*`` / ``max_length_*`` /
+  ``seq_idx`` rewritten to match; the decoder's output is gathered back to PEFT's ``[B, N + L, D]``
+  (:mod:`fastprompt.prompt_once.decoder_share` runs it).
+- **Unpacked layout** (a model whose masks the shared layout cannot reach: it builds them its own way,
+  takes no ``position_ids`` (ALiBi), carries recurrent state across documents, or runs an attention
+  implementation that takes no dense mask): each document a row of a right-padded batch with its own
+  prompt and a padding mask, exactly what PEFT does with one document per row; gathered back the same way.
 - **Pads**: ``pad_to_multiple_of`` pads a packed row with single-token "documents" (position 0, the pad
   token, label -100). They cost no prompt: in the shared layout they see the row's prompt like any
   document; in the inserted layout they get no prompt of their own (they see the first segment's prompt
@@ -35,10 +42,6 @@ import torch
 # to the scores: a boolean mask would be silently wrong there. (Flex attention is not among them: it is
 # not tested with a dense mask, and crashes on the CPU with one, in transformers alone as well.)
 MASK_FORMS = {"sdpa": "bool", "eager": "additive"}
-# Layer types (``config.layer_types``) whose attention is a causal mask, with or without a window.
-_LAYER_WINDOWS = ("full_attention", "sliding_attention")
-# Models whose decoder takes a dict of masks keyed by layer type; the others take one 4D mask.
-_MASK_DICT_MODELS = frozenset({"qwen2", "gemma2", "gemma3_text"})
 FLASH_KWARGS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
 
 
@@ -167,7 +170,7 @@ def shared_positions(rows: PackedRows, n: int) -> torch.Tensor:
 
 
 @dataclasses.dataclass
-class _Layout:
+class Layout:
     """A sequence layout for the mask: per row and slot, its segment, position and visibility.
 
     Attributes:
@@ -185,12 +188,13 @@ class _Layout:
     valid: torch.Tensor
 
 
-def _shared_layout(rows: PackedRows, n: int) -> _Layout:
+def shared_layout(rows: PackedRows, n: int) -> Layout:
+    """The shared layout's slots: PEFT's ``[B, N + L]`` (the prompt once per row, first)."""
     device = rows.doc.device
     prompt_segment = torch.full((rows.batch, n), -1, dtype=torch.int64, device=device)
     shared_key = torch.zeros(rows.batch, n + rows.length, dtype=torch.bool, device=device)
     shared_key[:, :n] = True
-    return _Layout(
+    return Layout(
         segment=torch.cat((prompt_segment, rows.doc), dim=1),
         positions=shared_positions(rows, n),
         shared_key=shared_key,
@@ -199,41 +203,30 @@ def _shared_layout(rows: PackedRows, n: int) -> _Layout:
     )
 
 
-def layer_masks(rows_layout: _Layout, config, implementation: str, dtype: torch.dtype):
-    """The attention mask(s) the decoder takes for a layout: one ``[B, 1, S, S]`` mask, or a dict of them
-    keyed by layer type for the models that take one (``qwen2``, ``gemma2``, ``gemma3_text``).
+def layout_mask(layout: Layout, kind: str, span: int | None, implementation: str, dtype: torch.dtype):
+    """The ``[B, 1, S, S]`` attention mask of a layout for one kind of layer.
 
     A query sees key k when k is not after it, k is in its segment (or is a shared prompt slot it sees),
-    and their positions are less than the layer's sliding window apart. Boolean for SDPA (True: attend),
+    and, by kind: ``"full"`` nothing more; ``"sliding"``: their positions are less than ``span`` apart;
+    ``"chunked"``: their positions are in the same chunk of ``span``. Boolean for SDPA (True: attend),
     additive (0 / the dtype's min) for eager.
 
     Raises:
-        ValueError: an attention implementation or a layer type no dense mask is known to be exact for.
+        ValueError: an attention implementation no dense mask is known to be exact for, or an unknown kind.
     """
     form = MASK_FORMS.get(implementation)
     if form is None:
         raise ValueError(
             f"packed rows with attn_implementation={implementation!r}: fastprompt builds their mask for "
-            f"{', '.join(sorted(MASK_FORMS))} and runs flash attention's varlen kernels; other attention "
-            "implementations are not known to apply a dense 4D mask exactly."
+            f"{', '.join(sorted(MASK_FORMS))}."
         )
-    model_type = getattr(config, "model_type", None)
-    layer_types = getattr(config, "layer_types", None)
-    if model_type in _MASK_DICT_MODELS and layer_types:
-        unknown = sorted(set(layer_types) - set(_LAYER_WINDOWS))
-        if unknown:
-            raise ValueError(f"packed rows with layer types {unknown}: only {_LAYER_WINDOWS} are supported.")
-        return {
-            kind: _mask(rows_layout, _window(config, kind), form, dtype) for kind in sorted(set(layer_types))
-        }
-    return _mask(rows_layout, getattr(config, "sliding_window", None), form, dtype)
+    if kind not in ("full", "sliding", "chunked"):
+        raise ValueError(f"packed rows: no mask of kind {kind!r}.")
+    window, chunk = (span, None) if kind == "sliding" else (None, span if kind == "chunked" else None)
+    return _mask(layout, window, form, dtype, chunk)
 
 
-def _window(config, layer_type: str) -> int | None:
-    return getattr(config, "sliding_window", None) if layer_type == "sliding_attention" else None
-
-
-def _mask(layout: _Layout, window: int | None, form: str, dtype: torch.dtype) -> torch.Tensor:
+def _mask(layout: Layout, window: int | None, form: str, dtype: torch.dtype, chunk: int | None = None):
     size = layout.segment.shape[1]
     index = torch.arange(size, device=layout.segment.device)
     causal = index[None, :] <= index[:, None]  # [S(q), S(k)]
@@ -242,17 +235,14 @@ def _mask(layout: _Layout, window: int | None, form: str, dtype: torch.dtype) ->
     allowed = causal[None] & visible & layout.valid[:, None, :]
     if window is not None:
         allowed &= (layout.positions[:, :, None] - layout.positions[:, None, :]) < window
+    if chunk is not None:
+        allowed &= (layout.positions[:, :, None] // chunk) == (layout.positions[:, None, :] // chunk)
     allowed |= torch.eye(size, dtype=torch.bool, device=allowed.device)[None]  # no query sees nothing
     allowed = allowed[:, None]  # [B, 1, S, S]
     if form == "bool":
         return allowed
     additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return additive.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-
-def shared_masks(rows: PackedRows, n: int, config, implementation: str, dtype: torch.dtype):
-    """The mask(s) of the shared layout, ``[B, 1, N + L, N + L]`` (see :func:`layer_masks`)."""
-    return layer_masks(_shared_layout(rows, n), config, implementation, dtype)
 
 
 @dataclasses.dataclass
@@ -270,7 +260,7 @@ class InsertedLayout:
 
     source: torch.Tensor
     back: torch.Tensor
-    layout: _Layout
+    layout: Layout
     varlen: dict
 
 
@@ -304,7 +294,7 @@ def inserted_layout(rows: PackedRows, n: int) -> InsertedLayout:
 
     valid = torch.tensor([[i < len(slots) for i in range(size)] for slots in plans], device=device)
     slot = torch.arange(size, device=device).expand(len(plans), size)
-    layout = _Layout(
+    layout = Layout(
         segment=torch.where(valid, column(2), -2 - slot),  # padding slots: each a segment of its own
         positions=column(1),
         shared_key=column(3, torch.bool),
@@ -319,7 +309,7 @@ def inserted_layout(rows: PackedRows, n: int) -> InsertedLayout:
     )
 
 
-def _varlen_keywords(layout: _Layout) -> dict:
+def _varlen_keywords(layout: Layout) -> dict:
     """Flash attention's varlen keywords for the segments of a layout, over its rows flattened: segment
     boundaries ``cu_seq_lens_q/k`` (int32 ``[S_count + 1]``), ``max_length_q/k`` (int) and ``seq_idx``
     (int32 ``[B, S]``, each slot's segment in the flattened batch)."""
@@ -353,6 +343,63 @@ def gathered_back(hidden: torch.Tensor, inserted: InsertedLayout) -> torch.Tenso
     """``[B, N + L, ...]``: the inserted layout's ``[B, S, ...]`` outputs read back into PEFT's layout."""
     index = inserted.back.view(*inserted.back.shape, *([1] * (hidden.dim() - 2)))
     return hidden.gather(1, index.expand(-1, -1, *hidden.shape[2:]))
+
+
+@dataclasses.dataclass
+class UnpackedLayout:
+    """Each document a row of its own, right-padded: ``[R, S]`` slots (R: the documents, and one row per
+    batch row that ends in pads, which get the prompt too).
+
+    Attributes:
+        source: ``[R, S]`` int64, the element of PEFT's ``[B, N + L]`` layout, flattened, each slot copies
+            (prompt row j of batch row b: ``b * (N + L) + j``; padding slots: 0).
+        back: ``[B, N + L]`` int64, the slot of ``[R, S]``, flattened, each element of PEFT's layout is read
+            back from (a row's prompt from its first document's row).
+        attention_mask: ``[R, S]`` int64, 1 for the prompt and the document's tokens, 0 for padding.
+    """
+
+    source: torch.Tensor
+    back: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def unpacked_layout(rows: PackedRows, n: int) -> UnpackedLayout:
+    """The unpacked layout of packed rows: ``[P d]`` per document, right-padded to the longest."""
+    device = rows.doc.device
+    width = n + rows.length
+    plans, backs = [], []  # per unpacked row: the flat source of each slot
+    for b, (doc, pad) in enumerate(zip(rows.doc.tolist(), rows.pads.tolist(), strict=True)):
+        back = [0] * width
+        segments: dict = {}
+        for t in range(rows.length):
+            key = "pads" if pad[t] else doc[t]
+            segments.setdefault(key, []).append(t)
+        for first, tokens in enumerate(segments.values()):
+            row = len(plans)
+            if first == 0:  # the row's first document: its prompt is read back from here
+                back[:n] = [(row, j) for j in range(n)]
+            plans.append([b * width + j for j in range(n)] + [b * width + n + t for t in tokens])
+            for i, t in enumerate(tokens):
+                back[n + t] = (row, n + i)
+        backs.append(back)
+    size = max(len(plan) for plan in plans)
+    source = torch.tensor([plan + [0] * (size - len(plan)) for plan in plans], dtype=torch.int64)
+    mask = torch.tensor([[1] * len(plan) + [0] * (size - len(plan)) for plan in plans], dtype=torch.int64)
+    back = torch.tensor([[r * size + s for r, s in row] for row in backs], dtype=torch.int64)
+    return UnpackedLayout(source=source.to(device), back=back.to(device), attention_mask=mask.to(device))
+
+
+def unpacked_inputs(embeds: torch.Tensor, unpacked: UnpackedLayout) -> torch.Tensor:
+    """``[R, S, D]``: PEFT's ``[B, N + L, D]`` rows copied into the unpacked layout (the prompt copies'
+    gradients add up in PEFT's prompt rows)."""
+    flat = embeds.reshape(-1, *embeds.shape[2:])
+    return flat.index_select(0, unpacked.source.reshape(-1)).view(*unpacked.source.shape, *embeds.shape[2:])
+
+
+def unpacked_back(hidden: torch.Tensor, unpacked: UnpackedLayout) -> torch.Tensor:
+    """``[B, N + L, ...]``: the unpacked layout's ``[R, S, ...]`` outputs read back into PEFT's layout."""
+    flat = hidden.reshape(-1, *hidden.shape[2:])
+    return flat.index_select(0, unpacked.back.reshape(-1)).view(*unpacked.back.shape, *hidden.shape[2:])
 
 
 def doc_start_labels_matter(rows: PackedRows, labels: torch.Tensor | None) -> bool:

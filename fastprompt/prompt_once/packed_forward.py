@@ -5,10 +5,18 @@ makes the call. The base model is called as PEFT calls it (``inputs_embeds`` = P
 rows, labels prefixed with -100), so whatever head the model has (its own loss, TRL's fused LM head, a
 user's head) sees PEFT's shapes:
 
-- shared layout (default): the call carries the prompt-visible, block-causal mask(s) and the positions
-  ``0..N-1, N + p``; one model call, the prompt once per row.
-- inserted layout (``share_prompt_prefix=False``, flash attention): the decoder runs ``[P d1 P d2 ...]``
-  (:func:`inserted_plan`) and its hidden states are read back into PEFT's layout.
+- shared layout (default): the call carries the positions ``0..N-1, N + p`` and the model's mask
+  functions return the prompt-visible, block-causal mask of each kind of layer (:mod:`.packed_masks`);
+  one model call, the prompt once per row.
+- inserted layout (``share_prompt_prefix=False``, dropout, flash attention): the decoder runs
+  ``[P d1 P d2 ...]`` (:func:`inserted_plan`) and its hidden states are read back into PEFT's layout.
+- unpacked layout (a model the masks cannot reach, see :func:`why_not_masked`): the decoder runs each
+  document as a row of a padded batch (:func:`unpacked_plan`), read back the same way. A shared or
+  inserted call whose model turned out not to take the masks (it never called a mask function) is run
+  again this way, and the model's class is remembered (``UNPACKED``).
+
+Which layout ran is counted in ``policy.CALLS`` under ``"packed shared"``, ``"packed inserted"`` and
+``"packed unpacked"``.
 
 Labels: a document's first label is predicted by the last virtual position when it runs alone. In a
 packed row the token before it belongs to another document, so its label must be -100 there (TRL's
@@ -24,16 +32,19 @@ so the default inserts the prompt before each document (each its own pass, as al
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from . import packed
+from . import packed, packed_masks
 from .decoder_share import decoder_plan
 from .policy import (
-    ARCHITECTURES,
     CACHE_KEYWORDS,
     CALLS,
     LOSS_KEYWORDS,
     active_dropout,
+    cache_reason,
+    decoder_of,
     other_keywords,
     stock_head,
     text_config,
@@ -47,23 +58,37 @@ def attention_implementation(base_model) -> str | None:
     return getattr(text_config(base_model), "_attn_implementation", None)
 
 
+# Model classes whose packed call ran without taking the layout's masks: class -> why (run unpacked since).
+UNPACKED: dict = {}
+
+
 def why_not_exact(base_model, kwargs: dict) -> str | None:
-    """Why packed rows cannot run exact on this model / call, or None."""
-    model_type = getattr(base_model.config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        return (
-            f"base model type {model_type!r} is not among those checked exact for packed rows "
-            f"({', '.join(sorted(ARCHITECTURES))})"
-        )
+    """Why packed rows cannot run exact on this call (a ``ValueError``), or None."""
     for key in CACHE_KEYWORDS:
         if kwargs.get(key) is not None:
             return f"a cache was passed in ({key}=...)"
+    return None
+
+
+def why_not_masked(base_model) -> str | None:
+    """Why the layout's masks cannot reach this model (it runs unpacked), or None: its attention
+    implementation takes a dense mask, it builds its masks with transformers' mask functions, its decoder
+    takes ``position_ids``, and no layer carries state from one document to the next."""
     implementation = attention_implementation(base_model)
-    if implementation not in packed.MASK_FORMS and not packed.is_varlen(implementation):
-        return (
-            f"attn_implementation={implementation!r} (packed rows run with "
-            f"{', '.join(sorted(packed.MASK_FORMS))} and flash attention)"
-        )
+    if implementation not in packed.MASK_FORMS:
+        return f"attn_implementation={implementation!r} takes no dense mask"
+    if type(base_model) in UNPACKED:
+        return UNPACKED[type(base_model)]
+    decoder = decoder_of(base_model)
+    if decoder is None:
+        return f"{type(base_model).__name__} has no separate decoder to run the documents"
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return f"{type(decoder).__name__} takes no position_ids (its positions follow the mask)"
+    if not packed_masks.can_hand_masks(base_model, decoder):
+        return f"{type(decoder).__name__} builds its attention mask without transformers' mask functions"
+    reason = cache_reason(base_model)
+    if reason is not None and "recurrent" in reason:
+        return f"{reason}: a recurrent layer carries state from one document to the next"
     return None
 
 
@@ -90,17 +115,25 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
         raise ValueError(f"{_PACKED} cannot run exact: {reason}.")
     implementation = attention_implementation(base_model)
     varlen = packed.is_varlen(implementation)
-    if requested and varlen:
-        raise ValueError(
-            f"share_prompt_prefix=True cannot apply to {_PACKED} under {implementation}: its varlen kernels "
-            "need each document's keys contiguous, so the prompt is inserted before each document."
-        )
+    unmasked = None if varlen else why_not_masked(base_model)
     dropout = active_dropout(base_model)
-    if requested and dropout is not None:
-        raise ValueError(
-            f"share_prompt_prefix=True cannot apply to {_PACKED}: active dropout in training mode "
-            f"({dropout}): the documents would share one dropout mask."
-        )
+    if requested:
+        if varlen:
+            raise ValueError(
+                f"share_prompt_prefix=True cannot apply to {_PACKED} under {implementation}: its varlen "
+                "kernels need each document's keys contiguous, so the prompt is inserted before each "
+                "document."
+            )
+        if dropout is not None:
+            raise ValueError(
+                f"share_prompt_prefix=True cannot apply to {_PACKED}: active dropout in training mode "
+                f"({dropout}): the documents would share one dropout mask."
+            )
+        if unmasked is not None:
+            raise ValueError(
+                f"share_prompt_prefix=True cannot apply to {_PACKED} on {type(base_model).__name__}: "
+                f"{unmasked}; the documents run unpacked instead."
+            )
     call = {k: v for k, v in kwargs.items() if k not in packed.FLASH_KWARGS}  # rewritten below if used
     call["use_cache"] = False  # packed rows are not continued: no cache comes back
     return_dict = call.pop("return_dict", None)
@@ -122,24 +155,33 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
         prefix = torch.full((labels.shape[0], n), -100, dtype=labels.dtype, device=labels.device)
         call["labels"] = torch.cat((prefix, labels), dim=1)
 
-    if requested is False or varlen or dropout is not None:
-        inserted = packed.inserted_layout(rows, n)
-        plan = inserted_plan(base_model, inserted, implementation)
+    output = None
+    if unmasked is None and (requested is False or varlen or dropout is not None):
+        plan = inserted_plan(base_model, rows, n, implementation)
         with decoder_plan(base_model, inputs_embeds, plan) as state:
             output = base_call(inputs_embeds, call)
-        if not state.ran:
-            raise ValueError(
-                f"{_PACKED} with the prompt inserted before each document: the model's forward never "
-                "called its decoder with the prompted rows."
-            )
-        CALLS["packed inserted"] += 1
-    else:
-        call["attention_mask"] = packed.shared_masks(
-            rows, n, text_config(base_model), implementation, inputs_embeds.dtype
-        )
+        _check_ran(state, "with the prompt inserted before each document")
+        CALLS["packed unpacked" if state.fallback else "packed inserted"] += 1
+    elif unmasked is None:
         call["position_ids"] = packed.shared_positions(rows, n)
-        output = base_call(inputs_embeds, call)
-        CALLS["packed shared"] += 1
+        layout = packed.shared_layout(rows, n)
+        models = (base_model, decoder_of(base_model))
+        with packed_masks.hand_masks(models, layout, implementation, inputs_embeds.dtype) as hook:
+            output = base_call(inputs_embeds, call)
+        if hook.reason is None:
+            CALLS["packed shared"] += 1
+        else:
+            if requested:
+                raise ValueError(f"share_prompt_prefix=True cannot apply to {_PACKED}: {hook.reason}.")
+            output = None
+            UNPACKED[type(base_model)] = hook.reason
+        call.pop("position_ids")
+    if output is None:  # the exact layout of any model PEFT runs: one document per row
+        plan = unpacked_plan(packed.unpacked_layout(rows, n))
+        with decoder_plan(base_model, inputs_embeds, plan) as state:
+            output = base_call(inputs_embeds, call)
+        _check_ran(state, "unpacked into one document per row")
+        CALLS["packed unpacked"] += 1
     if own_loss:
         loss = packed_causal_lm_loss(output.logits, labels, rows, n, loss_kwargs.get("num_items_in_batch"))
         output = type(output)(**{"loss": loss, **{k: v for k, v in output.items() if k != "loss"}})
@@ -170,10 +212,12 @@ def packed_causal_lm_loss(
     )
 
 
-def inserted_plan(base_model, inserted: packed.InsertedLayout, implementation: str):
+def inserted_plan(base_model, rows: packed.PackedRows, n: int, implementation: str):
     """The decoder plan of the inserted layout: the decoder runs ``[B, S]`` slots (the prompt before each
-    document) with their mask or varlen keywords and positions; its hidden states (and per-layer hidden
-    states) come back in PEFT's ``[B, N + L, D]`` layout."""
+    document) with their masks (:mod:`.packed_masks`) or varlen keywords and positions; its hidden states
+    (and per-layer hidden states) come back in PEFT's ``[B, N + L, D]`` layout. A decoder that does not
+    take the masks runs the :func:`unpacked_plan` instead (``state.fallback`` says why)."""
+    inserted = packed.inserted_layout(rows, n)
 
     def plan(forward, kwargs: dict, state):
         if kwargs.get("output_attentions"):
@@ -188,17 +232,53 @@ def inserted_plan(base_model, inserted: packed.InsertedLayout, implementation: s
             call["attention_mask"] = None
             call.update(inserted.varlen)
         else:
-            config, dtype = text_config(base_model), rows_embeds.dtype
-            call["attention_mask"] = packed.layer_masks(inserted.layout, config, implementation, dtype)
+            call["attention_mask"] = None
+            models = (base_model, decoder_of(base_model))
+            with packed_masks.hand_masks(models, inserted.layout, implementation, rows_embeds.dtype) as hook:
+                output = forward(inputs_embeds=rows_embeds, **call)
+            if hook.reason is not None:  # the model did not take the masks: the rows run unpacked
+                UNPACKED[type(base_model)] = state.fallback = hook.reason
+                return unpacked_plan(packed.unpacked_layout(rows, n))(forward, kwargs, state)
+            return _read_back(output, kwargs, state, lambda h: packed.gathered_back(h, inserted))
         output = forward(inputs_embeds=rows_embeds, **call)
-        fields = dict(output.items())
-        fields["last_hidden_state"] = packed.gathered_back(output.last_hidden_state, inserted)
-        if fields.get("hidden_states") is not None:
-            fields["hidden_states"] = tuple(
-                packed.gathered_back(h, inserted) for h in fields["hidden_states"]
-            )
-        state.ran += 1
-        output = type(output)(**fields)
-        return output if kwargs.get("return_dict") is not False else output.to_tuple()
+        return _read_back(output, kwargs, state, lambda h: packed.gathered_back(h, inserted))
 
     return plan
+
+
+def unpacked_plan(unpacked: packed.UnpackedLayout):
+    """The decoder plan of the unpacked layout: the decoder runs ``[R, S]`` rows (a document each, its
+    prompt first, right-padded) with their padding mask and its own positions; its hidden states (and
+    per-layer hidden states) come back in PEFT's ``[B, N + L, D]`` layout."""
+
+    def plan(forward, kwargs: dict, state):
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                f"output_attentions with {_PACKED} unpacked into one document per row: the attention maps "
+                "are of another layout than the rows."
+            )
+        call = {k: v for k, v in kwargs.items() if k not in packed.FLASH_KWARGS and k != "position_ids"}
+        rows_embeds = packed.unpacked_inputs(call.pop("inputs_embeds"), unpacked)  # [R, S, D]
+        call["attention_mask"] = unpacked.attention_mask
+        output = forward(inputs_embeds=rows_embeds, **call)
+        return _read_back(output, kwargs, state, lambda h: packed.unpacked_back(h, unpacked))
+
+    return plan
+
+
+def _check_ran(state, how: str) -> None:
+    if not state.ran:
+        raise ValueError(
+            f"{_PACKED} {how}: the model's forward never called its decoder with the prompted rows."
+        )
+
+
+def _read_back(output, kwargs: dict, state, back):
+    """The decoder's output with its hidden states read back into PEFT's layout by ``back``."""
+    fields = dict(output.items())
+    fields["last_hidden_state"] = back(output.last_hidden_state)
+    if fields.get("hidden_states") is not None:
+        fields["hidden_states"] = tuple(back(h) for h in fields["hidden_states"])
+    state.ran += 1
+    output = type(output)(**fields)
+    return output if kwargs.get("return_dict") is not False else output.to_tuple()
