@@ -228,6 +228,21 @@ def _why_no_reuse(peft_model, kwargs: dict) -> tuple[str | None, bool]:
     return None, False
 
 
+def _why_not_fill(peft_model, pending: PendingKV) -> str | None:
+    """Why the prompt pass's keys/values cannot fill the cache ``generate`` makes (layer for layer), or
+    None: a model whose prompt pass (a full-attention cache) fills other layers than its own cache has
+    (extra or KV-shared layers)."""
+    from transformers import DynamicCache
+
+    layers = len(DynamicCache(config=peft_model.get_base_model().config).layers)
+    if len(pending.keys) != layers or any(k is None for k in pending.keys):
+        return (
+            f"the prompt pass fills {len(pending.keys)} cache layers, the model's cache has {layers} "
+            "(extra or KV-shared layers)"
+        )
+    return None
+
+
 @contextlib.contextmanager
 def _static_cache_room(base_model, extra: int):
     """Size a ``static`` cache that ``generate`` creates for the N virtual tokens too (transformers sizes
@@ -307,8 +322,10 @@ def causal_lm_generate(peft_model, original, args: tuple, kwargs: dict, reuse: b
     if reuse is not False:
         reason, silent = _why_no_reuse(peft_model, kwargs)
         if reason is None:
-            state.pending = _pending_prompt_kv(peft_model, rows)
-        elif reuse and not silent:
+            pending = _pending_prompt_kv(peft_model, rows)
+            reason = _why_not_fill(peft_model, pending)
+            state.pending = pending if reason is None else None
+        if reason is not None and reuse and not silent:
             raise ValueError(f"reuse_prompt_kv=True cannot apply: {reason}.")
     states = generation_states()
     if states.get(peft_model) is not None:

@@ -45,7 +45,9 @@ from .policy import (
     active_dropout,
     cache_reason,
     decoder_of,
+    denied_reason,
     other_keywords,
+    padding_sensitive,
     stock_head,
     text_config,
 )
@@ -79,6 +81,9 @@ def why_not_masked(base_model) -> str | None:
         return f"attn_implementation={implementation!r} takes no dense mask"
     if type(base_model) in UNPACKED:
         return UNPACKED[type(base_model)]
+    denied = denied_reason(base_model, "packed")
+    if denied is not None:
+        return denied
     decoder = decoder_of(base_model)
     if decoder is None:
         return f"{type(base_model).__name__} has no separate decoder to run the documents"
@@ -87,8 +92,8 @@ def why_not_masked(base_model) -> str | None:
     if not packed_masks.can_hand_masks(base_model, decoder):
         return f"{type(decoder).__name__} builds its attention mask without transformers' mask functions"
     reason = cache_reason(base_model)
-    if reason is not None and "recurrent" in reason:
-        return f"{reason}: a recurrent layer carries state from one document to the next"
+    if reason is not None:  # recurrent state runs on from one document to the next; an indexer ranks all
+        return reason
     return None
 
 
@@ -177,7 +182,7 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
             UNPACKED[type(base_model)] = hook.reason
         call.pop("position_ids")
     if output is None:  # the exact layout of any model PEFT runs: one document per row
-        plan = unpacked_plan(packed.unpacked_layout(rows, n))
+        plan = unpacked_plan(packed.unpacked_layout(rows, n), one_by_one=padding_sensitive(base_model))
         with decoder_plan(base_model, inputs_embeds, plan) as state:
             output = base_call(inputs_embeds, call)
         _check_ran(state, "unpacked into one document per row")
@@ -246,10 +251,12 @@ def inserted_plan(base_model, rows: packed.PackedRows, n: int, implementation: s
     return plan
 
 
-def unpacked_plan(unpacked: packed.UnpackedLayout):
+def unpacked_plan(unpacked: packed.UnpackedLayout, *, one_by_one: bool = False):
     """The decoder plan of the unpacked layout: the decoder runs ``[R, S]`` rows (a document each, its
     prompt first, right-padded) with their padding mask and its own positions; its hidden states (and
-    per-layer hidden states) come back in PEFT's ``[B, N + L, D]`` layout."""
+    per-layer hidden states) come back in PEFT's ``[B, N + L, D]`` layout. ``one_by_one``: each row runs
+    alone, unpadded (a model whose result depends on padding beyond the mask: a sparse-attention
+    indexer's top-k counts the padded keys)."""
 
     def plan(forward, kwargs: dict, state):
         if kwargs.get("output_attentions"):
@@ -257,13 +264,37 @@ def unpacked_plan(unpacked: packed.UnpackedLayout):
                 f"output_attentions with {_PACKED} unpacked into one document per row: the attention maps "
                 "are of another layout than the rows."
             )
-        call = {k: v for k, v in kwargs.items() if k not in packed.FLASH_KWARGS and k != "position_ids"}
+        dropped = {*packed.FLASH_KWARGS, "position_ids", "attention_mask"}
+        call = {k: v for k, v in kwargs.items() if k not in dropped}
         rows_embeds = packed.unpacked_inputs(call.pop("inputs_embeds"), unpacked)  # [R, S, D]
-        call["attention_mask"] = unpacked.attention_mask
-        output = forward(inputs_embeds=rows_embeds, **call)
+        if one_by_one:
+            output = _row_by_row(forward, rows_embeds, unpacked.attention_mask, call)
+        else:
+            output = forward(inputs_embeds=rows_embeds, attention_mask=unpacked.attention_mask, **call)
         return _read_back(output, kwargs, state, lambda h: packed.unpacked_back(h, unpacked))
 
     return plan
+
+
+def _row_by_row(forward, rows_embeds: torch.Tensor, mask: torch.Tensor, call: dict):
+    """The decoder over each of the ``[R, S, D]`` rows alone, cut to its length (``mask``: ``[R, S]``);
+    the hidden states (and per-layer ones) padded back with zeros to ``[R, S, D]``."""
+    outputs = []
+    for row, length in enumerate(mask.sum(1).tolist()):
+        outputs.append(
+            forward(inputs_embeds=rows_embeds[row : row + 1, :length], **{**call, "return_dict": True})
+        )
+    size = rows_embeds.shape[1]
+
+    def stacked(tensors):
+        return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, size - t.shape[1])) for t in tensors])
+
+    fields = dict(outputs[0].items())
+    fields["last_hidden_state"] = stacked([o.last_hidden_state for o in outputs])
+    if fields.get("hidden_states") is not None:
+        per_layer = zip(*(o.hidden_states for o in outputs), strict=True)
+        fields["hidden_states"] = tuple(stacked(layer) for layer in per_layer)
+    return type(outputs[0])(**fields)
 
 
 def _check_ran(state, how: str) -> None:

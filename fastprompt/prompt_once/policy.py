@@ -38,14 +38,30 @@ from .prompt_pass import cache_argument
 SHARE_PROMPT_PREFIX = "share_prompt_prefix"
 DEFAULT_ATTRIBUTE = "_fastprompt_share_prompt_prefix"
 
-# Model types a test shows inexact where every check below passes: type -> the reason (and the test that
-# shows it, tests/test_model_matrix.py unless said). Empty while the matrix finds none.
-DENIED: dict[str, str] = {}
+# Model families a test shows inexact on a path where every check below passes: model type -> {path:
+# the reason}, paths "share" (the shared forward) and "packed" (the shared and inserted layouts of packed
+# rows, which then run unpacked). Each shown by tests/test_model_matrix.py (the family's row there). A
+# model matches by its config's model_type or by a class of that family's modeling module in its class
+# hierarchy (a subclass registered under another name).
+DENIED: dict[str, dict[str, str]] = {
+    "gpt_neo": {
+        "packed": "its local attention layers apply their window from a causal buffer indexed by the slot in "
+        "the row, outside the mask functions",
+    },
+    "llama4_text": {
+        "packed": "its attention temperature tuning scales the queries by the slot in the row "
+        "(cache_position), not by each document's own position",
+    },
+}
 # What a model's own cache layer may be for the prompt to be shared: transformers' attention key/value
 # layers (a base class name; sliding-window, chunked and indexed layers derive from it). A layer that
 # also carries recurrent or convolution state (hybrids) derives from the second.
 KEY_VALUE_LAYER = "DynamicLayer"
 RECURRENT_LAYER = "LinearAttentionCacheLayerMixin"
+# A key/value layer that also keeps a sparse-attention indexer's keys (DeepSeek-V3.2's DSA): its top-k
+# selection ranks the keys one pass sees, so a prompt run apart selects other keys than PEFT's one pass.
+INDEXED_LAYER = "DynamicIndexedLayer"
+CACHE_MODULE = "transformers.cache_utils"  # where transformers' own layer classes live
 # Attention implementations that apply a padding mask over a cached prefix as over the same positions in
 # one pass (flash variants: transformers' own and the kernels hub's, whose names contain "flash").
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
@@ -126,6 +142,22 @@ def _base_model_type(base_model) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def denied_reason(base_model, path: str) -> str | None:
+    """The reason ``DENIED`` gives for ``base_model`` on ``path`` (``"share"`` / ``"packed"``), or None."""
+    config = getattr(base_model, "config", None)
+    types = {getattr(config, "model_type", None)}
+    if config is not None and hasattr(config, "get_text_config"):
+        types.add(getattr(config.get_text_config(), "model_type", None))
+    modules = {cls.__module__ for cls in type(base_model).__mro__}
+    for model_type, paths in DENIED.items():
+        if path not in paths:
+            continue
+        family = f"transformers.models.{model_type.replace('-', '_')}."
+        if model_type in types or any(module.startswith(family) for module in modules):
+            return f"{paths[path]} ({model_type})"
+    return None
+
+
 def _class_names(cls) -> set:
     return {klass.__name__ for klass in cls.__mro__}
 
@@ -145,10 +177,31 @@ def cache_reason(base_model) -> str | None:
     recurrent = sorted({type(x).__name__ for x in layers if RECURRENT_LAYER in _class_names(type(x))})
     if recurrent:
         return f"its cache layers {recurrent} carry recurrent or convolution state (a hybrid model)"
+    indexed = sorted({type(x).__name__ for x in layers if INDEXED_LAYER in _class_names(type(x))})
+    if indexed:
+        return (
+            f"its cache layers {indexed} keep a sparse-attention indexer, whose top-k selection ranks the "
+            "keys one pass sees"
+        )
     other = sorted({type(x).__name__ for x in layers if KEY_VALUE_LAYER not in _class_names(type(x))})
     if other:
         return f"its cache layers {other} are not attention key/value layers"
+    own = sorted({type(x).__name__ for x in layers if type(x).__module__ != CACHE_MODULE})
+    if own:
+        return f"its cache layers {own} are the model's own (state beyond transformers' key/value layers)"
     return None
+
+
+def padding_sensitive(base_model) -> bool:
+    """Whether a row's result depends on padding beyond what the mask hides: a sparse-attention indexer
+    (its top-k counts the padded keys too)."""
+    from .prompt_pass import model_cache
+
+    try:
+        layers = model_cache(base_model).layers
+    except (AttributeError, TypeError, KeyError, ValueError, NotImplementedError):
+        return False
+    return any(INDEXED_LAYER in _class_names(type(layer)) for layer in layers)
 
 
 def attention_reason(base_model) -> str | None:
@@ -243,8 +296,9 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
     model_type = _base_model_type(base_model)
     if getattr(base_model.config, "is_encoder_decoder", False):
         return f"an encoder-decoder model ({model_type!r})"
-    if model_type in DENIED:
-        return f"base model type {model_type!r}: {DENIED[model_type]}"
+    denied = denied_reason(base_model, "share")
+    if denied is not None:
+        return denied
     if input_ids.shape[1] == 0:
         return "no input tokens"
     at_decoder = bool(other_keywords(kwargs)) or not stock_head(base_model)
@@ -290,27 +344,35 @@ def other_keywords(kwargs: dict) -> list:
 def decoder_of(base_model) -> torch.nn.Module | None:
     """The decoder whose hidden states a model's head reads: transformers' ``get_decoder()`` (the
     innermost stack: ``LlamaModel``, ``OPTDecoder`` inside ``OPTModel``, ...; what TRL's fused head reaches
-    through ``model.base_model``), else ``base_model``; None when the model is its own decoder."""
-    decoder = None
+    through ``model.base_model``), else ``base_model``, else the child that embeds the tokens; a candidate
+    counts only if it holds the input embeddings (ModernBERT's decoder model calls its LM head
+    ``decoder``); None when the model is its own decoder."""
+    embeddings = _input_embeddings(base_model)
+    candidates = []
     if callable(getattr(base_model, "get_decoder", None)):
         try:
-            decoder = base_model.get_decoder()
+            candidates.append(base_model.get_decoder())
         except (AttributeError, NotImplementedError, ValueError):
-            decoder = None
-    if not isinstance(decoder, torch.nn.Module) or decoder is base_model:
-        decoder = getattr(base_model, "base_model", None)
-    if not isinstance(decoder, torch.nn.Module) or decoder is base_model:
-        decoder = _embedding_owner(base_model)  # Llama 4's CausalLM names no decoder: the child that embeds
-    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not base_model else None
+            pass
+    candidates += [getattr(base_model, "base_model", None), _embedding_owner(base_model, embeddings)]
+    for decoder in candidates:
+        if not isinstance(decoder, torch.nn.Module) or decoder is base_model:
+            continue
+        if embeddings is None or any(module is embeddings for module in decoder.modules()):
+            return decoder
+    return None
 
 
-def _embedding_owner(base_model) -> torch.nn.Module | None:
-    """The direct child of ``base_model`` that holds its input embeddings (the stack a head reads), or None."""
+def _input_embeddings(base_model) -> torch.nn.Module | None:
     get_embeddings = getattr(base_model, "get_input_embeddings", None)
     try:
-        embeddings = get_embeddings() if callable(get_embeddings) else None
+        return get_embeddings() if callable(get_embeddings) else None
     except (AttributeError, NotImplementedError):
         return None
+
+
+def _embedding_owner(base_model, embeddings) -> torch.nn.Module | None:
+    """The direct child of ``base_model`` that holds ``embeddings`` (the stack a head reads), or None."""
     if embeddings is None:
         return None
     for _, child in base_model.named_children():

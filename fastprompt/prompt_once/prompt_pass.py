@@ -115,6 +115,15 @@ def cache_layer_kinds(base_model) -> list[str]:
     return [type(layer).__name__ for layer in model_cache(base_model).layers]
 
 
+def update_methods(layer) -> list[str]:
+    """The names of a cache layer's methods that store new positions (``update``, ``update_*``)."""
+    return [
+        name
+        for name in dir(type(layer))
+        if (name == "update" or name.startswith("update_")) and callable(getattr(type(layer), name))
+    ]
+
+
 def holds_prompt(layer) -> bool:
     """Whether a cache layer holds something after the prompt pass (KV-shared layers stay empty)."""
     initialized = getattr(layer, "is_initialized", None)
@@ -156,11 +165,12 @@ def expand_prefix(cache, index: torch.Tensor | None, rows: int) -> None:
 
 
 class PrefixReads:
-    """Counts the token pass's reads (``update`` calls) of each cache layer that holds the prompt.
+    """Counts the token pass's reads of each cache layer that holds the prompt: calls of its ``update``
+    methods (``update``, and any other ``update_*`` a layer has, such as an indexer's ``update_indexer``).
 
-    With ``read_only`` (gradient checkpointing), ``update`` returns what it would return and stores
+    With ``read_only`` (gradient checkpointing), those methods return what they would return and store
     nothing, so that a recomputed layer sees the same cache and does not append to it twice: the layer's
-    own ``update`` runs on a shallow copy of the layer.
+    own method runs on a shallow copy of the layer.
     """
 
     def __init__(self, cache, *, read_only: bool):
@@ -168,12 +178,13 @@ class PrefixReads:
         self.counts = dict.fromkeys(self.layers, 0)
         for i in self.layers:
             layer = cache.layers[i]
-            layer.update = functools.partial(self._update, i, layer, read_only)
+            for name in update_methods(layer):
+                setattr(layer, name, functools.partial(self._update, i, layer, name, read_only))
 
-    def _update(self, i, layer, read_only, *args, **kwargs):
+    def _update(self, i, layer, name, read_only, *args, **kwargs):
         self.counts[i] += 1
         target = copy.copy(layer) if read_only else layer
-        return type(layer).update(target, *args, **kwargs)
+        return getattr(type(layer), name)(target, *args, **kwargs)
 
     def complete(self) -> bool:
         """Whether every layer holding the prompt was read."""
