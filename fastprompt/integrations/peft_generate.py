@@ -28,7 +28,7 @@ import weakref
 import torch
 
 from ..prompt_once import kv_store as prompt_kv
-from ..prompt_once.prompt_pass import LAYER_TYPES, fill_prefix_cache
+from ..prompt_once.prompt_pass import CACHE_BUILD_ERRORS, LAYER_TYPES, cache_layer_kinds, fill_prefix_cache
 from .adapter_batches import RowAdapters, pop_adapter_names
 from .peft_inputs_embeds import model_inputs_embeds
 from .peft_prompt_methods import TASK_IDS, batch_rows, is_multitask
@@ -219,10 +219,10 @@ def _why_no_reuse(peft_model, kwargs: dict) -> tuple[str | None, bool]:
         return "output_attentions / output_hidden_states would lack the virtual-token rows", False
     if getattr(config, "prompt_lookup_num_tokens", None) is not None:
         return "prompt_lookup_num_tokens is not supported with prompt-KV reuse", False
-    from transformers import DynamicCache
-
-    probe = DynamicCache(config=base_model.config)
-    kinds = {type(layer).__name__ for layer in probe.layers}
+    try:
+        kinds = set(cache_layer_kinds(base_model))
+    except CACHE_BUILD_ERRORS as error:
+        return f"the model's cache cannot be built from its config ({type(error).__name__}: {error})", False
     if not kinds <= set(LAYER_TYPES) or not base_model._supports_default_dynamic_cache():
         return f"the model's cache layers {sorted(kinds)} are not plain key/value layers", False
     return None, False
@@ -232,9 +232,7 @@ def _why_not_fill(peft_model, pending: PendingKV) -> str | None:
     """Why the prompt pass's keys/values cannot fill the cache ``generate`` makes (layer for layer), or
     None: a model whose prompt pass (a full-attention cache) fills other layers than its own cache has
     (extra or KV-shared layers)."""
-    from transformers import DynamicCache
-
-    layers = len(DynamicCache(config=peft_model.get_base_model().config).layers)
+    layers = len(cache_layer_kinds(peft_model.get_base_model()))
     if len(pending.keys) != layers or any(k is None for k in pending.keys):
         return (
             f"the prompt pass fills {len(pending.keys)} cache layers, the model's cache has {layers} "

@@ -33,7 +33,7 @@ import inspect
 
 import torch
 
-from .prompt_pass import cache_argument
+from .prompt_pass import CACHE_BUILD_ERRORS, cache_argument
 
 SHARE_PROMPT_PREFIX = "share_prompt_prefix"
 DEFAULT_ATTRIBUTE = "_fastprompt_share_prompt_prefix"
@@ -172,7 +172,7 @@ def cache_reason(base_model) -> str | None:
 
     try:
         layers = model_cache(base_model).layers
-    except (AttributeError, TypeError, KeyError, ValueError, NotImplementedError) as error:
+    except CACHE_BUILD_ERRORS as error:
         return f"its cache cannot be built from its config ({type(error).__name__}: {error})"
     recurrent = sorted({type(x).__name__ for x in layers if RECURRENT_LAYER in _class_names(type(x))})
     if recurrent:
@@ -199,7 +199,7 @@ def padding_sensitive(base_model) -> bool:
 
     try:
         layers = model_cache(base_model).layers
-    except (AttributeError, TypeError, KeyError, ValueError, NotImplementedError):
+    except CACHE_BUILD_ERRORS:
         return False
     return any(INDEXED_LAYER in _class_names(type(layer)) for layer in layers)
 

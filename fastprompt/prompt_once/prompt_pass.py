@@ -110,6 +110,10 @@ def model_cache(base_model):
     return DynamicCache(config=base_model.config)
 
 
+# What building a model's cache from its config raises where the config does not describe one.
+CACHE_BUILD_ERRORS = (AttributeError, TypeError, KeyError, ValueError, NotImplementedError)
+
+
 def cache_layer_kinds(base_model) -> list[str]:
     """The class names of the layers of the model's own cache (:func:`model_cache`)."""
     return [type(layer).__name__ for layer in model_cache(base_model).layers]

@@ -179,6 +179,9 @@ def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, ca
         except PROMPT_PASS_ERRORS as error:  # a model of its own making that takes no DynamicCache
             reason = f"its prompt pass failed ({type(error).__name__}: {error})"
             raise record_decline(base_model, mode, reason) from None
+    if not any(prompt_pass.holds_prompt(layer) for layer in cache.layers):
+        name = getattr(model, "__qualname__", None) or type(model).__name__
+        raise record_decline(base_model, mode, f"{name} did not fill the cache it was given with the prompt")
 
     if mode == "reentrant":  # the recomputed layers see the cache's tensors as leaves
         leaves, originals = prompt_pass.prefix_leaves(cache)
