@@ -1,0 +1,170 @@
+"""The model matrix: every decoder-only causal-LM type of the installed transformers, exact on every path.
+
+``fastprompt.testing.model_matrix.check_type`` runs one type on every prompt-once path against PEFT (or a
+no-cache greedy loop). Every path must be exact; every path must share (the prompt run once) unless the
+type is in ``model_matrix.EXPECTED_DECLINES`` for that path with the words of its reason. A type that
+declines without being listed fails, and so does a listed type that shares (the list stays true). The
+list lives in :mod:`fastprompt.testing.model_matrix`, beside the code that renders the support page.
+
+The README's test command runs ``FAST_SUBSET``; ``FASTPROMPT_MATRIX=all`` runs every type (``.ci/run``:
+the rest after the subset on transformers 5.24, all of it on 5.22). ``docs/models.md`` is rendered from
+the same facts; a test fails where the two drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import pytest
+
+from fastprompt.testing import causal_lms, model_matrix
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+EXPECTED_DECLINES = model_matrix.EXPECTED_DECLINES
+
+# A fast subset for the README's test command: dense and MoE, sliding windows and layer types, QK-norm,
+# LongRoPE, chunked attention, MLA, absolute positions, ALiBi.
+FAST_SUBSET = (
+    "llama",
+    "qwen3",
+    "qwen3_moe",
+    "gemma3_text",
+    "phi3",
+    "gpt_oss",
+    "llama4_text",
+    "deepseek_v3",
+    "gpt2",
+    "bloom",
+)
+DOCS_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
+
+
+def _types():
+    """``FASTPROMPT_MATRIX``: unset, the fast subset; ``all``, every type; ``rest``, every type outside the
+    fast subset (``.ci/run``, after the README's test command has run the subset)."""
+    available = causal_lms.matrix_types()
+    which = os.environ.get("FASTPROMPT_MATRIX")
+    if which == "all":
+        return available
+    if which == "rest":
+        return [t for t in available if t not in FAST_SUBSET]
+    return [t for t in FAST_SUBSET if t in available]
+
+
+def test_matrix_covers_every_causal_lm_type():
+    """Every causal-LM type is in the matrix or skipped for a reason of the closed set; the named ones
+    are never skipped."""
+    everything = set(causal_lms.causal_lm_types())
+    in_matrix = set(causal_lms.matrix_types())
+    assert in_matrix | set(causal_lms.SKIPPED) == everything
+    assert not in_matrix & set(causal_lms.SKIPPED)
+    assert {category for category, _ in causal_lms.SKIPPED.values()} <= set(causal_lms.SKIP_REASONS)
+    assert set(causal_lms.MUST_COVER) <= in_matrix
+    assert set(EXPECTED_DECLINES) <= everything | set(FAST_SUBSET)
+
+
+@pytest.mark.parametrize("model_type", _types())
+def test_model_type_is_exact_and_shares(model_type):
+    results = model_matrix.check_type(model_type)
+    expected = EXPECTED_DECLINES.get(model_type, {})
+    problems = []
+    for path, result in results.items():
+        if not result.exact:
+            problems.append(f"{path}: not exact ({result.detail})")
+        if path in expected:
+            if result.shared and model_type in model_matrix.VERSION_DEPENDENT:
+                continue  # this release does not have the cause
+            if result.shared or expected[path] not in (result.reason or ""):
+                problems.append(f"{path}: expected to decline with {expected[path]!r}, got {result}")
+        elif not result.shared:
+            problems.append(f"{path}: declined unexpectedly ({result.detail}; {result.reason})")
+    assert not problems, f"{model_type}:\n" + "\n".join(problems)
+
+
+def test_support_page_is_the_matrix():
+    """docs/models.md is what the matrix's facts render to (regenerate it with
+    ``python -m fastprompt.testing.model_matrix --write docs/models.md``)."""
+    page = DOCS_PAGE.read_text()
+    version = re.search(r"causal-LM type of transformers (\S+),", page).group(1)
+    if version != transformers.__version__:
+        pytest.skip(f"the page is of transformers {version}, this is {transformers.__version__}")
+    assert page == model_matrix.support_page()
+
+
+def test_a_locally_registered_model_type_shares(monkeypatch):
+    """A model type transformers does not ship (here a subclass of Qwen3's classes registered under a new
+    name, as a user's or a ``trust_remote_code`` model is): the same run-time checks, so it shares on every
+    path, exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    class LocalConfig(Qwen3Config):
+        model_type = "fastprompt_test_local_qwen3"
+
+    class LocalForCausalLM(Qwen3ForCausalLM):
+        config_class = LocalConfig
+
+    AutoConfig.register(LocalConfig.model_type, LocalConfig, exist_ok=True)
+    AutoModelForCausalLM.register(LocalConfig, LocalForCausalLM, exist_ok=True)
+    qwen3 = causal_lms.tiny_config("qwen3")
+    build = causal_lms.tiny_causal_lm
+
+    def tiny_local(model_type, **overrides):
+        if model_type != LocalConfig.model_type:
+            return build(model_type, **overrides)
+        import torch
+
+        config = LocalConfig(**{**qwen3.to_dict(), **overrides})
+        config._attn_implementation = qwen3._attn_implementation
+        torch.manual_seed(0)
+        return LocalForCausalLM(config).eval()
+
+    monkeypatch.setattr(causal_lms, "tiny_causal_lm", tiny_local)
+    results = model_matrix.check_type(LocalConfig.model_type, paths=("train", "packed", "generate"))
+    assert all(r.exact and r.shared for r in results.values()), results
+
+
+def test_a_model_that_drops_the_cache_is_found_out_and_exact():
+    """A model of its own making whose decoder ignores the cache it is given: the run-time check finds
+    that the prompt's cache was not read, the forward takes PEFT's path (exact), and
+    ``share_prompt_prefix=True`` says why; never an AttributeError or a silently wrong result."""
+    import copy
+
+    import peft
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    import fastprompt
+    from fastprompt.prompt_once import policy
+
+    class CachelessModel(LlamaModel):
+        def forward(self, *args, **kwargs):
+            kwargs.pop("past_key_values", None), kwargs.pop("cache", None)
+            return super().forward(*args, **{**kwargs, "use_cache": False})
+
+    class CachelessForCausalLM(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = CachelessModel(config)
+
+    config = causal_lms.tiny_config("llama")
+    torch.manual_seed(0)
+    base = CachelessForCausalLM(config).eval()
+    prompt = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=model_matrix.N)
+    torch.manual_seed(1)
+    reference = peft.get_peft_model(copy.deepcopy(base), prompt)
+    fast = fastprompt.get_peft_model(copy.deepcopy(base), copy.deepcopy(prompt))
+    fast.load_state_dict(reference.state_dict())
+    ids, mask, labels = model_matrix._batch()
+    policy.OBSERVED.clear()
+    before = dict(policy.CALLS)
+    out = fast(input_ids=ids, attention_mask=mask, labels=labels)
+    expected = reference(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert policy.CALLS["shared"] == before.get("shared", 0)
+    with pytest.raises(ValueError, match="did not fill the cache it was given"):
+        fast(input_ids=ids, attention_mask=mask, labels=labels, share_prompt_prefix=True)
