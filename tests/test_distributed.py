@@ -42,6 +42,9 @@ TORCH_CASES = [
     "ptuning_ddp_shared",
     "multitask_ddp_shared",
     "ptuning_fsdp2_shared",
+    "qwen3_moe_ddp_shared",
+    "gemma3_text_ddp_shared",
+    "gemma3_text_fsdp2_shared",
 ]
 DEEPSPEED_CASES = [
     "ptuning_zero3",
@@ -56,6 +59,7 @@ DEEPSPEED_CASES = [
     "zero2_shared",
     "zero3_shared",
     "zero3_mixed_shared",
+    "qwen3_moe_zero3_shared",
 ]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 LAUNCH_TIMEOUT_S = 900
@@ -138,8 +142,11 @@ def _check_fused(results: list[dict], forwards: int) -> None:
         assert result["ops"] == forwards, f"rank {rank}: {result['ops']} prompt_concat calls"
 
 
-def _check_tables(results: list[dict], reference: dict) -> None:
-    initial = cases.prompt_model(peft.get_peft_model, adapters=tuple(reference))
+def _check_tables(results: list[dict], reference: dict, family: str = cases.FAMILY) -> None:
+    base = cases.base_model(family)
+    initial = cases.prompt_model(
+        peft.get_peft_model, base=base, adapters=tuple(reference), **cases.family_config(family)
+    )
     for name, expected in reference.items():
         assert not torch.allclose(expected, cases.table(initial, name), **TOL)  # the reference trained
         for rank, result in enumerate(results):
@@ -197,6 +204,35 @@ def test_shared_prompt_trains_like_one_process(launch, reference, mixed_referenc
     if case == "fsdp2_shared":
         assert all(r["sharded"] for r in results)
     _check_tables(results, mixed_reference if "mixed" in case else reference)
+
+
+@pytest.fixture(scope="module")
+def family_references() -> dict:
+    return {
+        family: cases.reference_tables(base=cases.base_model(family), **cases.family_config(family))
+        for family in cases.FAMILIES
+    }
+
+
+@pytest.mark.parametrize(
+    "case,family",
+    [
+        ("qwen3_moe_ddp_shared", "qwen3_moe"),  # a MoE family
+        ("gemma3_text_ddp_shared", "gemma3_text"),  # sliding-window layers, N above the window
+        ("gemma3_text_fsdp2_shared", "gemma3_text"),
+        pytest.param("qwen3_moe_zero3_shared", "qwen3_moe", marks=needs_deepspeed),
+    ],
+)
+def test_other_families_share_under_the_engines(launch, family_references, case, family):
+    """The generic shared forward under DDP / FSDP2 / ZeRO-3 on a MoE and a sliding-window family: every
+    forward shares, the tables equal PEFT's one-process training."""
+    results = launch.results(case)
+    for rank, result in enumerate(results):
+        assert result["shared"] == cases.STEPS, f"rank {rank} shared {result['shared']} of {cases.STEPS}"
+        assert result["unfused"] == 0
+    if "fsdp2" in case:
+        assert all(r["sharded"] for r in results)
+    _check_tables(results, family_references[family], family=family)
 
 
 @pytest.fixture(scope="module")

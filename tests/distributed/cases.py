@@ -28,6 +28,11 @@ TASK = "CAUSAL_LM"
 MIXED_ADAPTERS = ("a", "b")
 INIT_TEXT = "classify the sentiment of this review"
 
+# Other families, shared under the engines by the same generic machinery: a MoE and a sliding-window
+# family (window 16 of ``causal_lms``), with more virtual tokens than the window so that it matters.
+FAMILIES = ("qwen3_moe", "gemma3_text")
+FAMILY_VIRTUAL_TOKENS = 18
+
 # Trainer cases: 4 steps, a checkpoint after 2, then a resumed run to 4.
 TRAINER_STEPS = 4
 TRAINER_SAVE_AT = 2
@@ -66,7 +71,7 @@ def peft_config(method: str = "prompt_tuning", **kwargs):
     """PEFT's config of ``method``: "prompt_tuning" or a key of ``METHODS``."""
     import peft
 
-    common = dict(task_type=TASK, num_virtual_tokens=NUM_VIRTUAL_TOKENS, **kwargs)
+    common = {"task_type": TASK, "num_virtual_tokens": NUM_VIRTUAL_TOKENS, **kwargs}
     if method == "prompt_tuning":
         return peft.PromptTuningConfig(**common)
     if method == "multitask":
@@ -79,11 +84,27 @@ def task_ids(batch_rows: slice) -> torch.Tensor:
     return torch.arange(batch_rows.start, batch_rows.stop) % NUM_TASKS
 
 
-def base_model():
-    """The tiny GPT-2 (random weights from seed 0), in train mode (its dropouts are 0)."""
-    from fastprompt.testing import tiny_models
+def base_model(family: str = FAMILY):
+    """The tiny GPT-2 (random weights from seed 0), or a tiny model of another family of ``FAMILIES``
+    (``fastprompt.testing.causal_lms``), in train mode (their dropouts are 0)."""
+    from fastprompt.testing import causal_lms, tiny_models
 
-    return tiny_models.build(FAMILY, TASK, seed=0).train()
+    if family == FAMILY:
+        return tiny_models.build(FAMILY, TASK, seed=0).train()
+    return causal_lms.tiny_causal_lm(family, seed=0).train()
+
+
+def family_config(family: str) -> dict:
+    """The prompt config keywords of a family case (``FAMILY_VIRTUAL_TOKENS``)."""
+    return {} if family == FAMILY else {"num_virtual_tokens": FAMILY_VIRTUAL_TOKENS}
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The decoder layers of a prompt-tuned model's base (``transformer.h``, ``model.layers``, ...)."""
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("h", "layers"):
+            return module
+    raise AttributeError("no decoder layers found")
 
 
 def prompt_model(

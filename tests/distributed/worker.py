@@ -76,11 +76,14 @@ def _get_peft_model(share: bool):
     return lambda *args, **kwargs: fastprompt.get_peft_model(*args, share_prompt_prefix=True, **kwargs)
 
 
-def case_ddp(mixed: bool = False, share: bool = False) -> dict:
+def case_ddp(mixed: bool = False, share: bool = False, family: str = cases.FAMILY) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     adapters = cases.MIXED_ADAPTERS if mixed else ("default",)
-    model = cases.prompt_model(_get_peft_model(share), adapters=adapters)
+    base = cases.base_model(family)
+    model = cases.prompt_model(
+        _get_peft_model(share), base=base, adapters=adapters, **cases.family_config(family)
+    )
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(cases.trainable(model), lr=cases.LR)
     _train(ddp, _torch_step(ddp, optimizer), mixed=mixed)
@@ -103,11 +106,13 @@ def case_fsdp2_shared() -> dict:
     return case_fsdp2(share=True)
 
 
-def case_fsdp2(share: bool = False) -> dict:
+def case_fsdp2(share: bool = False, family: str = cases.FAMILY) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    model = cases.prompt_model(_get_peft_model(share))
-    for block in model.base_model.transformer.h:
+    model = cases.prompt_model(
+        _get_peft_model(share), base=cases.base_model(family), **cases.family_config(family)
+    )
+    for block in cases.decoder_blocks(model):
         fully_shard(block)
     fully_shard(model)
     sharded = hasattr(cases.table(model), "full_tensor")
@@ -252,6 +257,24 @@ def case_ptuning_lstm_zero3_shared() -> dict:
 def case_multitask_zero3() -> dict:
     model = cases.prompt_model(fastprompt.get_peft_model, method="multitask")
     return _deepspeed_train(model, stage=3, tasks=True)
+
+
+def case_qwen3_moe_ddp_shared() -> dict:
+    return case_ddp(share=True, family="qwen3_moe")
+
+
+def case_gemma3_text_fsdp2_shared() -> dict:
+    return case_fsdp2(share=True, family="gemma3_text")
+
+
+def case_qwen3_moe_zero3_shared() -> dict:
+    base = cases.base_model("qwen3_moe")
+    model = cases.prompt_model(_get_peft_model(share=True), base=base, **cases.family_config("qwen3_moe"))
+    return _deepspeed_train(model, stage=3)
+
+
+def case_gemma3_text_ddp_shared() -> dict:
+    return case_ddp(share=True, family="gemma3_text")
 
 
 def case_zero2() -> dict:
