@@ -13,7 +13,7 @@ from peft_helpers import layer0_lengths, reset_accelerator_state
 
 import fastprompt
 from fastprompt.prompt_once import policy as shared_prefix
-from fastprompt.testing import tiny_models
+from fastprompt.testing import causal_lms, tiny_models
 
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
@@ -111,14 +111,29 @@ PROMPT_CONFIGS = {
 }
 
 
+def _base(family: str):
+    """The tiny Llama of ``tiny_models``, or a tiny model of another family (``causal_lms``)."""
+    if family == "llama":
+        return tiny_models.build("llama", "CAUSAL_LM")
+    return causal_lms.tiny_causal_lm(family, seed=0)
+
+
 def _sft(
-    tokenizer, output_dir, *, patched: bool, steps: int = 2, max_length=16, method="prompt tuning", **config
+    tokenizer,
+    output_dir,
+    *,
+    patched: bool,
+    steps: int = 2,
+    max_length=16,
+    method="prompt tuning",
+    family="llama",
+    **config,
 ):
     """({name: every prompt-module parameter} after ``steps`` SFTTrainer steps, first-layer input lengths,
-    the trainer). ``method``: a key of ``PROMPT_CONFIGS``."""
+    the trainer). ``method``: a key of ``PROMPT_CONFIGS``; ``family``: the base model's (:func:`_base`)."""
     if patched:
         fastprompt.patch_peft()
-    model = tiny_models.build("llama", "CAUSAL_LM")
+    model = _base(family)
     lengths = []
     model.model.layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
     args = trl.SFTConfig(
@@ -141,15 +156,21 @@ def _sft(
 
 
 @pytest.mark.parametrize(
-    "method,bf16", [("prompt tuning", False), ("prompt tuning", True), ("p-tuning", False)]
+    "method,bf16,family",
+    [
+        ("prompt tuning", False, "llama"),
+        ("prompt tuning", True, "llama"),
+        ("p-tuning", False, "llama"),
+        ("prompt tuning", False, "qwen3"),
+    ],
 )
-def test_sft_trainer_as_shipped_shares_the_prompt(tokenizer, tmp_path, method, bf16):
+def test_sft_trainer_as_shipped_shares_the_prompt(tokenizer, tmp_path, method, bf16, family):
     """``SFTTrainer`` defaults: TRL's fused LM head and gradient checkpointing on, in fp32 and with
     ``bf16=True`` (autocast in both passes), prompt tuning and P-tuning. The prompt runs once per step
     (batch 1, N positions) and every prompt-module parameter (P-tuning: the table and the MLP) trains as
     PEFT's does (SGD: the parameters then move by the gradient itself; Adam's normalization turns
     rounding-order differences of near-zero gradient entries into steps of the learning rate's size)."""
-    kwargs = dict(optim="sgd", bf16=bf16, method=method)
+    kwargs = dict(optim="sgd", bf16=bf16, method=method, family=family)
     table_peft, _, trainer_peft = _sft(tokenizer, tmp_path / "peft", patched=False, **kwargs)
     assert trainer_peft.args.gradient_checkpointing  # TRL's default
     before = shared_prefix.CALLS["shared"]
@@ -160,20 +181,25 @@ def test_sft_trainer_as_shipped_shares_the_prompt(tokenizer, tmp_path, method, b
 
 
 @pytest.mark.parametrize(
-    "config,method",
+    "config,method,family",
     [
-        ({"packing": True}, "prompt tuning"),
-        ({"padding_free": True, "max_length": None}, "prompt tuning"),
-        ({"packing": True}, "p-tuning"),
+        ({"packing": True}, "prompt tuning", "llama"),
+        ({"padding_free": True, "max_length": None}, "prompt tuning", "llama"),
+        ({"packing": True}, "p-tuning", "llama"),
+        ({"packing": True}, "prompt tuning", "qwen3"),
     ],
-    ids=["packing", "padding_free", "packing-p-tuning"],
+    ids=["packing", "padding_free", "packing-p-tuning", "packing-qwen3"],
 )
-def test_sft_trainer_packed_batches_give_each_document_its_prompt(tokenizer, tmp_path, config, method):
+def test_sft_trainer_packed_batches_give_each_document_its_prompt(
+    tokenizer, tmp_path, config, method, family
+):
     """``packing=True`` (BFD, padding-free) and ``padding_free=True``, prompt tuning and P-tuning: the first
     layer sees ONE prompt for the packed row (``[1, N + T]``), and the loss of a packed batch equals its
     documents run alone through PEFT (TRL's labels: each document's first token ignored)."""
     before = shared_prefix.CALLS["packed shared"]
-    _, lengths, trainer = _sft(tokenizer, tmp_path / "fast", patched=True, steps=1, method=method, **config)
+    _, lengths, trainer = _sft(
+        tokenizer, tmp_path / "fast", patched=True, steps=1, method=method, family=family, **config
+    )
     assert shared_prefix.CALLS["packed shared"] >= before + 1
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
@@ -196,7 +222,8 @@ def test_sft_trainer_packed_batches_give_each_document_its_prompt(tokenizer, tmp
     torch.testing.assert_close(packed.loss, summed / count, atol=1e-5, rtol=1e-5)
 
 
-def test_dpo_trainer_chosen_and_rejected_share_one_prompt_pass(tokenizer, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_dpo_trainer_chosen_and_rejected_share_one_prompt_pass(tokenizer, tmp_path, family):
     """``DPOTrainer`` runs chosen and rejected rows in one fused-head forward: one prompt pass for both;
     the reference pass (adapter disabled) stays the base model's; the table trains as PEFT's does (SGD, as
     in the SFT test)."""
@@ -211,7 +238,7 @@ def test_dpo_trainer_chosen_and_rejected_share_one_prompt_pass(tokenizer, tmp_pa
     def run(patched: bool, output_dir):
         if patched:
             fastprompt.patch_peft()
-        model = tiny_models.build("llama", "CAUSAL_LM")
+        model = _base(family)
         lengths = []
         model.model.layers[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape))
         args = trl.DPOConfig(
