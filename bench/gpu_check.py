@@ -19,8 +19,10 @@ runs while the budget lasts:
 5. The sections (``SECTIONS``): backward kernels, mixed-adapter batches, prompt-KV reuse, a training
    step under bf16 autocast and under fp16 autocast with a GradScaler (as ``Trainer(bf16=True)`` /
    ``fp16=True`` run it), PEFT vs fastprompt: autocast active inside the base model, timings; a training
-   step with the shared prompt prefix at the four shapes of issue 15; training steps through TRL's fused
-   LM head and on packed rows (issue 20); and soft prompts served on vLLM (only where vLLM is installed).
+   step with the shared prompt prefix at the four shapes of issue 15 (and Qwen3 / Qwen3-MoE at N=100 L=64
+   B=8, issue 27); the model matrix in bf16 for a handful of families (issue 27); training steps through
+   TRL's fused LM head and on packed rows (issue 20); and soft prompts served on vLLM (only where vLLM is
+   installed).
 6. The rest of ``SUITE_SHAPES["cuda"]``, forward and forward+backward, while the budget lasts (the
    ``compile`` provider only while 45 s are left: its first compile of a shape takes seconds).
 
@@ -404,6 +406,35 @@ def trl_packed_section(device: torch.device, budget: Budget) -> list[tuple[bool,
     return _train_step_lines(results, notes)
 
 
+# Families of the model matrix checked on the GPU in bf16: dense, MoE, sliding window + layer types,
+# LongRoPE, attention sinks + MoE, chunked attention.
+MATRIX_FAMILIES = ("llama", "qwen3", "qwen3_moe", "gemma3_text", "phi3", "gpt_oss", "llama4_text")
+
+
+def model_matrix_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
+    """The model matrix (issue 27) on the GPU in bf16 for a handful of families (``MATRIX_FAMILIES``, tiny
+    configs of ``fastprompt.testing.causal_lms``): a training step shared against PEFT's (loss, logits,
+    prompt gradient within bf16 rounding) and packed rows against each document alone through PEFT, with
+    the path each took (the prompt once where it shares)."""
+    from fastprompt.testing import causal_lms, model_matrix
+
+    lines = []
+    for family in MATRIX_FAMILIES:
+        if family not in causal_lms.matrix_types() or budget.left() < 20:
+            lines.append((True, f"{family}: not run (not in this transformers, or no budget left)"))
+            continue
+        for path, check in (("train", model_matrix.check_train), ("packed", model_matrix.check_packed)):
+            try:
+                result = check(family, device=device, dtype=torch.bfloat16)
+            except Exception as error:  # a GPU-only failure is a finding: report it, go on
+                lines.append((False, f"{family} {path}: {type(error).__name__}: {error}"))
+                continue
+            ok = result.exact and (result.shared or family in model_matrix.EXPECTED_DECLINES)
+            shared = "shared" if result.shared else f"not shared ({result.reason})"
+            lines.append((ok, f"{family} {path} bf16: {shared}; {result.detail}"))
+    return lines
+
+
 def mixed_precision_section(device: torch.device, budget: Budget) -> list[tuple[bool, str]]:
     """One training step of the tiny Llama (B=8, L=256, 20 virtual tokens), PEFT vs fastprompt, under the
     autocast wrapper ``Trainer(bf16=True)`` / ``fp16=True`` sets on ``model.forward``: bf16, and fp16 with
@@ -465,6 +496,7 @@ SECTIONS = [
     ("Prompt-KV reuse in generate", prompt_kv_section, 20.0),
     ("Mixed precision (autocast) train step", mixed_precision_section, 15.0),
     ("Shared prompt prefix train step", shared_prefix_section, 20.0),
+    ("Model matrix in bf16", model_matrix_section, 15.0),
     ("TRL fused head and packed train steps", trl_packed_section, 20.0),
     ("Serving soft prompts on vLLM", serving_section, 60.0),
 ]

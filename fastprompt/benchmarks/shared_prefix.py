@@ -3,8 +3,10 @@
 Also P-tuning (MLP encoder) and multitask prompt tuning steps (``METHODS``, at ``METHOD_SHAPES``).
 
 The model: a Llama built here from a config (``BENCH_LLAMA``: hidden 256, 4 layers, vocabulary 8000),
-random weights, no dropout. The workload: one training step (forward with labels, backward, AdamW step
-on the prompt table) at each (N, L, B) of ``SHAPES``, on the same base weights and prompt table.
+random weights, no dropout; at ``FAMILY_SHAPE`` also a Qwen3 and a Qwen3-MoE of the same size
+(``BENCH_MODELS``), the families users fine-tune most, sharing by the same generic machinery. The
+workload: one training step (forward with labels, backward, AdamW step on the prompt table) at each
+(N, L, B) of ``SHAPES``, on the same base weights and prompt table.
 
 Providers:
 
@@ -50,12 +52,28 @@ BENCH_LLAMA = dict(
 )
 
 
-def base_model(*, seed: int = 0):
-    """The benchmark Llama (``BENCH_LLAMA``), random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# The same size in Qwen3 (QK-norm) and Qwen3-MoE (8 experts, 2 per token, expert width 688 / 4).
+_QWEN3 = {**BENCH_LLAMA, "head_dim": 64}
+BENCH_MODELS = {
+    MODEL_LABEL: ("LlamaConfig", BENCH_LLAMA),
+    "bench-qwen3": ("Qwen3Config", _QWEN3),
+    "bench-qwen3-moe": (
+        "Qwen3MoeConfig",
+        {**_QWEN3, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 172},
+    ),
+}
+FAMILY_SHAPE = (100, 64, 8)  # where the other families are timed too
+FAMILIES = ("bench-qwen3", "bench-qwen3-moe")
 
+
+def base_model(*, seed: int = 0, model: str = MODEL_LABEL):
+    """A benchmark model of ``BENCH_MODELS`` (default the Llama), random weights, no dropout."""
+    import transformers
+
+    config_class, fields = BENCH_MODELS[model]
+    config = getattr(transformers, config_class)(**fields)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**BENCH_LLAMA))
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def _copy(base, prepare):
@@ -158,7 +176,14 @@ def _first_step_matches(steps: dict) -> dict[str, bool]:
 
 
 def timed_rows(
-    workload: str, calls: dict, matches: dict[str, bool], device, *, budget_s: float, reference: str = "peft"
+    workload: str,
+    calls: dict,
+    matches: dict[str, bool],
+    device,
+    *,
+    budget_s: float,
+    reference: str = "peft",
+    model: str = MODEL_LABEL,
 ) -> list[Result]:
     """The calls' peak memory, then their times side by side: one row each, with the speedup and memory
     ratio against ``reference``'s row and whether it matched (``matches``)."""
@@ -168,7 +193,7 @@ def timed_rows(
     return [
         timed_result(
             workload,
-            MODEL_LABEL,
+            model,
             name,
             timings[name],
             peaks[name],
@@ -192,47 +217,54 @@ def shared_prefix_results(
     steps=train_steps,
     label: str = "train step",
     methods=METHODS[1:],
+    families=FAMILIES,
 ) -> list[Result]:
     """One row per (shape, provider): time of one training step, peak memory, speedup and memory ratio
     against ``peft`` (always run), and whether the first step matched PEFT's. Which shapes fastprompt's
     default shared the prompt at is appended to ``notes`` (and said by ``progress``). ``steps`` builds
     the steps (``train_steps``'s signature), ``label`` starts each row's workload; ``methods``: the other
-    soft-prompt methods (of ``METHODS``) also timed, at ``METHOD_SHAPES``."""
+    soft-prompt methods (of ``METHODS``) also timed, at ``METHOD_SHAPES``; ``families``: the other models
+    (of ``BENCH_MODELS``) also timed, prompt tuning at ``FAMILY_SHAPE``."""
     from ..prompt_once import policy as shared_prefix
 
     providers = ("peft", *[p for p in providers if p != "peft"])
-    base = base_model(seed=seed).to(device)
+    bases = {MODEL_LABEL: base_model(seed=seed).to(device)}
     results, shared_at = [], []
-    cases = [(METHODS[0], shape) for shape in shapes]
-    cases += [(method, shape) for method in (methods or ()) for shape in METHOD_SHAPES]
-    for method, shape in cases:
+    cases = [(MODEL_LABEL, METHODS[0], shape) for shape in shapes]
+    cases += [(MODEL_LABEL, method, shape) for method in (methods or ()) for shape in METHOD_SHAPES]
+    cases += [(family, METHODS[0], FAMILY_SHAPE) for family in (families or ())]
+    for model, method, shape in cases:
+        if model not in bases:
+            bases[model] = base_model(seed=seed, model=model).to(device)
         n, length, batch = shape
         prefix = "" if method == METHODS[0] else f"{method} "
         workload = f"{prefix}{label} N={n} L={length} B={batch}"
         by_method = {} if method == METHODS[0] else {"method": method}
-        calls = steps(base, shape, providers, seed=seed, **by_method)
+        calls = steps(bases[model], shape, providers, seed=seed, **by_method)
         before = shared_prefix.CALLS["shared"]
         matches = _first_step_matches(calls)
         shares = shared_prefix.CALLS["shared"] > before
-        progress(f"model {MODEL_LABEL}: {workload} (fastprompt {'shares' if shares else 'does not share'})")
-        shared_at.append(f"{'' if shares else 'not '}at {prefix}N={n} L={length} B={batch}")
+        progress(f"model {model}: {workload} (fastprompt {'shares' if shares else 'does not share'})")
+        where = "" if model == MODEL_LABEL else f"{model} "
+        shared_at.append(f"{'' if shares else 'not '}at {where}{prefix}N={n} L={length} B={batch}")
         for name, ok in matches.items():
             if not ok:
-                progress(f"MISMATCH model {MODEL_LABEL}: {workload}: {name} differs from peft")
-        results += timed_rows(workload, calls, matches, device, budget_s=budget_s)
+                progress(f"MISMATCH model {model}: {workload}: {name} differs from peft")
+        results += timed_rows(workload, calls, matches, device, budget_s=budget_s, model=model)
     if notes is not None:
         notes.append(f"{MODEL_LABEL}, {label}: fastprompt's default shared the prompt {', '.join(shared_at)}")
     return results
 
 
 def _table(results: list[Result]) -> str:
-    lines = ["| workload | provider | median ms | IQR/med | vs peft | peak MB | vs peft mem | same |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines = ["| model | workload | provider | median ms | IQR/med | vs peft | peak MB | vs peft mem | same |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         peak = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
         memory = "" if r.memory_ratio is None else f"{r.memory_ratio:.2f}x"
         lines.append(
-            f"| {r.workload} | {r.provider} | {r.seconds * 1e3:.1f} | {r.spread:.0%} | {r.speedup:.2f}x | "
+            f"| {r.shape} | {r.workload} | {r.provider} | {r.seconds * 1e3:.1f} | {r.spread:.0%} | "
+            f"{r.speedup:.2f}x | "
             f"{peak} | {memory} | {'yes' if r.matches_peft else 'NO'} |"
         )
     return "\n".join(lines)
@@ -254,6 +286,11 @@ def main(argv=None) -> int:
         default=",".join(METHODS[1:]),
         help=f"also time these at {METHOD_SHAPES}: of {METHODS[1:]}",
     )
+    parser.add_argument(
+        "--families",
+        default=",".join(FAMILIES),
+        help=f"also time these models at {FAMILY_SHAPE}: of {FAMILIES}",
+    )
     args = parser.parse_args(argv)
     device = bench_device()
     if device.type == "cpu":
@@ -266,6 +303,7 @@ def main(argv=None) -> int:
         providers=args.providers.split(","),
         progress=lambda msg: print(msg, file=sys.stderr),
         methods=[m for m in args.methods.split(",") if m],
+        families=[f for f in args.families.split(",") if f],
     )
     print(_table(results), flush=True)
     return 0 if all(r.matches_peft for r in results) else 1

@@ -119,6 +119,7 @@ def fused_head_results(
         steps=fused_head_steps,
         label=FUSED_LABEL,
         methods=(),
+        families=(),
     )
 
 
