@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastprompt.serving.names import ServeArgumentError, check_served_names, default_served_name
+from fastprompt.serving.prompts import check_adapter_dirs
 from fastprompt.testing import tiny_models
 from fastprompt.testing.adapter_files import save_multitask_adapter, save_prompt_adapter
 
@@ -44,6 +45,33 @@ def test_a_default_name_that_is_an_adapters_names_the_flag_that_resolves_it(tmp_
     with pytest.raises(ServeArgumentError, match="also the name of an --adapter: rename the adapter"):
         check_served_names(("base",), named=True, adapters=("base",))
     check_served_names(("other",), named=False, adapters=("t00",), adapter_dir=tmp_path)
+
+
+def _multitask(directory, tasks=2):
+    hidden = tiny_models.HIDDEN
+    save_multitask_adapter(
+        directory, torch.zeros(2, hidden), torch.ones(tasks, 2, 1), torch.ones(tasks, 1, hidden)
+    )
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_served_name_that_is_a_multitask_adapters_name(tmp_path, named):
+    """``--adapter mt=DIR`` with a multitask DIR serves mt.task0 and mt.task1, not mt, yet loading it as mt
+    under a base model served as mt fails (its name is reserved): caught before the engine starts, as the
+    server checks it (check_adapter_dirs' served names, and the --adapter names themselves)."""
+    _multitask(tmp_path / "mt")
+    adapter_dirs = {"mt": str(tmp_path / "mt")}
+    served = check_adapter_dirs(adapter_dirs)
+    assert served == ["mt.task0", "mt.task1"]
+    fix = "rename the adapter" if named else "--served-model-name NAME"
+    with pytest.raises(ServeArgumentError, match=rf"'mt' is also the name of an --adapter: .*{fix}"):
+        check_served_names(("mt",), named=named, adapters=tuple(served), adapter_names=tuple(adapter_dirs))
+    check_served_names(("base",), named=named, adapters=tuple(served), adapter_names=tuple(adapter_dirs))
+    # mt itself serves nothing: it is no --default-model
+    with pytest.raises(ServeArgumentError, match="--default-model 'mt' names no model"):
+        check_served_names(
+            ("base",), named=named, adapters=tuple(served), adapter_names=("mt",), default_model="mt"
+        )
 
 
 def test_a_default_name_that_is_a_task_of_the_directory(tmp_path):

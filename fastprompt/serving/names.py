@@ -48,6 +48,7 @@ def check_served_names(
     *,
     named: bool,
     adapters: tuple[str, ...] = (),
+    adapter_names: tuple[str, ...] = (),
     adapter_dir=None,
     default_model: str | None = None,
     other_models: tuple[str, ...] = (),
@@ -61,13 +62,15 @@ def check_served_names(
             ``adapter_dir`` now (a served name of the operator's own choosing hides ``adapter_dir``'s
             adapter of that name, as the README's precedence says).
         adapters: the served names of the ``--adapter`` ones (a multitask adapter's tasks included).
+        adapter_names: the names the ``--adapter`` ones are loaded as (``--adapter NAME=DIR``'s NAME): a
+            multitask adapter's NAME serves no model (its tasks do), yet no served name may be it either.
         adapter_dir: ``--adapter-dir``, or None.
         default_model: ``--default-model``: a base model's served name, an adapter's, one of
             ``other_models`` (vLLM's LoRA modules), or a name ``adapter_dir`` may hold (looked up there per
             request, as any name).
     """
     for name in served:
-        if name in adapters:
+        if name in adapters or name in adapter_names:
             fix = (
                 "rename the adapter"
                 if named

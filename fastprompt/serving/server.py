@@ -364,6 +364,7 @@ async def run_server(
         served,
         named=named,
         adapters=tuple(served_adapters),
+        adapter_names=tuple(adapter_dirs),  # a multitask adapter's NAME too, which only its tasks serve
         adapter_dir=adapter_dir,
         default_model=default_model,
         other_models=tuple(lora.name for lora in args.lora_modules or ()),

@@ -27,10 +27,10 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run in the vLLM venv)")
 httpx = pytest.importorskip("httpx")
 
-from vllm_helpers import API_KEY, CHAT_TEMPLATE, ENGINE, table  # noqa: E402
+from vllm_helpers import API_KEY, CHAT_TEMPLATE, ENGINE, table, task_factors  # noqa: E402
 
 from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
-from fastprompt.testing.adapter_files import save_prompt_adapter  # noqa: E402
+from fastprompt.testing.adapter_files import save_multitask_adapter, save_prompt_adapter  # noqa: E402
 
 NEW = 4
 TEXT = "the movie was great"
@@ -235,11 +235,20 @@ def test_errors_and_other_pages_show_no_server_path(mode, http, base_dir, server
     assert f'model_name="{mode.name}"' in http.get("/metrics").text
 
 
-def test_a_default_name_that_is_an_adapters_refuses_to_start(base_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["adapter-dir", "multitask-adapter"])
+def test_a_default_name_that_is_an_adapters_refuses_to_start(base_dir, tmp_path, flag):
     """The base model's default served name is its directory's name: if an adapter of --adapter-dir has it,
-    the server stops before its engine starts, saying which flag resolves it."""
-    save_prompt_adapter(tmp_path / os.path.basename(base_dir), table(8, 3000))
-    command = [sys.executable, "-m", "fastprompt", "serve", base_dir, f"--adapter-dir={tmp_path}"]
+    or a multitask --adapter is loaded as it (it serves its tasks, not that name), the server stops before
+    its engine starts, saying which flag resolves it."""
+    name = os.path.basename(base_dir)
+    command = [sys.executable, "-m", "fastprompt", "serve", base_dir]
+    if flag == "adapter-dir":
+        save_prompt_adapter(tmp_path / name, table(8, 3000))
+        command.append(f"--adapter-dir={tmp_path}")
+    else:
+        save_multitask_adapter(tmp_path / "mt", table(8, 3001), *task_factors(2, 8, 1, seed=3002))
+        command.append(f"--adapter={name}={tmp_path / 'mt'}")
     done = subprocess.run(command + ["--dtype=float32"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert f"'{os.path.basename(base_dir)}'" in done.stderr and "--served-model-name" in done.stderr
+    assert f"'{name}'" in done.stderr and "--served-model-name" in done.stderr
+    assert "Traceback" not in done.stderr
