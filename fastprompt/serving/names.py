@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .adapter_dir import AdapterDirectory, valid_name
-from .prompts import _num_tasks, task_adapter_name
+from .prompts import config_num_tasks, task_adapter_name
 
 
 class ServeArgumentError(ValueError):
@@ -38,7 +38,7 @@ def _directory_names(adapter_dir) -> set[str]:
     names = set()
     for name in directory.names():
         names.add(name)
-        tasks = _num_tasks(directory.read_config(name))
+        tasks = config_num_tasks(directory.read_config(name))
         names.update(task_adapter_name(name, t) for t in range(tasks or 0))
     return names
 
