@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import time
+
 import pytest
 import torch
 
+from fastprompt.config import CONFIG_NAME
 from fastprompt.serving.names import ServeArgumentError, check_served_names, default_served_name
 from fastprompt.serving.prompts import check_adapter_dirs
 from fastprompt.testing import tiny_models
@@ -82,6 +88,33 @@ def test_a_default_name_that_is_a_task_of_the_directory(tmp_path):
     with pytest.raises(ServeArgumentError, match="'mt.task1'"):
         check_served_names(("mt.task1",), named=False, adapter_dir=tmp_path)
     check_served_names(("mt.task2",), named=False, adapter_dir=tmp_path)
+
+
+def test_a_huge_num_tasks_is_checked_without_building_its_task_names(tmp_path):
+    """A config claiming 10**18 tasks: the start-up check compares the default name's T with num_tasks,
+    never building NAME.task0 ... (3 million of them took 19 s and 340 MB; this many would never end)."""
+    _multitask(tmp_path / "huge")
+    config_path = tmp_path / "huge" / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_tasks": 10**18}))
+
+    def enumerating(*_):
+        raise TimeoutError("the check enumerates the tasks")
+
+    previous = signal.signal(signal.SIGALRM, enumerating)  # a regression fails, it does not hang
+    signal.alarm(20)
+    try:
+        start = time.perf_counter()
+        for name in ("huge", "huge.task0", f"huge.task{10**18 - 1}"):
+            with pytest.raises(ServeArgumentError, match=re.escape(repr(name))):
+                check_served_names((name,), named=False, adapter_dir=tmp_path)
+        for name in (f"huge.task{10**18}", "huge.task01", "huge.task-1", "huge.tasks1", "other.task0"):
+            check_served_names((name,), named=False, adapter_dir=tmp_path)
+        check_served_names(("huge",), named=True, adapter_dir=tmp_path)  # the operator's name hides it
+        assert time.perf_counter() - start < 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_default_model_must_name_a_served_model(tmp_path):
