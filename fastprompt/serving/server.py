@@ -55,9 +55,15 @@ from .word_table import read_word_table
 _REQUESTED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("fastprompt_adapter", default=None)
 
 
+_NO_MODEL = 'The request names no model: set "model" to one of the ids of /v1/models.'
+
+
 class _EmptyName:
     """Every serving object of the app: an empty or missing model name is supported only where it is
-    served as the base model (``empty_model``: the name it is served as, None: a 404)."""
+    served as the base model (``empty_model``: the name it is served as, None: a 404). Completions and chat
+    serve it as ``empty_model`` whatever that names (``_PromptServing._answer``); on the other endpoints
+    (``/tokenize``, ``/v1/responses``, ...) an ``empty_model`` that is an adapter or a LoRA is a 404 that
+    says the request names no model (vLLM's would name the model ``None``)."""
 
     empty_model: str | None
 
@@ -65,6 +71,17 @@ class _EmptyName:
         if not model_name:
             return self.empty_model is not None and self.models.is_base_model(self.empty_model)
         return super()._is_model_supported(model_name)
+
+    async def _check_model(self, request):
+        error = await super()._check_model(request)
+        if isinstance(error, ErrorResponse) and error.error.code == 404 and not request.model:
+            return self._no_model()
+        return error
+
+    def _no_model(self) -> ErrorResponse:
+        return self.create_error_response(
+            _NO_MODEL, err_type="NotFoundError", status_code=HTTPStatus.NOT_FOUND, param="model"
+        )
 
 
 class _PromptServing(_EmptyName):
@@ -117,12 +134,7 @@ class _PromptServing(_EmptyName):
         request naming no model is served as ``empty_model``, or is a 404."""
         if not request.model:  # None (absent) or ""
             if self.empty_model is None:
-                return self.create_error_response(
-                    'The request names no model: set "model" to one of the ids of /v1/models.',
-                    err_type="NotFoundError",
-                    status_code=HTTPStatus.NOT_FOUND,
-                    param="model",
-                )
+                return self._no_model()
             request.model = self.empty_model
         resolved = await self._resolve(request)
         if isinstance(resolved, ErrorResponse):

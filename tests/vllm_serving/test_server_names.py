@@ -192,16 +192,27 @@ def test_empty_and_missing_names(mode, http, name, stream, chat, server_paths, r
         assert tokens == _expected(mode, mode.empty, reference, tokenize)
 
 
+OTHER_ENDPOINTS = {  # vLLM's own, not fastprompt's: the base model only
+    "/tokenize": {"prompt": TEXT},
+    "/v1/responses": {"input": TEXT, "max_output_tokens": NEW, "temperature": 0.0},
+}
+
+
+@pytest.mark.parametrize("path", sorted(OTHER_ENDPOINTS))
 @pytest.mark.parametrize("name", ["", MISSING], ids=["empty", "missing"])
-def test_other_endpoints_serve_no_name_only_as_the_base_model(mode, http, name):
-    """/tokenize (vLLM's, not fastprompt's) answers a request naming no model only where it means the base
-    model: a 404 with --adapter-dir, and where the default is an adapter (it serves no soft prompt)."""
-    body = {"prompt": TEXT} if name is MISSING else {"model": name, "prompt": TEXT}
-    reply = http.post("/tokenize", json=body)
+def test_other_endpoints_serve_no_name_only_as_the_base_model(mode, http, name, path, server_paths):
+    """vLLM's other endpoints answer a request naming no model only where it means the base model: a 404
+    saying the request names no model with --adapter-dir, and where the default is an adapter (it serves
+    no soft prompt there)."""
+    body = dict(OTHER_ENDPOINTS[path]) if name is MISSING else {**OTHER_ENDPOINTS[path], "model": name}
+    reply = http.post(path, json=body)
+    _no_path(reply.text, server_paths)
     if mode.empty == mode.name:
         assert reply.status_code == 200, reply.text
     else:
-        _assert_404(reply.status_code, reply.json()["error"], name)
+        error = reply.json()["error"]
+        _assert_404(reply.status_code, error, name)
+        assert "names no model" in error["message"] and "None" not in error["message"], error
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
