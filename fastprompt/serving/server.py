@@ -308,8 +308,9 @@ def add_adapter_routes(app, adapters: PromptAdapters) -> None:
             return error(f"expected a JSON body with strings {missing}", HTTPStatus.BAD_REQUEST, missing[0])
         try:
             adapters.load(path, name)
-        except (AdapterFileError, ValueError) as err:
-            return error(str(err), HTTPStatus.BAD_REQUEST, "adapter_path")
+        except (AdapterFileError, ValueError) as err:  # a ValueError alone: the name (the base model's)
+            param = "adapter_path" if isinstance(err, AdapterFileError) else "adapter_name"
+            return error(str(err), HTTPStatus.BAD_REQUEST, param)
         return JSONResponse({"adapter_name": name, "adapter_path": path})
 
     @app.post("/v1/unload_prompt_adapter")
