@@ -19,13 +19,15 @@ of its objects are given a fastprompt subclass that changes what a model name me
   base model's served names, never the adapters).
 - the base model's served name is never a server path (``names.default_served_name``: its directory's
   name unless ``--served-model-name`` is given), so no body, chunk, error or ``/v1/models`` field shows
-  one. An empty or missing ``model`` is served as ``--default-model`` names; without it, with
-  ``--adapter-dir`` it is a 404 on every endpoint (a tenant that names nothing reaches nothing), else
-  vLLM's default, the base model.
+  one. An empty or missing ``model`` is served as ``--default-model`` names (an adapter or a LoRA on
+  completions and chat only); without it, with ``--adapter-dir`` it is a 404 (a tenant that names nothing
+  reaches nothing) on every endpoint but Anthropic's ``/v1/messages``, where vLLM's own validation makes
+  it a 400; else vLLM's default, the base model.
 
 ``--allow-adapter-updates`` adds ``POST /v1/load_prompt_adapter`` (``{"adapter_name", "adapter_path"}``:
-add or replace) and ``POST /v1/unload_prompt_adapter`` (``{"adapter_name"}``); off by default, since it
-reads files from the server's disk on request.
+add or replace; its answer and errors repeat the path the client sent) and ``POST
+/v1/unload_prompt_adapter`` (``{"adapter_name"}``); off by default, since it reads files from the server's
+disk on request.
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ def empty_name_model(served: tuple[str, ...], default_model: str | None, adapter
 
 def install(state, adapters: PromptAdapters, empty_model: str | None = None) -> None:
     """Make the vLLM app whose ``app.state`` is ``state`` serve ``adapters`` by model name, and a request
-    naming no model as ``empty_model`` (None: a 404 on every endpoint)."""
+    naming no model as ``empty_model`` (None: a 404 on every endpoint that checks its model)."""
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
     _adopt(state.openai_serving_models, _PromptModels, prompt_adapters=adapters)

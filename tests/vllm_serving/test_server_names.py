@@ -215,6 +215,14 @@ def test_other_endpoints_serve_no_name_only_as_the_base_model(mode, http, name, 
         assert "names no model" in error["message"] and "None" not in error["message"], error
 
 
+@pytest.mark.parametrize("name", ["", MISSING], ids=["empty", "missing"])
+def test_anthropic_messages_require_a_model(mode, http, name):
+    """/v1/messages (Anthropic's API, vLLM's validation): no model is a 400 in every mode, not a 404."""
+    body = {"max_tokens": NEW, "messages": [{"role": "user", "content": TEXT}]}
+    reply = http.post("/v1/messages", json=body if name is MISSING else {**body, "model": name})
+    assert reply.status_code == 400, reply.text
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_whitespace_names_are_404s(mode, http, stream, server_paths):
     for name in WHITESPACE:
