@@ -91,4 +91,5 @@ def test_help_states_the_default_model_and_the_served_name(capsys):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--default-model NAME" in text and "is a 404 with --adapter-dir" in text
+    assert "An adapter or LoRA NAME serves it on completions and chat only" in text
     assert "by default MODEL's directory name" in text

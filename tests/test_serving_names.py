@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import time
+
 import pytest
 import torch
 
+from fastprompt.config import CONFIG_NAME
 from fastprompt.serving.names import ServeArgumentError, check_served_names, default_served_name
+from fastprompt.serving.prompts import check_adapter_dirs
 from fastprompt.testing import tiny_models
 from fastprompt.testing.adapter_files import save_multitask_adapter, save_prompt_adapter
 
@@ -46,6 +53,33 @@ def test_a_default_name_that_is_an_adapters_names_the_flag_that_resolves_it(tmp_
     check_served_names(("other",), named=False, adapters=("t00",), adapter_dir=tmp_path)
 
 
+def _multitask(directory, tasks=2):
+    hidden = tiny_models.HIDDEN
+    save_multitask_adapter(
+        directory, torch.zeros(2, hidden), torch.ones(tasks, 2, 1), torch.ones(tasks, 1, hidden)
+    )
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_served_name_that_is_a_multitask_adapters_name(tmp_path, named):
+    """``--adapter mt=DIR`` with a multitask DIR serves mt.task0 and mt.task1, not mt, yet loading it as mt
+    under a base model served as mt fails (its name is reserved): caught before the engine starts, as the
+    server checks it (check_adapter_dirs' served names, and the --adapter names themselves)."""
+    _multitask(tmp_path / "mt")
+    adapter_dirs = {"mt": str(tmp_path / "mt")}
+    served = check_adapter_dirs(adapter_dirs)
+    assert served == ["mt.task0", "mt.task1"]
+    fix = "rename the adapter" if named else "--served-model-name NAME"
+    with pytest.raises(ServeArgumentError, match=rf"'mt' is also the name of an --adapter: .*{fix}"):
+        check_served_names(("mt",), named=named, adapters=tuple(served), adapter_names=tuple(adapter_dirs))
+    check_served_names(("base",), named=named, adapters=tuple(served), adapter_names=tuple(adapter_dirs))
+    # mt itself serves nothing: it is no --default-model
+    with pytest.raises(ServeArgumentError, match="--default-model 'mt' names no model"):
+        check_served_names(
+            ("base",), named=named, adapters=tuple(served), adapter_names=("mt",), default_model="mt"
+        )
+
+
 def test_a_default_name_that_is_a_task_of_the_directory(tmp_path):
     hidden = tiny_models.HIDDEN
     save_multitask_adapter(
@@ -54,6 +88,33 @@ def test_a_default_name_that_is_a_task_of_the_directory(tmp_path):
     with pytest.raises(ServeArgumentError, match="'mt.task1'"):
         check_served_names(("mt.task1",), named=False, adapter_dir=tmp_path)
     check_served_names(("mt.task2",), named=False, adapter_dir=tmp_path)
+
+
+def test_a_huge_num_tasks_is_checked_without_building_its_task_names(tmp_path):
+    """A config claiming 10**18 tasks: the start-up check compares the default name's T with num_tasks,
+    never building NAME.task0 ... (3 million of them took 19 s and 340 MB; this many would never end)."""
+    _multitask(tmp_path / "huge")
+    config_path = tmp_path / "huge" / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_tasks": 10**18}))
+
+    def enumerating(*_):
+        raise TimeoutError("the check enumerates the tasks")
+
+    previous = signal.signal(signal.SIGALRM, enumerating)  # a regression fails, it does not hang
+    signal.alarm(20)
+    try:
+        start = time.perf_counter()
+        for name in ("huge", "huge.task0", f"huge.task{10**18 - 1}"):
+            with pytest.raises(ServeArgumentError, match=re.escape(repr(name))):
+                check_served_names((name,), named=False, adapter_dir=tmp_path)
+        for name in (f"huge.task{10**18}", "huge.task01", "huge.task-1", "huge.tasks1", "other.task0"):
+            check_served_names((name,), named=False, adapter_dir=tmp_path)
+        check_served_names(("huge",), named=True, adapter_dir=tmp_path)  # the operator's name hides it
+        assert time.perf_counter() - start < 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_default_model_must_name_a_served_model(tmp_path):

@@ -399,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help='serve a request whose "model" is empty or missing as model NAME (the base model\'s served '
         "name or an adapter's). Without it such a request is a 404 with --adapter-dir, and the base model "
-        "otherwise (vLLM's default)",
+        "otherwise (vLLM's default). An adapter or LoRA NAME serves it on completions and chat only: "
+        "vLLM's other endpoints (/tokenize, /v1/responses, ...) serve the base model only and answer it "
+        "with a 404",
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")

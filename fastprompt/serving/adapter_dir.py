@@ -189,7 +189,11 @@ class AdapterDirectory:
             entries = sorted(entry.name for entry in os.scandir(self._root.real))
         except OSError:
             return []
-        return [name for name in entries if valid_name(name) and self._has_config(name)]
+        return [name for name in entries if self.holds(name)]
+
+    def holds(self, name) -> bool:
+        """Whether :meth:`names` lists ``name`` now, by looking at ``DIR/name`` alone. Nothing is loaded."""
+        return valid_name(name) and self._has_config(name)
 
     def read_config(self, name: str) -> dict | None:
         """Adapter ``name``'s ``adapter_config.json`` as a dict (opened inside DIR as its files are), or None

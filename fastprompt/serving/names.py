@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .adapter_dir import AdapterDirectory, valid_name
-from .prompts import _num_tasks, task_adapter_name
+from .prompts import config_num_tasks, task_of
 
 
 class ServeArgumentError(ValueError):
@@ -31,16 +31,23 @@ def default_served_name(model: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(path))) or "model"
 
 
-def _directory_names(adapter_dir) -> set[str]:
-    """The names ``adapter_dir`` serves now: each adapter's, and a multitask adapter's tasks (its config's
-    ``num_tasks``). Nothing is loaded."""
+def _directory_clash(adapter_dir, served: tuple[str, ...]) -> str | None:
+    """The first of ``served`` that ``adapter_dir`` serves now (None: none): an adapter ``DIR/NAME`` of
+    that name (a multitask one too, whose tasks that name would hide), or ``NAME.taskT`` where ``DIR/NAME``
+    is a multitask adapter with more than T tasks (its config's ``num_tasks``). Looks at one entry and one
+    config per served name: no task name is built, however many tasks a config claims. Nothing is loaded."""
     directory = AdapterDirectory(adapter_dir, lambda files: None)
-    names = set()
-    for name in directory.names():
-        names.add(name)
-        tasks = _num_tasks(directory.read_config(name))
-        names.update(task_adapter_name(name, t) for t in range(tasks or 0))
-    return names
+    for name in served:
+        if not valid_name(name):
+            continue  # never looked up in DIR
+        if directory.holds(name):
+            return name
+        task = task_of(name)
+        if task is not None:
+            tasks = config_num_tasks(directory.read_config(task[0]))
+            if tasks is not None and task[1] < tasks:
+                return name
+    return None
 
 
 def check_served_names(
@@ -48,6 +55,7 @@ def check_served_names(
     *,
     named: bool,
     adapters: tuple[str, ...] = (),
+    adapter_names: tuple[str, ...] = (),
     adapter_dir=None,
     default_model: str | None = None,
     other_models: tuple[str, ...] = (),
@@ -61,13 +69,15 @@ def check_served_names(
             ``adapter_dir`` now (a served name of the operator's own choosing hides ``adapter_dir``'s
             adapter of that name, as the README's precedence says).
         adapters: the served names of the ``--adapter`` ones (a multitask adapter's tasks included).
+        adapter_names: the names the ``--adapter`` ones are loaded as (``--adapter NAME=DIR``'s NAME): a
+            multitask adapter's NAME serves no model (its tasks do), yet no served name may be it either.
         adapter_dir: ``--adapter-dir``, or None.
         default_model: ``--default-model``: a base model's served name, an adapter's, one of
             ``other_models`` (vLLM's LoRA modules), or a name ``adapter_dir`` may hold (looked up there per
             request, as any name).
     """
     for name in served:
-        if name in adapters:
+        if name in adapters or name in adapter_names:
             fix = (
                 "rename the adapter"
                 if named
@@ -78,10 +88,10 @@ def check_served_names(
                 "(the base model's name serves no soft prompt)"
             )
     if not named and adapter_dir is not None:
-        clash = sorted(set(served) & _directory_names(adapter_dir))
-        if clash:
+        clash = _directory_clash(adapter_dir, served)
+        if clash is not None:
             raise ServeArgumentError(
-                f"the base model's served name {clash[0]!r} (its directory's name, the default) is also the "
+                f"the base model's served name {clash!r} (its directory's name, the default) is also the "
                 f"name of an adapter in --adapter-dir: give the base model another name with "
                 "--served-model-name NAME"
             )

@@ -65,7 +65,7 @@ def _warn_once(message: str) -> None:
         logger.warning("Prompt adapter directory: %s", message)
 
 
-def _num_tasks(config) -> int | None:
+def config_num_tasks(config) -> int | None:
     """A multitask adapter config's ``num_tasks`` (a positive int), else None (another adapter type, or no
     readable config)."""
     if not isinstance(config, dict) or config.get("peft_type") != MULTITASK_PROMPT_TUNING:
@@ -208,7 +208,7 @@ class PromptAdapters:
         for name in self.directory.names():
             if name in hidden:  # an added adapter (or the base model) of that name wins, tasks and all
                 continue
-            tasks = _num_tasks(self.directory.read_config(name))
+            tasks = config_num_tasks(self.directory.read_config(name))
             if tasks is None:
                 names.append(name)
             elif tasks > MAX_LISTED_TASKS:
@@ -296,7 +296,7 @@ class PromptAdapters:
         task = task_of(name)
         # DIR/NAME itself (its bad files: a 400), unless it is a multitask adapter, whose tasks are the
         # models. Configs are read only for names of the task form: the common request costs no more.
-        if task is None or _num_tasks(self.directory.read_config(name)) is None:
+        if task is None or config_num_tasks(self.directory.read_config(name)) is None:
             try:
                 table = self.directory.table(name)
             except UnknownAdapterError:
@@ -308,7 +308,7 @@ class PromptAdapters:
         # NAME.taskT: task T of the directory's multitask adapter NAME. Only a multitask NAME is loaded.
         if task is None or task[0] in self._hidden():
             raise self._unknown(name)
-        if _num_tasks(self.directory.read_config(task[0])) is None:
+        if config_num_tasks(self.directory.read_config(task[0])) is None:
             raise self._unknown(name)
         try:
             tables = self.directory.table(task[0])

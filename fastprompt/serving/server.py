@@ -19,13 +19,15 @@ of its objects are given a fastprompt subclass that changes what a model name me
   base model's served names, never the adapters).
 - the base model's served name is never a server path (``names.default_served_name``: its directory's
   name unless ``--served-model-name`` is given), so no body, chunk, error or ``/v1/models`` field shows
-  one. An empty or missing ``model`` is served as ``--default-model`` names; without it, with
-  ``--adapter-dir`` it is a 404 on every endpoint (a tenant that names nothing reaches nothing), else
-  vLLM's default, the base model.
+  one. An empty or missing ``model`` is served as ``--default-model`` names (an adapter or a LoRA on
+  completions and chat only); without it, with ``--adapter-dir`` it is a 404 (a tenant that names nothing
+  reaches nothing) on every endpoint but Anthropic's ``/v1/messages``, where vLLM's own validation makes
+  it a 400; else vLLM's default, the base model.
 
 ``--allow-adapter-updates`` adds ``POST /v1/load_prompt_adapter`` (``{"adapter_name", "adapter_path"}``:
-add or replace) and ``POST /v1/unload_prompt_adapter`` (``{"adapter_name"}``); off by default, since it
-reads files from the server's disk on request.
+add or replace; its answer and errors repeat the path the client sent) and ``POST
+/v1/unload_prompt_adapter`` (``{"adapter_name"}``); off by default, since it reads files from the server's
+disk on request.
 """
 
 from __future__ import annotations
@@ -55,9 +57,15 @@ from .word_table import read_word_table
 _REQUESTED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("fastprompt_adapter", default=None)
 
 
+_NO_MODEL = 'The request names no model: set "model" to one of the ids of /v1/models.'
+
+
 class _EmptyName:
     """Every serving object of the app: an empty or missing model name is supported only where it is
-    served as the base model (``empty_model``: the name it is served as, None: a 404)."""
+    served as the base model (``empty_model``: the name it is served as, None: a 404). Completions and chat
+    serve it as ``empty_model`` whatever that names (``_PromptServing._answer``); on the other endpoints
+    (``/tokenize``, ``/v1/responses``, ...) an ``empty_model`` that is an adapter or a LoRA is a 404 that
+    says the request names no model (vLLM's would name the model ``None``)."""
 
     empty_model: str | None
 
@@ -65,6 +73,17 @@ class _EmptyName:
         if not model_name:
             return self.empty_model is not None and self.models.is_base_model(self.empty_model)
         return super()._is_model_supported(model_name)
+
+    async def _check_model(self, request):
+        error = await super()._check_model(request)
+        if isinstance(error, ErrorResponse) and error.error.code == 404 and not request.model:
+            return self._no_model()
+        return error
+
+    def _no_model(self) -> ErrorResponse:
+        return self.create_error_response(
+            _NO_MODEL, err_type="NotFoundError", status_code=HTTPStatus.NOT_FOUND, param="model"
+        )
 
 
 class _PromptServing(_EmptyName):
@@ -117,12 +136,7 @@ class _PromptServing(_EmptyName):
         request naming no model is served as ``empty_model``, or is a 404."""
         if not request.model:  # None (absent) or ""
             if self.empty_model is None:
-                return self.create_error_response(
-                    'The request names no model: set "model" to one of the ids of /v1/models.',
-                    err_type="NotFoundError",
-                    status_code=HTTPStatus.NOT_FOUND,
-                    param="model",
-                )
+                return self._no_model()
             request.model = self.empty_model
         resolved = await self._resolve(request)
         if isinstance(resolved, ErrorResponse):
@@ -256,7 +270,7 @@ def empty_name_model(served: tuple[str, ...], default_model: str | None, adapter
 
 def install(state, adapters: PromptAdapters, empty_model: str | None = None) -> None:
     """Make the vLLM app whose ``app.state`` is ``state`` serve ``adapters`` by model name, and a request
-    naming no model as ``empty_model`` (None: a 404 on every endpoint)."""
+    naming no model as ``empty_model`` (None: a 404 on every endpoint that checks its model)."""
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
     _adopt(state.openai_serving_models, _PromptModels, prompt_adapters=adapters)
@@ -296,8 +310,9 @@ def add_adapter_routes(app, adapters: PromptAdapters) -> None:
             return error(f"expected a JSON body with strings {missing}", HTTPStatus.BAD_REQUEST, missing[0])
         try:
             adapters.load(path, name)
-        except (AdapterFileError, ValueError) as err:
-            return error(str(err), HTTPStatus.BAD_REQUEST, "adapter_path")
+        except (AdapterFileError, ValueError) as err:  # a ValueError alone: the name (the base model's)
+            param = "adapter_path" if isinstance(err, AdapterFileError) else "adapter_name"
+            return error(str(err), HTTPStatus.BAD_REQUEST, param)
         return JSONResponse({"adapter_name": name, "adapter_path": path})
 
     @app.post("/v1/unload_prompt_adapter")
@@ -364,6 +379,7 @@ async def run_server(
         served,
         named=named,
         adapters=tuple(served_adapters),
+        adapter_names=tuple(adapter_dirs),  # a multitask adapter's NAME too, which only its tasks serve
         adapter_dir=adapter_dir,
         default_model=default_model,
         other_models=tuple(lora.name for lora in args.lora_modules or ()),

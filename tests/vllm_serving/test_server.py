@@ -134,6 +134,7 @@ def test_load_and_unload_while_running(client, tmp_path, reference, tokenize):
         "/v1/load_prompt_adapter", json={"adapter_name": "delta", "adapter_path": str(tmp_path / "bad")}
     )
     assert bad.status_code == 400 and "not finite" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["param"] == "adapter_path"
     assert str(tmp_path / "bad") in bad.json()["error"]["message"]
     again = _completion(client, "delta", "the movie")
     assert again.json()["choices"][0]["token_ids"] == reply.json()["choices"][0]["token_ids"]
@@ -142,6 +143,18 @@ def test_load_and_unload_while_running(client, tmp_path, reference, tokenize):
     assert _completion(client, "delta", "the movie").status_code == 404
     missing = client.post("/v1/unload_prompt_adapter", json={"adapter_name": "delta"})
     assert missing.status_code == 404
+
+
+def test_loading_the_base_models_name_is_a_400_on_adapter_name(client, base_dir, adapter_dirs):
+    """The base model's served name serves no soft prompt: loading an adapter as it is refused, the error's
+    param the name (the path is fine)."""
+    name = os.path.basename(base_dir)
+    load = {"adapter_name": name, "adapter_path": adapter_dirs["alpha"]}
+    reply = client.post("/v1/load_prompt_adapter", json=load)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "adapter_name" and "base model's name" in error["message"], error
+    assert name not in [card["id"] for card in client.get("/v1/models").json()["data"]][1:]
 
 
 def test_ptuning_and_multitask_adapters_over_http(client, tmp_path, tenant_dir, reference, tokenize):

@@ -27,10 +27,10 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run in the vLLM venv)")
 httpx = pytest.importorskip("httpx")
 
-from vllm_helpers import API_KEY, CHAT_TEMPLATE, ENGINE, table  # noqa: E402
+from vllm_helpers import API_KEY, CHAT_TEMPLATE, ENGINE, table, task_factors  # noqa: E402
 
 from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
-from fastprompt.testing.adapter_files import save_prompt_adapter  # noqa: E402
+from fastprompt.testing.adapter_files import save_multitask_adapter, save_prompt_adapter  # noqa: E402
 
 NEW = 4
 TEXT = "the movie was great"
@@ -192,16 +192,35 @@ def test_empty_and_missing_names(mode, http, name, stream, chat, server_paths, r
         assert tokens == _expected(mode, mode.empty, reference, tokenize)
 
 
+OTHER_ENDPOINTS = {  # vLLM's own, not fastprompt's: the base model only
+    "/tokenize": {"prompt": TEXT},
+    "/v1/responses": {"input": TEXT, "max_output_tokens": NEW, "temperature": 0.0},
+}
+
+
+@pytest.mark.parametrize("path", sorted(OTHER_ENDPOINTS))
 @pytest.mark.parametrize("name", ["", MISSING], ids=["empty", "missing"])
-def test_other_endpoints_serve_no_name_only_as_the_base_model(mode, http, name):
-    """/tokenize (vLLM's, not fastprompt's) answers a request naming no model only where it means the base
-    model: a 404 with --adapter-dir, and where the default is an adapter (it serves no soft prompt)."""
-    body = {"prompt": TEXT} if name is MISSING else {"model": name, "prompt": TEXT}
-    reply = http.post("/tokenize", json=body)
+def test_other_endpoints_serve_no_name_only_as_the_base_model(mode, http, name, path, server_paths):
+    """vLLM's other endpoints answer a request naming no model only where it means the base model: a 404
+    saying the request names no model with --adapter-dir, and where the default is an adapter (it serves
+    no soft prompt there)."""
+    body = dict(OTHER_ENDPOINTS[path]) if name is MISSING else {**OTHER_ENDPOINTS[path], "model": name}
+    reply = http.post(path, json=body)
+    _no_path(reply.text, server_paths)
     if mode.empty == mode.name:
         assert reply.status_code == 200, reply.text
     else:
-        _assert_404(reply.status_code, reply.json()["error"], name)
+        error = reply.json()["error"]
+        _assert_404(reply.status_code, error, name)
+        assert "names no model" in error["message"] and "None" not in error["message"], error
+
+
+@pytest.mark.parametrize("name", ["", MISSING], ids=["empty", "missing"])
+def test_anthropic_messages_require_a_model(mode, http, name):
+    """/v1/messages (Anthropic's API, vLLM's validation): no model is a 400 in every mode, not a 404."""
+    body = {"max_tokens": NEW, "messages": [{"role": "user", "content": TEXT}]}
+    reply = http.post("/v1/messages", json=body if name is MISSING else {**body, "model": name})
+    assert reply.status_code == 400, reply.text
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -235,11 +254,20 @@ def test_errors_and_other_pages_show_no_server_path(mode, http, base_dir, server
     assert f'model_name="{mode.name}"' in http.get("/metrics").text
 
 
-def test_a_default_name_that_is_an_adapters_refuses_to_start(base_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["adapter-dir", "multitask-adapter"])
+def test_a_default_name_that_is_an_adapters_refuses_to_start(base_dir, tmp_path, flag):
     """The base model's default served name is its directory's name: if an adapter of --adapter-dir has it,
-    the server stops before its engine starts, saying which flag resolves it."""
-    save_prompt_adapter(tmp_path / os.path.basename(base_dir), table(8, 3000))
-    command = [sys.executable, "-m", "fastprompt", "serve", base_dir, f"--adapter-dir={tmp_path}"]
+    or a multitask --adapter is loaded as it (it serves its tasks, not that name), the server stops before
+    its engine starts, saying which flag resolves it."""
+    name = os.path.basename(base_dir)
+    command = [sys.executable, "-m", "fastprompt", "serve", base_dir]
+    if flag == "adapter-dir":
+        save_prompt_adapter(tmp_path / name, table(8, 3000))
+        command.append(f"--adapter-dir={tmp_path}")
+    else:
+        save_multitask_adapter(tmp_path / "mt", table(8, 3001), *task_factors(2, 8, 1, seed=3002))
+        command.append(f"--adapter={name}={tmp_path / 'mt'}")
     done = subprocess.run(command + ["--dtype=float32"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert f"'{os.path.basename(base_dir)}'" in done.stderr and "--served-model-name" in done.stderr
+    assert f"'{name}'" in done.stderr and "--served-model-name" in done.stderr
+    assert "Traceback" not in done.stderr
