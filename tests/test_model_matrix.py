@@ -168,3 +168,59 @@ def test_a_model_that_drops_the_cache_is_found_out_and_exact():
     assert policy.CALLS["shared"] == before.get("shared", 0)
     with pytest.raises(ValueError, match="did not fill the cache it was given"):
         fast(input_ids=ids, attention_mask=mask, labels=labels, share_prompt_prefix=True)
+
+
+ROPE_BY_LENGTH = {
+    # LongRoPE whose switch to long factors falls between the prompt's N = 40 and N + L = 49 positions
+    "phi3 longrope straddling": ("phi3", {"original_max_position_embeddings": 44}, "longrope"),
+    # dynamic NTK rescaling past 32 positions, which N + L goes past
+    "llama dynamic": (
+        "llama",
+        {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 32},
+        "dynamic",
+    ),
+    # YaRN: fixed frequencies whatever the length (no decline)
+    "llama yarn": (
+        "llama",
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE_BY_LENGTH))
+def test_rope_scaling_that_depends_on_length_stays_exact(monkeypatch, case):
+    """Rope scalings whose frequencies depend on the forward's length (LongRoPE past
+    ``original_max_position_embeddings``, dynamic NTK past ``max_position_embeddings``): where the prompt
+    run apart would get other frequencies than PEFT's one pass, training and generation's reuse decline
+    with the reason; every path stays exact."""
+    import torch
+    import transformers
+
+    family, rope, declines = ROPE_BY_LENGTH[case]
+
+    def build(model_type, **overrides):
+        config = causal_lms.tiny_config(family)
+        parameters = dict(config.rope_parameters or {"rope_theta": 10000.0})
+        fields = dict(rope)
+        if "max_position_embeddings" in fields:
+            config.max_position_embeddings = fields.pop("max_position_embeddings")
+        parameters.update(fields)
+        config.rope_parameters = parameters
+        if "original_max_position_embeddings" in fields:  # Phi-3 keeps it on the config too
+            config.original_max_position_embeddings = fields["original_max_position_embeddings"]
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        return model.eval()
+
+    monkeypatch.setattr(causal_lms, "tiny_causal_lm", build)
+    results = model_matrix.check_type(family, paths=("train", "packed", "generate"))
+    assert all(r.exact for r in results.values()), results
+    for path in ("train", "generate"):
+        if declines:
+            assert (
+                not results[path].shared
+                and "rope scaling depends on the forward's length" in results[path].reason
+            )
+        else:
+            assert results[path].shared, results[path]

@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from ..prompt_once import kv_store as prompt_kv
+from ..prompt_once.policy import rope_length_reason
 from ..prompt_once.prompt_pass import CACHE_BUILD_ERRORS, LAYER_TYPES, cache_layer_kinds, fill_prefix_cache
 from .adapter_batches import RowAdapters, pop_adapter_names
 from .peft_inputs_embeds import model_inputs_embeds
@@ -319,6 +320,11 @@ def causal_lm_generate(peft_model, original, args: tuple, kwargs: dict, reuse: b
     )
     if reuse is not False:
         reason, silent = _why_no_reuse(peft_model, kwargs)
+        if reason is None:
+            input_ids = _batch_input_ids(args, kwargs)
+            if input_ids is not None:
+                n = state.num_virtual_tokens
+                reason = rope_length_reason(peft_model.get_base_model(), n, n + input_ids.shape[-1])
         if reason is None:
             pending = _pending_prompt_kv(peft_model, rows)
             reason = _why_not_fill(peft_model, pending)

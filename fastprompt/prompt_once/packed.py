@@ -163,6 +163,18 @@ def _trailing_pads(input_ids, positions, starts, labels, pad_token_id) -> torch.
     return run
 
 
+def document_lengths(rows: PackedRows) -> list[int]:
+    """The token count of every document of the rows (pads left out)."""
+    lengths = []
+    for doc, pad in zip(rows.doc.tolist(), rows.pads.tolist(), strict=True):
+        counts: dict = {}
+        for d, is_pad in zip(doc, pad, strict=True):
+            if not is_pad:
+                counts[d] = counts.get(d, 0) + 1
+        lengths += counts.values()
+    return lengths
+
+
 def shared_positions(rows: PackedRows, n: int) -> torch.Tensor:
     """``[B, N + L]`` int64 positions of the shared layout: ``0..N-1`` (prompt), ``N + p`` (a token)."""
     prompt = torch.arange(n, device=rows.positions.device).expand(rows.batch, n)

@@ -48,6 +48,7 @@ from .policy import (
     denied_reason,
     other_keywords,
     padding_sensitive,
+    rope_length_reason,
     stock_head,
     text_config,
 )
@@ -120,7 +121,9 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
         raise ValueError(f"{_PACKED} cannot run exact: {reason}.")
     implementation = attention_implementation(base_model)
     varlen = packed.is_varlen(implementation)
-    unmasked = None if varlen else why_not_masked(base_model)
+    sizes = packed.document_lengths(rows)  # a rope scaling by length: documents alone, one by one
+    rope_reason = rope_length_reason(base_model, n + min(sizes), n + max(sizes))
+    unmasked = rope_reason if rope_reason is not None else (None if varlen else why_not_masked(base_model))
     dropout = active_dropout(base_model)
     if requested:
         if varlen:
@@ -182,7 +185,8 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
             UNPACKED[type(base_model)] = hook.reason
         call.pop("position_ids")
     if output is None:  # the exact layout of any model PEFT runs: one document per row
-        plan = unpacked_plan(packed.unpacked_layout(rows, n), one_by_one=padding_sensitive(base_model))
+        one_by_one = padding_sensitive(base_model) or rope_reason is not None
+        plan = unpacked_plan(packed.unpacked_layout(rows, n), one_by_one=one_by_one)
         with decoder_plan(base_model, inputs_embeds, plan) as state:
             output = base_call(inputs_embeds, call)
         _check_ran(state, "unpacked into one document per row")

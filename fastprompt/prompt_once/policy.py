@@ -204,6 +204,51 @@ def padding_sensitive(base_model) -> bool:
     return any(INDEXED_LAYER in _class_names(type(layer)) for layer in layers)
 
 
+def length_dependent_ropes(base_model) -> list[tuple[str, int]]:
+    """``(rope_type, length)`` of each rope scaling of the model whose frequencies depend on the forward's
+    length: LongRoPE (long factors past ``original_max_position_embeddings``) and dynamic NTK (rescaled
+    past ``max_position_embeddings``), per layer type where the config has several."""
+    config = text_config(base_model)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return []
+    entries = [params] if "rope_type" in params or "type" in params else list(params.values())
+    found = []
+    for entry in entries:
+        kind = entry.get("rope_type") or entry.get("type") if isinstance(entry, dict) else None
+        if kind == "longrope":
+            length = entry.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None
+            )
+        elif isinstance(kind, str) and "dynamic" in kind:
+            length = getattr(config, "max_position_embeddings", None)
+        else:
+            continue
+        if length:
+            found.append((kind, int(length)))
+    return found
+
+
+def rope_length_reason(base_model, shortest: int, longest: int) -> str | None:
+    """Why a split forward would give some positions other rope frequencies than PEFT's, or None.
+
+    Args:
+        shortest: the fewest positions a pass that must agree sees (the prompt pass: N; packed rows: N + the
+            shortest document); longest: the most (N + L; N + the longest document).
+
+    LongRoPE picks its factors by the longest position of a forward: exact where both lengths fall on one
+    side of its length. Dynamic NTK rescales past its length: exact where neither goes past it.
+    """
+    for kind, length in length_dependent_ropes(base_model):
+        exact = (shortest > length or longest <= length) if kind == "longrope" else longest <= length
+        if not exact:
+            return (
+                f"its {kind} rope scaling depends on the forward's length (past {length} positions): a pass "
+                f"of {shortest} positions and one of {longest} would get different frequencies"
+            )
+    return None
+
+
 def attention_reason(base_model) -> str | None:
     """Why the model's attention implementation may not apply the mask over a cached prefix, or None."""
     implementation = getattr(text_config(base_model), "_attn_implementation", None)
@@ -430,6 +475,8 @@ def decide(peft_model, requested, task: str, kwargs: dict, input_ids: torch.Tens
         CALLS["not shared"] += 1
         return None
     reason = why_not_share(peft_model, task, kwargs, input_ids)
+    if reason is None:
+        reason = rope_length_reason(peft_model.get_base_model(), n, n + input_ids.shape[1])
     if reason is not None:
         if requested:
             model_type = _base_model_type(peft_model.get_base_model())
