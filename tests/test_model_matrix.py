@@ -224,3 +224,59 @@ def test_rope_scaling_that_depends_on_length_stays_exact(monkeypatch, case):
             )
         else:
             assert results[path].shared, results[path]
+
+
+@pytest.mark.parametrize("path", ["train", "packed", "seq_cls"])
+def test_bidirectional_attention_declines_and_stays_exact(monkeypatch, path):
+    """A causal-LM family configured with bidirectional attention (EmbeddingGemma: Gemma 3 with
+    ``use_bidirectional_attention``): its prompt would see the tokens, so nothing is shared; exact."""
+    config = causal_lms.tiny_config  # tiny_causal_lm builds from it too
+    monkeypatch.setattr(
+        causal_lms, "tiny_config", lambda t, **k: config(t, **{"use_bidirectional_attention": True, **k})
+    )
+    result = model_matrix.check_type("gemma3_text", paths=(path,))[path]
+    assert result.exact and not result.shared, result
+    assert "bidirectional" in result.reason
+
+
+def test_a_registered_subclass_of_a_denied_family_is_denied(monkeypatch):
+    """``policy.DENIED`` matches a family by its modeling module: a Llama 4 subclass registered under a
+    new model type runs packed rows unpacked (exact), as Llama 4 does."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM, Llama4TextConfig
+
+    class LocalConfig(Llama4TextConfig):
+        model_type = "fastprompt_test_local_llama4"
+
+    class LocalForCausalLM(Llama4ForCausalLM):
+        config_class = LocalConfig
+
+    AutoConfig.register(LocalConfig.model_type, LocalConfig, exist_ok=True)
+    AutoModelForCausalLM.register(LocalConfig, LocalForCausalLM, exist_ok=True)
+    text = causal_lms.tiny_config("llama4_text")
+    build = causal_lms.tiny_causal_lm
+
+    def tiny_local(model_type, **overrides):
+        if model_type != LocalConfig.model_type:
+            return build(model_type, **overrides)
+        import torch
+
+        config = LocalConfig(**{**text.to_dict(), **overrides})
+        config._attn_implementation = text._attn_implementation
+        torch.manual_seed(0)
+        return LocalForCausalLM(config).eval()
+
+    monkeypatch.setattr(causal_lms, "tiny_causal_lm", tiny_local)
+    result = model_matrix.check_type(LocalConfig.model_type, paths=("packed",))["packed"]
+    assert result.exact and not result.shared and "temperature tuning" in result.reason, result
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_moe", "gemma3_text", "phi3"])
+def test_sdpa_shares_exactly(monkeypatch, model_type):
+    """The matrix runs eager attention; SDPA (transformers' default, a boolean packed mask, a padded prefix
+    cache) on a few families: training and packed rows shared and exact."""
+    build = causal_lms.tiny_causal_lm
+    monkeypatch.setattr(
+        causal_lms, "tiny_causal_lm", lambda t, **k: build(t, **{"attn_implementation": "sdpa", **k})
+    )
+    results = model_matrix.check_type(model_type, paths=("train", "packed"))
+    assert all(r.exact and r.shared for r in results.values()), results

@@ -43,6 +43,7 @@ from .policy import (
     CALLS,
     LOSS_KEYWORDS,
     active_dropout,
+    bidirectional,
     cache_reason,
     decoder_of,
     denied_reason,
@@ -73,13 +74,16 @@ def why_not_exact(base_model, kwargs: dict) -> str | None:
     return None
 
 
-def why_not_masked(base_model) -> str | None:
-    """Why the layout's masks cannot reach this model (it runs unpacked), or None: its attention
-    implementation takes a dense mask, it builds its masks with transformers' mask functions, its decoder
-    takes ``position_ids``, and no layer carries state from one document to the next."""
+def why_not_masked(base_model, *, varlen: bool = False) -> str | None:
+    """Why the layout's masks (or, ``varlen``, flash attention's segments) cannot reach this model (it
+    runs unpacked), or None: its attention implementation takes a dense mask, it builds its masks with
+    transformers' mask functions, its decoder takes ``position_ids``, its attention is causal, and no
+    layer carries state from one document to the next."""
     implementation = attention_implementation(base_model)
-    if implementation not in packed.MASK_FORMS:
+    if implementation not in packed.MASK_FORMS and not varlen:
         return f"attn_implementation={implementation!r} takes no dense mask"
+    if bidirectional(base_model):
+        return "its attention is bidirectional (is_causal=False)"
     if type(base_model) in UNPACKED:
         return UNPACKED[type(base_model)]
     denied = denied_reason(base_model, "packed")
@@ -90,7 +94,7 @@ def why_not_masked(base_model) -> str | None:
         return f"{type(base_model).__name__} has no separate decoder to run the documents"
     if "position_ids" not in inspect.signature(decoder.forward).parameters:
         return f"{type(decoder).__name__} takes no position_ids (its positions follow the mask)"
-    if not packed_masks.can_hand_masks(base_model, decoder):
+    if not varlen and not packed_masks.can_hand_masks(base_model, decoder):
         return f"{type(decoder).__name__} builds its attention mask without transformers' mask functions"
     reason = cache_reason(base_model)
     if reason is not None:  # recurrent state runs on from one document to the next; an indexer ranks all
@@ -123,7 +127,7 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
     varlen = packed.is_varlen(implementation)
     sizes = packed.document_lengths(rows)  # a rope scaling by length: documents alone, one by one
     rope_reason = rope_length_reason(base_model, n + min(sizes), n + max(sizes))
-    unmasked = rope_reason if rope_reason is not None else (None if varlen else why_not_masked(base_model))
+    unmasked = rope_reason if rope_reason is not None else why_not_masked(base_model, varlen=varlen)
     dropout = active_dropout(base_model)
     if requested:
         if varlen:
@@ -140,7 +144,7 @@ def packed_forward(base_model, base_call, inputs_embeds, n: int, rows, kwargs: d
         if unmasked is not None:
             raise ValueError(
                 f"share_prompt_prefix=True cannot apply to {_PACKED} on {type(base_model).__name__}: "
-                f"{unmasked}; the documents run unpacked instead."
+                f"{unmasked} (without True, the documents run unpacked, exact)."
             )
     call = {k: v for k, v in kwargs.items() if k not in packed.FLASH_KWARGS}  # rewritten below if used
     call["use_cache"] = False  # packed rows are not continued: no cache comes back

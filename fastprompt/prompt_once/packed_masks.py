@@ -115,8 +115,9 @@ def hand_masks(models, layout, implementation: str, dtype: torch.dtype):
             if threading.get_ident() != owner:
                 return original(config, *args, **kwargs)
             hook.calls += 1
-            if kind is None:
-                hook.unknown.append(name)
+            overlays = [k for k in ("or_mask_function", "and_mask_function") if kwargs.get(k) is not None]
+            if kind is None or overlays:  # a kind, or an overlay (bidirectional blocks), not known here
+                hook.unknown.append(name if not overlays else f"{name}({overlays[0]}=...)")
                 return original(config, *args, **kwargs)
             span = getattr(config, span_field, None) if span_field else None
             key = (kind, span)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import warnings
+import weakref
 
 import torch
 
@@ -83,9 +85,10 @@ MIN_SAVED_POSITIONS = 64
 # tests and diagnostics.
 CALLS: collections.Counter = collections.Counter()
 
-# What the run-time check found: (model class, checkpointed) -> why its token pass did not read the
-# prompt's cache. Such a model is declined from then on, for that class and checkpointing state.
-OBSERVED: dict = {}
+# What the run-time check found: model instance -> {checkpointed: why its token pass did not read the
+# prompt's cache}. That model is declined from then on in that checkpointing state (one model only: an
+# error of one call, a user's hook say, never switches sharing off for a whole class), with a warning.
+OBSERVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Errors of a prompt pass that mean the model does not take transformers' cache (a model of its own
 # making): the forward takes PEFT's path, never ends in them.
 PROMPT_PASS_ERRORS = (AttributeError, TypeError, NotImplementedError, KeyError, IndexError)
@@ -100,11 +103,20 @@ class RuntimeDecline(Exception):
 
 
 def record_decline(base_model, checkpointing_mode, reason: str) -> RuntimeDecline:
-    """Remember that ``base_model``'s class cannot share in this checkpointing state, and why."""
+    """Remember that ``base_model`` cannot share in this checkpointing state, and why (with a warning:
+    the model takes PEFT's path from then on)."""
     if checkpointing_mode is not None:
         reason = f"under gradient checkpointing, {reason}"
-    OBSERVED[(type(base_model), checkpointing_mode is not None)] = reason
-    return RuntimeDecline(f"{reason} (model type {_base_model_type(base_model)!r})")
+    reason = f"{reason} (model type {_base_model_type(base_model)!r})"
+    OBSERVED.setdefault(base_model, {})[checkpointing_mode is not None] = reason
+    message = f"share_prompt_prefix: this model takes PEFT's path from now on: {reason}."
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return RuntimeDecline(reason)
+
+
+def observed_reason(base_model, checkpointed: bool) -> str | None:
+    """What the run-time check found for ``base_model`` in this checkpointing state, or None."""
+    return OBSERVED.get(base_model, {}).get(checkpointed)
 
 
 def check_request(value) -> None:
@@ -152,10 +164,20 @@ def denied_reason(base_model, path: str) -> str | None:
     for model_type, paths in DENIED.items():
         if path not in paths:
             continue
-        family = f"transformers.models.{model_type.replace('-', '_')}."
+        family = f"transformers.models.{_module_name(model_type)}."
         if model_type in types or any(module.startswith(family) for module in modules):
             return f"{paths[path]} ({model_type})"
     return None
+
+
+def _module_name(model_type: str) -> str:
+    """The folder of transformers' models that holds ``model_type`` (``llama4_text``: ``llama4``)."""
+    try:
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+        return model_type_to_module_name(model_type)
+    except ImportError:
+        return model_type.replace("-", "_")
 
 
 def _class_names(cls) -> set:
@@ -190,6 +212,12 @@ def cache_reason(base_model) -> str | None:
     if own:
         return f"its cache layers {own} are the model's own (state beyond transformers' key/value layers)"
     return None
+
+
+def bidirectional(base_model) -> bool:
+    """Whether an attention module of the model is not causal (``is_causal=False``: EmbeddingGemma's
+    ``use_bidirectional_attention``): its prompt positions would attend to the tokens after them."""
+    return any(getattr(module, "is_causal", True) is False for module in base_model.modules())
 
 
 def padding_sensitive(base_model) -> bool:
@@ -374,9 +402,11 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
         _, reason = checkpointing_mode(layers)
         if reason is not None:
             return reason
-    observed = OBSERVED.get((type(base_model), bool(layers)))
+    observed = observed_reason(base_model, bool(layers))
     if observed is not None:
         return observed
+    if bidirectional(base_model):
+        return "its attention is bidirectional (is_causal=False): the prompt would see the tokens"
     return cache_reason(base_model)
 
 

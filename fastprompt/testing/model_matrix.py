@@ -68,7 +68,7 @@ EXPECTED_DECLINES: dict[str, dict[str, str]] = {
     "mpt": {"packed": "takes no position_ids (its positions follow the mask)"},
     # BLT: transformers cannot build its cache from its config (its generate fails with a cache too).
     "blt": dict.fromkeys(
-        ("train", "checkpointed", "packed", "generate"), "its cache cannot be built from its config"
+        ("train", "checkpointed", "packed", "generate"), "cache cannot be built from its config"
     ),
     # DeepSeek-V4's compressed caches: state beyond keys/values.
     "deepseek_v4": {
@@ -441,9 +441,13 @@ def render_support_page(rows: dict, declines: dict, skipped: dict, version: str)
         "(`fastprompt/testing/causal_lms.py`), checked by `tests/test_model_matrix.py` against PEFT 0.21.2",
         "on identical weights: training forward and backward (loss, logits, prompt gradient), the same",
         "under gradient checkpointing, packed rows against each document alone, greedy generation against",
-        "a no-cache greedy loop, and sequence classification where the family has that head. Every cell is",
-        "exact; the table says whether the prompt ran once there (yes) or why not (no: the words of the",
-        "reason `share_prompt_prefix=True` / `reuse_prompt_kv=True` give). Where it does not, the exact",
+        "a no-cache greedy loop (or, where transformers' own cached decoding of the base model differs from",
+        "recomputing, against that), and sequence classification where the family has that head, with the",
+        "eager attention implementation (SDPA spot-checked on a few families). Every cell is exact; the",
+        "table says whether the prompt ran once there (yes) or why not (no: words of the reason",
+        "`share_prompt_prefix=True` / `reuse_prompt_kv=True` give; \"are ...\" reads \"its cache layers",
+        "are ...\"). The page is rendered from the checked-in list of expected declines; the matrix run",
+        "(`FASTPROMPT_MATRIX=all`, in `.ci/run`) holds every type to it. Where it does not share, the exact",
         "fallback runs: PEFT's path in training, each document in a row of its own for packed rows (one by",
         "one where padding would change the result), generation without prompt-KV reuse. n/a: the family",
         "has no such head, or no gradient checkpointing.",
