@@ -95,35 +95,40 @@ def test_support_page_is_the_matrix():
     assert page == model_matrix.support_page()
 
 
+def _register_locally(monkeypatch, family: str, config_class, model_class) -> str:
+    """Subclasses of a family's config and causal LM registered under a new model type (as a user's or a
+    ``trust_remote_code`` model is), which ``causal_lms.tiny_causal_lm`` then builds on the family's tiny
+    config; the new model type."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local_config = type("LocalConfig", (config_class,), {"model_type": f"fastprompt_test_local_{family}"})
+    local_model = type("LocalForCausalLM", (model_class,), {"config_class": local_config})
+    AutoConfig.register(local_config.model_type, local_config, exist_ok=True)
+    AutoModelForCausalLM.register(local_config, local_model, exist_ok=True)
+    tiny = causal_lms.tiny_config(family)
+    build = causal_lms.tiny_causal_lm
+
+    def tiny_local(model_type, **overrides):
+        if model_type != local_config.model_type:
+            return build(model_type, **overrides)
+        config = local_config(**{**tiny.to_dict(), **overrides})
+        config._attn_implementation = tiny._attn_implementation
+        torch.manual_seed(0)
+        return local_model(config).eval()
+
+    monkeypatch.setattr(causal_lms, "tiny_causal_lm", tiny_local)
+    return local_config.model_type
+
+
 def test_a_locally_registered_model_type_shares(monkeypatch):
     """A model type transformers does not ship (here a subclass of Qwen3's classes registered under a new
     name, as a user's or a ``trust_remote_code`` model is): the same run-time checks, so it shares on every
     path, exactly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    class LocalConfig(Qwen3Config):
-        model_type = "fastprompt_test_local_qwen3"
-
-    class LocalForCausalLM(Qwen3ForCausalLM):
-        config_class = LocalConfig
-
-    AutoConfig.register(LocalConfig.model_type, LocalConfig, exist_ok=True)
-    AutoModelForCausalLM.register(LocalConfig, LocalForCausalLM, exist_ok=True)
-    qwen3 = causal_lms.tiny_config("qwen3")
-    build = causal_lms.tiny_causal_lm
-
-    def tiny_local(model_type, **overrides):
-        if model_type != LocalConfig.model_type:
-            return build(model_type, **overrides)
-        import torch
-
-        config = LocalConfig(**{**qwen3.to_dict(), **overrides})
-        config._attn_implementation = qwen3._attn_implementation
-        torch.manual_seed(0)
-        return LocalForCausalLM(config).eval()
-
-    monkeypatch.setattr(causal_lms, "tiny_causal_lm", tiny_local)
-    results = model_matrix.check_type(LocalConfig.model_type, paths=("train", "packed", "generate"))
+    model_type = _register_locally(monkeypatch, "qwen3", Qwen3Config, Qwen3ForCausalLM)
+    results = model_matrix.check_type(model_type, paths=("train", "packed", "generate"))
     assert all(r.exact and r.shared for r in results.values()), results
 
 
@@ -242,31 +247,10 @@ def test_bidirectional_attention_declines_and_stays_exact(monkeypatch, path):
 def test_a_registered_subclass_of_a_denied_family_is_denied(monkeypatch):
     """``policy.DENIED`` matches a family by its modeling module: a Llama 4 subclass registered under a
     new model type runs packed rows unpacked (exact), as Llama 4 does."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM, Llama4TextConfig
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-    class LocalConfig(Llama4TextConfig):
-        model_type = "fastprompt_test_local_llama4"
-
-    class LocalForCausalLM(Llama4ForCausalLM):
-        config_class = LocalConfig
-
-    AutoConfig.register(LocalConfig.model_type, LocalConfig, exist_ok=True)
-    AutoModelForCausalLM.register(LocalConfig, LocalForCausalLM, exist_ok=True)
-    text = causal_lms.tiny_config("llama4_text")
-    build = causal_lms.tiny_causal_lm
-
-    def tiny_local(model_type, **overrides):
-        if model_type != LocalConfig.model_type:
-            return build(model_type, **overrides)
-        import torch
-
-        config = LocalConfig(**{**text.to_dict(), **overrides})
-        config._attn_implementation = text._attn_implementation
-        torch.manual_seed(0)
-        return LocalForCausalLM(config).eval()
-
-    monkeypatch.setattr(causal_lms, "tiny_causal_lm", tiny_local)
-    result = model_matrix.check_type(LocalConfig.model_type, paths=("packed",))["packed"]
+    model_type = _register_locally(monkeypatch, "llama4_text", Llama4TextConfig, Llama4ForCausalLM)
+    result = model_matrix.check_type(model_type, paths=("packed",))["packed"]
     assert result.exact and not result.shared and "temperature tuning" in result.reason, result
 
 
