@@ -64,7 +64,7 @@ def test_matrix_covers_every_causal_lm_type():
     assert not in_matrix & set(causal_lms.SKIPPED)
     assert {category for category, _ in causal_lms.SKIPPED.values()} <= set(causal_lms.SKIP_REASONS)
     assert set(causal_lms.MUST_COVER) <= in_matrix
-    assert set(EXPECTED_DECLINES) <= everything | set(FAST_SUBSET)
+    assert {t for t in EXPECTED_DECLINES if t in everything} <= in_matrix  # others: other releases
 
 
 @pytest.mark.parametrize("model_type", _types())

@@ -66,10 +66,12 @@ EXPECTED_DECLINES: dict[str, dict[str, str]] = {
     # ALiBi (positions follow the mask): packed documents run unpacked, one per row of a padded batch.
     "bloom": {"packed": "takes no position_ids (its positions follow the mask)"},
     "mpt": {"packed": "takes no position_ids (its positions follow the mask)"},
-    # BLT: transformers cannot build its cache from its config (its generate fails with a cache too).
-    "blt": dict.fromkeys(
-        ("train", "checkpointed", "packed", "generate"), "cache cannot be built from its config"
-    ),
+    # BLT: its byte-level encoder's attention is not causal (is_causal=False), and transformers cannot
+    # build its cache from its config (its generate fails with a cache too).
+    "blt": {
+        **dict.fromkeys(("train", "checkpointed", "packed"), "bidirectional (is_causal=False)"),
+        "generate": "cache cannot be built from its config",
+    },
     # DeepSeek-V4's compressed caches: state beyond keys/values.
     "deepseek_v4": {
         "train": "are the model's own (state beyond transformers' key/value layers)",
@@ -445,8 +447,8 @@ def render_support_page(rows: dict, declines: dict, skipped: dict, version: str)
         "recomputing, against that), and sequence classification where the family has that head, with the",
         "eager attention implementation (SDPA spot-checked on a few families). Every cell is exact; the",
         "table says whether the prompt ran once there (yes) or why not (no: words of the reason",
-        "`share_prompt_prefix=True` / `reuse_prompt_kv=True` give; \"are ...\" reads \"its cache layers",
-        "are ...\"). The page is rendered from the checked-in list of expected declines; the matrix run",
+        '`share_prompt_prefix=True` / `reuse_prompt_kv=True` give; "are ..." reads "its cache layers',
+        'are ..."). The page is rendered from the checked-in list of expected declines; the matrix run',
         "(`FASTPROMPT_MATRIX=all`, in `.ci/run`) holds every type to it. Where it does not share, the exact",
         "fallback runs: PEFT's path in training, each document in a row of its own for packed rows (one by",
         "one where padding would change the result), generation without prompt-KV reuse. n/a: the family",
