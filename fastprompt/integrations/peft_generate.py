@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import sys
 import threading
 import warnings
 import weakref
@@ -28,8 +29,17 @@ import weakref
 import torch
 
 from ..prompt_once import kv_store as prompt_kv
-from ..prompt_once.policy import rope_length_reason
-from ..prompt_once.prompt_pass import CACHE_BUILD_ERRORS, LAYER_TYPES, cache_layer_kinds, fill_prefix_cache
+from ..prompt_once.policy import cache_reason, denied_reason, rope_length_reason
+from ..prompt_once.prompt_pass import (
+    CACHE_BUILD_ERRORS,
+    LAYER_TYPES,
+    cache_argument,
+    cache_layer_kinds,
+    fill_prefix_cache,
+    holds_prompt,
+    prefix_state_layers,
+    starts_from_own_cache,
+)
 from .adapter_batches import RowAdapters, pop_adapter_names
 from .peft_inputs_embeds import model_inputs_embeds
 from .peft_prompt_methods import TASK_IDS, batch_rows, is_multitask
@@ -45,15 +55,20 @@ def _find_cache(model_kwargs: dict):
 
 
 def _cache_length(cache) -> int:
+    """The positions a cache holds; for a cache of recurrent layers only (a state-space model), which
+    counts none, 0 while it is empty and unbounded once it holds a state."""
     if isinstance(cache, (tuple, list)):
         return cache[0][0].shape[-2]
-    return cache.get_seq_length()
+    try:
+        return cache.get_seq_length()
+    except ValueError:  # transformers: only recurrent layers, no length to give
+        return sys.maxsize if any(holds_prompt(layer) for layer in cache.layers) else 0
 
 
 def _is_empty_cache(cache) -> bool:
     import transformers
 
-    return isinstance(cache, transformers.Cache) and not cache.get_seq_length()
+    return isinstance(cache, transformers.Cache) and not _cache_length(cache)
 
 
 def _prefixed_generation_mask(model_kwargs: dict, attention_mask, num_prompt: int) -> None:
@@ -96,13 +111,21 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
     elif cache is not None and _cache_length(cache) >= model_kwargs["input_ids"].shape[1]:
         model_kwargs["input_ids"] = model_kwargs["input_ids"][:, -1:]
 
-    _prefixed_generation_mask(model_kwargs, kwargs.get("attention_mask"), num_prompt)
+    if not ("attention_mask" in model_kwargs and model_kwargs["attention_mask"] is None):
+        _prefixed_generation_mask(model_kwargs, kwargs.get("attention_mask"), num_prompt)
+    # else the base model runs this step without a mask (FalconMamba's decoding steps: its mixers would
+    # multiply one position's states by the whole mask)
     # generate() builds position ids at every step (0.. over the tokens): PEFT drops them for prompt tuning,
     # with a warning about ids the user never passed; dropped here without it.
     model_kwargs.pop("position_ids", None)
     peft_model._adjust_prompt_learning_kwargs(config, kwargs=model_kwargs)
 
-    if not reuse_prefill and (cache is None or _is_empty_cache(cache)):
+    given = args[0] if args else kwargs.get("input_ids")
+    fed = model_kwargs.get("input_ids")
+    # A model whose state is not a transformers cache (RWKV's ``state``) shortens the ids itself once it
+    # holds the sequence so far: the prompts went in at the prefill.
+    shortened = torch.is_tensor(given) and torch.is_tensor(fed) and fed.shape[1] < given.shape[1]
+    if not reuse_prefill and not shortened and (cache is None or _is_empty_cache(cache)):
         input_ids = model_kwargs["input_ids"]
         rows = None if state is None else state.rows
         if rows is not None:  # generate expanded every row for num_beams / num_return_sequences
@@ -140,12 +163,15 @@ class PendingKV:
         table_index: ``[B]`` int64 row -> adapter row of ``keys`` (None: every row uses row 0).
         batch_size: B, the rows ``generate`` was called with (``num_beams`` / ``num_return_sequences``
             expand each row, consecutively, before the prefill).
+        states: for a model whose cache has recurrent layers, each adapter's whole cache after its prompt
+            (``PromptKV.state``), which the generation cache starts from instead; else None.
     """
 
     keys: list
     values: list
     table_index: torch.Tensor | None
     batch_size: int | None
+    states: list | None = None
 
 
 @dataclasses.dataclass
@@ -174,7 +200,12 @@ def fill_prompt_kv(cache, pending: PendingKV, rows: int) -> None:
             raise RuntimeError(f"reuse_prompt_kv: {rows} rows at the prefill, batch of {pending.batch_size}.")
         index = index.repeat_interleave(rows // pending.batch_size)
     try:
-        fill_prefix_cache(cache, pending.keys, pending.values, index, rows)
+        if pending.states is not None:  # a hybrid: the prompts' whole state, layer for layer
+            if _cache_length(cache) or len(cache.layers) != len(pending.states[0].layers):
+                raise RuntimeError("the generation cache is not an empty cache of the model's own layers.")
+            cache.layers[:] = prefix_state_layers(pending.states, index, rows)
+        else:
+            fill_prefix_cache(cache, pending.keys, pending.values, index, rows)
     except RuntimeError as error:
         raise RuntimeError(f"reuse_prompt_kv: {error} Pass reuse_prompt_kv=False.") from None
 
@@ -224,7 +255,18 @@ def _why_no_reuse(peft_model, kwargs: dict) -> tuple[str | None, bool]:
         kinds = set(cache_layer_kinds(base_model))
     except CACHE_BUILD_ERRORS as error:
         return f"the model's cache cannot be built from its config ({type(error).__name__}: {error})", False
-    if not kinds <= set(LAYER_TYPES) or not base_model._supports_default_dynamic_cache():
+    denied = denied_reason(base_model, "generate")
+    if denied is not None:
+        return denied, False
+    if not base_model._supports_default_dynamic_cache():
+        return f"{type(base_model).__name__} does not run on transformers' DynamicCache", False
+    if cache_argument(base_model) not in inspect.signature(type(base_model).forward).parameters:
+        name = type(base_model).__name__  # its state goes by another name (Mamba-2's cache_params on 5.22)
+        return f"{name}.forward takes no transformers cache (cache / past_key_values)", False
+    if starts_from_own_cache(base_model):  # a hybrid, placeholders: from the prompt's whole cache state
+        reason = cache_reason(base_model)
+        return (None if reason is None else f"the model's {reason.removeprefix('its ')}"), False
+    if not kinds <= set(LAYER_TYPES):
         return f"the model's cache layers {sorted(kinds)} are not plain key/value layers", False
     return None, False
 
@@ -233,6 +275,8 @@ def _why_not_fill(peft_model, pending: PendingKV) -> str | None:
     """Why the prompt pass's keys/values cannot fill the cache ``generate`` makes (layer for layer), or
     None: a model whose prompt pass (a full-attention cache) fills other layers than its own cache has
     (extra or KV-shared layers)."""
+    if pending.states is not None:  # the model's own cache, layer for layer
+        return None
     layers = len(cache_layer_kinds(peft_model.get_base_model()))
     if len(pending.keys) != layers or any(k is None for k in pending.keys):
         return (
@@ -271,11 +315,14 @@ def _pending_prompt_kv(peft_model, rows: RowAdapters | None) -> PendingKV:
     if rows is None or len(rows.names) == 1:
         name = peft_model.active_adapter if rows is None else rows.names[0]
         entry = store.get(peft_model, name, None if rows is None else tasks[0])
-        return PendingKV(entry.keys, entry.values, None, None)
+        states = None if entry.state is None else [entry.state]
+        return PendingKV(entry.keys, entry.values, None, None, states)
     entries = [store.get(peft_model, name, task) for name, task in zip(rows.names, tasks, strict=True)]
+    index = torch.tensor(rows.table_index, dtype=torch.int64)
+    if entries[0].state is not None:
+        return PendingKV([], [], index, len(rows.table_index), [e.state for e in entries])
     keys = [torch.cat(layer, dim=0) for layer in zip(*(e.keys for e in entries), strict=True)]
     values = [torch.cat(layer, dim=0) for layer in zip(*(e.values for e in entries), strict=True)]
-    index = torch.tensor(rows.table_index, dtype=torch.int64)
     return PendingKV(keys, values, index, len(rows.table_index))
 
 

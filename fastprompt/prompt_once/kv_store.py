@@ -32,7 +32,7 @@ import weakref
 import torch
 
 from ..prompt_rows import TABLE, source_rows
-from .prompt_pass import run_prompt
+from .prompt_pass import model_cache, run_prompt, starts_from_own_cache
 from .sources import adapter_source
 
 DEFAULT_MAX_ADAPTERS = 8
@@ -51,18 +51,24 @@ class PromptKV:
         keys, values: per decoder layer, ``[1, H_kv, N, head_dim]`` tensors in the model's dtype.
         prompt_rows: ``[N, D]`` copy of the prompt rows they were computed from (the table's dtype).
         base_key: the base-model fingerprint they were computed with.
+        state: for a model whose cache has other than plain key/value layers (a hybrid, a state-space
+            model, KV-shared placeholders), the model's own cache after the prompt (batch 1: keys/values,
+            convolution and recurrent states), which generation starts from; else None.
     """
 
     keys: list
     values: list
     prompt_rows: torch.Tensor
     base_key: tuple
+    state: object = None
 
     @property
     def num_tokens(self) -> int:
         return self.prompt_rows.shape[0]
 
     def nbytes(self) -> int:
+        if self.state is not None:
+            return sum(t.numel() * t.element_size() for t in cache_tensors(self.state))
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
@@ -126,8 +132,8 @@ class PromptKVStore:
             CALLS["reused"] += 1
             return entry
         self.drop(key)
-        keys, values = compute_prompt_kv(peft_model, rows)
-        entry = PromptKV(keys, values, rows.detach().clone(), base_key)
+        keys, values, state = compute_prompt_kv(peft_model, rows)
+        entry = PromptKV(keys, values, rows.detach().clone(), base_key, state)
         CALLS["computed"] += 1
         if self._max_adapters:
             self._entries[key] = entry
@@ -204,7 +210,7 @@ def _autocast_state(device_type: str) -> tuple:
         return (device_type, False, None)
 
 
-def compute_prompt_kv(peft_model, rows: torch.Tensor) -> tuple[list, list]:
+def compute_prompt_kv(peft_model, rows: torch.Tensor) -> tuple[list, list, object]:
     """The prompt pass (:func:`fastprompt.prompt_once.prompt_pass.run_prompt`) over one adapter's N
     prompt rows, without grad.
 
@@ -212,12 +218,29 @@ def compute_prompt_kv(peft_model, rows: torch.Tensor) -> tuple[list, list]:
     (PEFT: ``prompts.to(inputs_embeds.dtype)``).
 
     Returns:
-        (keys, values): per layer ``[1, H_kv, N, head_dim]`` tensors in the model's dtype.
+        (keys, values, state): per layer ``[1, H_kv, N, head_dim]`` tensors in the model's dtype (None
+        for a layer without keys); ``state``: the model's own cache after the prompt where it has
+        recurrent or placeholder layers (:func:`.prompt_pass.starts_from_own_cache`), else None.
     """
     word_embeddings = peft_model.word_embeddings
     dtype = word_embeddings.weight.dtype if hasattr(word_embeddings, "weight") else rows.dtype
     device = word_embeddings.weight.device if hasattr(word_embeddings, "weight") else rows.device
     inputs_embeds = rows.detach().to(device=device, dtype=dtype)[None]  # [1, N, D]
+    base_model = peft_model.get_base_model()
+    recurrent = starts_from_own_cache(base_model)
     with torch.no_grad():
-        prompt = run_prompt(peft_model.get_base_model(), inputs_embeds, all_logits=False)
-    return prompt.keys, prompt.values
+        cache = model_cache(base_model) if recurrent else None
+        prompt = run_prompt(base_model, inputs_embeds, all_logits=False, cache=cache)
+    return prompt.keys, prompt.values, prompt.cache if recurrent else None
+
+
+def cache_tensors(cache) -> list:
+    """Every tensor a cache's layers hold (attributes, and values of per-state dicts)."""
+    found = []
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if torch.is_tensor(value):
+                found.append(value)
+            elif isinstance(value, dict):
+                found += [v for v in value.values() if torch.is_tensor(v)]
+    return found

@@ -53,6 +53,7 @@ from .policy import (
     stock_head,
     text_config,
 )
+from .prompt_pass import has_recurrent_layers
 from .shared_forward import is_transformers_causal_lm_loss, two_part_causal_lm_loss
 
 _PACKED = "packed rows (position_ids that restart inside a row, no attention_mask)"
@@ -94,6 +95,8 @@ def why_not_masked(base_model, *, varlen: bool = False) -> str | None:
         return f"{type(base_model).__name__} has no separate decoder to run the documents"
     if "position_ids" not in inspect.signature(decoder.forward).parameters:
         return f"{type(decoder).__name__} takes no position_ids (its positions follow the mask)"
+    if has_recurrent_layers(base_model):
+        return "its recurrent layers carry their state from one document of a row to the next"
     if not varlen and not packed_masks.can_hand_masks(base_model, decoder):
         return f"{type(decoder).__name__} builds its attention mask without transformers' mask functions"
     reason = cache_reason(base_model)

@@ -76,7 +76,9 @@ def _cache_argument_of(forward) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def run_prompt(model, prompt_embeds: torch.Tensor, *, all_logits: bool = True, cache=None) -> PromptPass:
+def run_prompt(
+    model, prompt_embeds: torch.Tensor, *, all_logits: bool = True, cache=None, **extra
+) -> PromptPass:
     """Run ``model`` over ``prompt_embeds`` alone: positions 0..N-1, no mask, into ``cache`` (default: a
     full-attention ``DynamicCache``; :func:`model_cache` is the model's own).
 
@@ -86,6 +88,7 @@ def run_prompt(model, prompt_embeds: torch.Tensor, *, all_logits: bool = True, c
         prompt_embeds: [K, N, D] prompt rows in the model's dtype (with grad or not, as the caller runs).
         all_logits: keep the logits of all N positions (else only the last one, where the model can).
         cache: an empty cache to run into, or None.
+        extra: further keywords of the call (``output_router_logits``).
 
     Returns:
         :class:`PromptPass` (``keys`` / ``values``: None for a layer the pass left empty).
@@ -93,7 +96,7 @@ def run_prompt(model, prompt_embeds: torch.Tensor, *, all_logits: bool = True, c
     from transformers import DynamicCache
 
     cache = DynamicCache() if cache is None else cache
-    kwargs = {cache_argument(model): cache, "use_cache": True, "return_dict": True}
+    kwargs = {**extra, cache_argument(model): cache, "use_cache": True, "return_dict": True}
     forward = model.forward if isinstance(model, torch.nn.Module) else model
     if not all_logits and "logits_to_keep" in inspect.signature(forward).parameters:
         kwargs["logits_to_keep"] = 1
@@ -129,43 +132,72 @@ def update_methods(layer) -> list[str]:
 
 
 def holds_prompt(layer) -> bool:
-    """Whether a cache layer holds something after the prompt pass (KV-shared layers stay empty)."""
-    initialized = getattr(layer, "is_initialized", None)
-    if initialized is not None:
-        return bool(initialized)
-    return getattr(layer, "keys", None) is not None
+    """Whether a cache layer holds something after the prompt pass: keys and values, or a recurrent
+    layer's convolution or recurrent states (KV-shared layers stay empty; a placeholder layer,
+    ``DummyLayer``, holds none)."""
+    if carries_recurrent_state(layer):
+        flags = ("is_conv_states_initialized", "is_recurrent_states_initialized")
+        if any(any(getattr(layer, name, {}).values()) for name in flags):
+            return True
+    return bool(getattr(layer, "is_initialized", True)) and getattr(layer, "keys", None) is not None
+
+
+def carries_recurrent_state(layer) -> bool:
+    """Whether a cache layer keeps a convolution window or recurrent state (a hybrid's linear-attention or
+    state-space layer, alone or beside keys/values): per-state dicts, ``conv_states`` / ``recurrent_states``,
+    that its ``update_*`` methods overwrite in place."""
+    return any(klass.__name__ == "LinearAttentionCacheLayerMixin" for klass in type(layer).__mro__)
 
 
 def prefix_leaves(cache) -> tuple[list, list]:
-    """Replace every tensor of the cache's layers that requires grad by a detached leaf that requires
-    grad (for reentrant checkpointing, whose recomputed layers see the cache's tensors as constants).
+    """Replace every tensor of the cache's layers that requires grad (an attribute, or a value of a
+    per-state dict of a recurrent layer) by a detached leaf that requires grad (for reentrant
+    checkpointing, whose recomputed layers see the cache's tensors as constants).
 
     Returns:
         ``(leaves, originals)``: the new leaves and the tensors they replace, in the same order.
     """
     leaves, originals = [], []
+
+    def leaf_of(value):
+        if not (torch.is_tensor(value) and value.requires_grad):
+            return value
+        leaf = value.detach().requires_grad_(True)
+        leaves.append(leaf)
+        originals.append(value)
+        return leaf
+
     for layer in cache.layers:
         for name, value in list(vars(layer).items()):
-            if torch.is_tensor(value) and value.requires_grad:
-                leaf = value.detach().requires_grad_(True)
-                setattr(layer, name, leaf)
-                leaves.append(leaf)
-                originals.append(value)
+            if torch.is_tensor(value):
+                setattr(layer, name, leaf_of(value))
+            elif isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values()):
+                setattr(layer, name, {key: leaf_of(v) for key, v in value.items()})
     return leaves, originals
 
 
 def expand_prefix(cache, index: torch.Tensor | None, rows: int) -> None:
-    """Expand a batch-K prompt cache over ``rows`` batch rows in place, by the cache's own batch methods
-    (each layer knows its layout: keys/values, indexer keys, ...); differentiable.
+    """Expand a batch-K prompt cache over ``rows`` batch rows in place, by each layer's own methods (each
+    layer knows its layout: keys/values, indexer keys, convolution and recurrent states); differentiable.
+
+    Key/value layers use their batch methods; a layer with recurrent state takes the rows by its
+    ``reorder_cache`` (beam search's row selection, which covers every state it keeps, keys/values too,
+    where its batch methods would expand only the keys/values of a hybrid layer).
 
     Args:
         index: ``[rows]`` int64, the prompt (of K) each row takes; None: K = 1, every row takes it.
     """
-    if index is None:
-        if rows != 1:
-            cache.batch_repeat_interleave(rows)
-    else:
-        cache.batch_select_indices(index)
+    if index is None and rows == 1:
+        return
+    for layer in cache.layers:
+        if carries_recurrent_state(layer):
+            device = getattr(layer, "device", None)
+            rows_index = torch.zeros(rows, dtype=torch.long) if index is None else index
+            layer.reorder_cache(rows_index.to(device) if device is not None else rows_index)
+        elif index is None:
+            layer.batch_repeat_interleave(rows)
+        else:
+            layer.batch_select_indices(index)
 
 
 class PrefixReads:
@@ -188,6 +220,8 @@ class PrefixReads:
     def _update(self, i, layer, name, read_only, *args, **kwargs):
         self.counts[i] += 1
         target = copy.copy(layer) if read_only else layer
+        if carries_recurrent_state(layer):
+            _own_states(target)
         return getattr(type(layer), name)(target, *args, **kwargs)
 
     def complete(self) -> bool:
@@ -202,6 +236,76 @@ class PrefixReads:
             f"{name} did not read the prompt's cache in layer(s) {unread} of {len(self.counts)}: its "
             "layers get no cache in this forward, or read it another way"
         )
+
+
+def _own_states(layer) -> None:
+    """Give a recurrent cache layer (or its shallow copy) dicts and state tensors of its own before an
+    ``update_*`` call, which writes its states in place (``copy_``): the prompt's states stay as the
+    prompt pass left them (autograd saved them; a checkpointed layer recomputes from them), and the copy
+    of a read-only layer stores nothing into the cache."""
+    for name, value in list(vars(layer).items()):
+        if isinstance(value, dict):
+            setattr(layer, name, {k: v.clone() if torch.is_tensor(v) else v for k, v in value.items()})
+
+
+def has_recurrent_layers(base_model) -> bool:
+    """Whether the model's own cache (:func:`model_cache`) has a layer with recurrent state (a hybrid or a
+    state-space model): generation then starts from the prompt's whole cache state
+    (:func:`prefix_state_layers`), not from its keys/values."""
+    try:
+        return any(carries_recurrent_state(layer) for layer in model_cache(base_model).layers)
+    except CACHE_BUILD_ERRORS:
+        return False
+
+
+def starts_from_own_cache(base_model) -> bool:
+    """Whether generation starts from the model's own cache after the prompt (:func:`prefix_state_layers`)
+    rather than from keys/values filled into the cache ``generate`` makes (:func:`fill_prefix_cache`): a
+    cache with layers other than plain key/value ones (recurrent layers; placeholders of KV-shared or
+    MLP-only layers), which only the model's own forward fills right."""
+    try:
+        layers = model_cache(base_model).layers
+    except CACHE_BUILD_ERRORS:
+        return False
+    return any(type(layer).__name__ not in LAYER_TYPES for layer in layers)
+
+
+def prefix_state_layers(caches: list, index: torch.Tensor | None, rows: int) -> list:
+    """The layers of a generation cache that starts from the prompts' whole state: copies of the layers
+    of ``caches`` (K prompt caches of batch 1, each the model's own cache after one prompt pass), joined
+    over the batch (every state tensor of a layer is batch-first, as its ``reorder_cache`` has it) and
+    taken per row (:func:`expand_prefix`). The stored caches are never written to.
+
+    Args:
+        index: ``[rows]`` int64, the prompt (of K) each row takes; None: K = 1, every row takes it.
+    """
+    layers = []
+    for stored in zip(*(cache.layers for cache in caches), strict=True):
+        layer = copy.deepcopy(stored[0])
+        if len(stored) > 1:
+            for name, value in vars(stored[0]).items():
+                if torch.is_tensor(value):
+                    setattr(layer, name, torch.cat([vars(other)[name] for other in stored]))
+                elif isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values()):
+                    joined = {
+                        key: _join(name, key, stored) if torch.is_tensor(v) else v for key, v in value.items()
+                    }
+                    setattr(layer, name, joined)
+        layers.append(layer)
+    expand_prefix(_Layers(layers), index, rows)
+    return layers
+
+
+def _join(name: str, key, layers: tuple) -> torch.Tensor:
+    """The state tensor ``name[key]`` of each of ``layers``, joined over the batch."""
+    return torch.cat([vars(layer)[name][key] for layer in layers])
+
+
+@dataclasses.dataclass
+class _Layers:
+    """A cache's layers alone, for :func:`expand_prefix`."""
+
+    layers: list
 
 
 def fill_prefix_cache(cache, keys: list, values: list, index: torch.Tensor | None, rows: int) -> None:
