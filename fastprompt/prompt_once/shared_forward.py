@@ -27,7 +27,7 @@ import contextlib
 import torch
 
 from ..prompt_rows import source_rows
-from . import prompt_pass
+from . import prompt_pass, router_loss
 from .policy import (
     CACHE_KEYWORDS,
     CALLS,
@@ -118,10 +118,25 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict,
     loss_kwargs = {k: call.pop(k) for k in LOSS_KEYWORDS if k in call}
     use_cache = call.pop("use_cache", None)
     return_dict = call.pop("return_dict", None)
+    router = (
+        _RouterLoss(base_model, task, labels, loss_kwargs, index, batch, n)
+        if router_loss.asked(base_model, call)
+        else None
+    )
     try:
         prompt, output, mode = prompt_then_tokens(
-            base_model, base_model, prompt_embeds, token_embeds, index, call, all_logits=task != "SEQ_CLS"
+            base_model,
+            base_model,
+            prompt_embeds,
+            token_embeds,
+            index,
+            call,
+            all_logits=task != "SEQ_CLS",
+            around_tokens=router,
         )
+        if router is not None and router.hook.logits is None:
+            reason = router.hook.error or "its forward did not call its auxiliary-loss function"
+            raise RuntimeDecline(f"output_router_logits=True: {reason}")
     except RuntimeDecline as decline:
         if requested:
             raise ValueError(f"share_prompt_prefix=True cannot apply: {decline}.") from None
@@ -129,10 +144,14 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict,
         return None
 
     fields = dict(output.items())
+    if router is not None:
+        fields["router_logits"] = router.hook.logits  # PEFT's: every row's prompt positions too
     if task != "SEQ_CLS":
         prompt_logits = prompt.output.logits  # [K, N, V]
         token_logits = output.logits  # [B, L, V]
-        if labels is not None:  # the last virtual position predicts the first label; the rest only -100
+        if labels is not None and router is not None and router.loss is not None:
+            pass  # the model's own loss: PEFT's causal-LM loss plus its router's auxiliary loss
+        elif labels is not None:  # the last virtual position predicts the first label; the rest only -100
             last = _rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
             fields["loss"] = _causal_lm_loss(
                 base_model.loss_function, last, token_logits, labels, loss_kwargs
@@ -146,7 +165,44 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict,
     return output if return_dict is not False else output.to_tuple()
 
 
-def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, call: dict, *, all_logits=True):
+class _RouterLoss:
+    """The token pass of a call that asks for router logits (:mod:`.router_loss`): the family's auxiliary
+    loss gets the prompt's router logits once per row, and, with causal-LM labels, the model computes its
+    loss itself (PEFT's causal-LM loss, :func:`_causal_lm_loss`, through its ``loss_function``) and adds
+    its auxiliary loss as on PEFT's path.
+
+    Called with the prompt pass, it returns ``(context, keywords)``: what the token pass runs inside, and
+    the keywords it adds to the token pass's call.
+    """
+
+    def __init__(self, base_model, task, labels, loss_kwargs, index, batch, n):
+        self.base_model, self.task, self.labels, self.loss_kwargs = base_model, task, labels, loss_kwargs
+        self.index, self.batch, self.n = index, batch, n
+        self.hook = router_loss.RouterHook()
+        self.loss = None
+
+    def __call__(self, prompt):
+        stack = contextlib.ExitStack()
+        router_logits = getattr(prompt.output, "router_logits", None)
+        self.hook = stack.enter_context(
+            router_loss.prompt_router_logits(self.base_model, router_logits, self.index, self.batch, self.n)
+        )
+        if self.task != "CAUSAL_LM" or self.labels is None:
+            return stack, {}
+        original = self.base_model.loss_function
+        last = _rows(prompt.output.logits[:, -1:], self.index, self.batch)  # [B, 1, V]
+
+        def loss_function(logits, *args, **kwargs):
+            self.loss = _causal_lm_loss(original, last, logits, self.labels, self.loss_kwargs)
+            return self.loss
+
+        stack.enter_context(_instance_attributes([self.base_model], "_loss_function", loss_function))
+        return stack, {"labels": self.labels}
+
+
+def prompt_then_tokens(
+    base_model, model, prompt_embeds, token_embeds, index, call: dict, *, all_logits=True, around_tokens=None
+):
     """Run the prompt once per adapter, then every row's tokens on its keys/values.
 
     Args:
@@ -159,6 +215,9 @@ def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, ca
         call: the token pass's keywords (the mask ``[B, N + L]``, ...), without cache, ``use_cache`` and
             ``return_dict``.
         all_logits: keep the prompt pass's logits of all N positions (else the last, where it can).
+        around_tokens: None, or a callable that takes the :class:`PromptPass` and returns ``(context,
+            keywords)``: the token pass runs inside ``context`` with ``keywords`` added (:class:`_RouterLoss`;
+            the prompt pass then also asks for router logits).
 
     Returns:
         ``(prompt, output, mode)``: the :class:`PromptPass`, the token pass's output (``[B, L, ...]``) and
@@ -175,7 +234,8 @@ def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, ca
     cache = prompt_pass.model_cache(base_model)  # the model's own layers: full, sliding, chunked, ...
     with _instance_attributes(flagged, "gradient_checkpointing", False):
         try:  # batch K, N positions
-            prompt = run_prompt(model, prompt_embeds, all_logits=all_logits, cache=cache)
+            extra = {} if around_tokens is None else {router_loss.ROUTER_LOGITS: True}
+            prompt = run_prompt(model, prompt_embeds, all_logits=all_logits, cache=cache, **extra)
         except PROMPT_PASS_ERRORS as error:  # a model of its own making that takes no DynamicCache
             reason = f"its prompt pass failed ({type(error).__name__}: {error})"
             raise record_decline(base_model, mode, reason) from None
@@ -192,9 +252,10 @@ def prompt_then_tokens(base_model, model, prompt_embeds, token_embeds, index, ca
     reads = prompt_pass.PrefixReads(cache, read_only=mode is not None)
     call = {**call, cache_argument(model): cache, "use_cache": True, "return_dict": True}
     readable = _instance_attributes(layers, "_can_checkpoint_with_cache", True)
+    around, added = (contextlib.nullcontext(), {}) if around_tokens is None else around_tokens(prompt)
     try:
-        with readable if mode else contextlib.nullcontext():
-            output = model(inputs_embeds=token_embeds, **call)
+        with readable if mode else contextlib.nullcontext(), around:
+            output = model(inputs_embeds=token_embeds, **call, **added)
     except TOKEN_PASS_ERRORS as error:  # a layer without the cache meets the N + L mask, say: if it did
         if isinstance(error, torch.OutOfMemoryError) or reads.complete():
             raise
