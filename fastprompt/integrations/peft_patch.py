@@ -165,6 +165,10 @@ def accelerate(peft_model, *, share_prompt_prefix=_MISSING):
     if not any(issubclass(cls, classes[name]) for name in FORWARDS) or not fused_path_allowed():
         return peft_model
     peft_model.__class__ = _fast_class(cls)
+    if getattr(peft_model, "word_embeddings", None) is None:
+        # PEFT finds the table by a row count equal to the config's vocab_size; a multimodal config's
+        # table may have more rows (Mllama: the image tokens). The model's own input embeddings are it.
+        peft_model.word_embeddings = peft_model.get_base_model().get_input_embeddings()
     return peft_model
 
 

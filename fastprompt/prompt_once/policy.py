@@ -12,10 +12,12 @@ the default ``None``, where it pays (:func:`sharing_pays`, a position-count rule
 Exactness is decided from what the model does, never from a list of model names that may share:
 
 - the task and the call: a decoder-only model, a forward that takes a cache, no per-layer outputs, no
-  cache passed in, no dropout active in training, no router auxiliary loss asked for;
-- the model's own cache (``DynamicCache(config=...)``): every layer an attention key/value layer (full,
-  sliding-window, chunked, indexed; the prompt pass fills it and its layers' own batch methods expand it
-  over the rows), none holding recurrent or convolution state;
+  cache passed in, no dropout active in training, a router auxiliary loss only where the family's own
+  loss function can be given the prompt's router logits once per row (:mod:`.router_loss`);
+- the model's own cache (``DynamicCache(config=...)``): every layer one of transformers' attention
+  key/value layers (full, sliding-window, chunked) or recurrent-state layers (a hybrid's or a state-space
+  model's convolution window and recurrent state after the prompt); the prompt pass fills it and the
+  layers' own methods expand it over the rows;
 - the attention implementation: one that applies a padding mask over a cached prefix;
 - gradient checkpointing that keeps the cache readable by the layers;
 - at run time (:mod:`.prompt_pass`): the token pass must read every cache layer that holds the prompt. A
@@ -41,15 +43,44 @@ SHARE_PROMPT_PREFIX = "share_prompt_prefix"
 DEFAULT_ATTRIBUTE = "_fastprompt_share_prompt_prefix"
 
 # Model families a test shows inexact on a path where every check below passes: model type -> {path:
-# the reason}, paths "share" (the shared forward) and "packed" (the shared and inserted layouts of packed
-# rows, which then run unpacked). Each shown by tests/test_model_matrix.py (the family's row there). A
-# model matches by its config's model_type or by a class of that family's modeling module in its class
-# hierarchy (a subclass registered under another name).
+# the reason}, paths "share" (the shared forward), "packed" (the shared and inserted layouts of packed
+# rows, which then run unpacked) and "generate" (generation's prompt-KV reuse). Each shown by
+# tests/test_model_matrix.py (the family's row there). A model matches by its config's model_type or by a
+# class of that family's modeling module in its class hierarchy (a subclass registered under another name).
 DENIED: dict[str, dict[str, str]] = {
     "gpt_neo": {
         "packed": "its local attention layers apply their window from a causal buffer indexed by the slot in "
         "the row, outside the mask functions",
     },
+    # State-space mixers whose forward over several tokens does not continue from a cached state: the
+    # prompt's state cannot carry the rows' tokens (training and generation's prefill alike).
+    **{
+        model_type: dict.fromkeys(
+            ("share", "generate"),
+            "its Mamba mixer treats a cached forward as one decoding step: several tokens cannot continue "
+            "from the prompt's state (its padding mask is not cut to the new positions)",
+        )
+        for model_type in ("mamba", "falcon_mamba")
+    },
+    "jamba": dict.fromkeys(
+        ("share", "generate"),
+        "its Mamba mixer's scan over several tokens starts from a zero state, not from the cached one",
+    ),
+    "bamba": dict.fromkeys(
+        ("share", "generate"),
+        "its Mamba-2 chunked scan over several tokens from a cached state differs from one pass (logits "
+        "5e-3 relative, measured)",
+    ),
+    "recurrent_gemma": dict.fromkeys(
+        ("share", "generate", "packed"),
+        "its recurrent blocks run from a cached state, or over several documents of a row, unlike one "
+        "pass (logits 4e-2 relative, measured)",
+    ),
+    "moshi": dict.fromkeys(
+        ("share", "generate"),
+        "its forward over tokens after a cached prompt differs from one pass (logits 3e-1 relative, "
+        "measured)",
+    ),
     "llama4_text": {
         "packed": "its attention temperature tuning scales the queries by the slot in the row "
         "(cache_position), not by each document's own position",
@@ -60,6 +91,11 @@ DENIED: dict[str, dict[str, str]] = {
 # also carries recurrent or convolution state (hybrids) derives from the second.
 KEY_VALUE_LAYER = "DynamicLayer"
 RECURRENT_LAYER = "LinearAttentionCacheLayerMixin"
+# Either kind holds a prefix state that is the same for every row of an adapter: the prompt's keys and
+# values, or its convolution window and recurrent state after N tokens (a hybrid's linear-attention or
+# state-space layers), which the token pass continues from as one pass over N + L positions would.
+# A placeholder layer (``DummyLayer``: a hybrid's MLP-only block) holds nothing and is passed over.
+PREFIX_STATE_LAYERS = frozenset({KEY_VALUE_LAYER, RECURRENT_LAYER, "DummyLayer"})
 # A key/value layer that also keeps a sparse-attention indexer's keys (DeepSeek-V3.2's DSA): its top-k
 # selection ranks the keys one pass sees, so a prompt run apart selects other keys than PEFT's one pass.
 INDEXED_LAYER = "DynamicIndexedLayer"
@@ -70,7 +106,15 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")
 # Keywords of the base model's forward that the shared forward passes on as PEFT's path would.
 _PASSED_ON = frozenset(
-    {"attention_mask", "output_attentions", "output_hidden_states", "return_dict", "labels", "use_cache"}
+    {
+        "attention_mask",
+        "output_attentions",
+        "output_hidden_states",
+        "output_router_logits",
+        "return_dict",
+        "labels",
+        "use_cache",
+    }
 )
 LOSS_KEYWORDS = frozenset({"num_items_in_batch"})
 CACHE_KEYWORDS = ("cache", "past_key_values")
@@ -91,7 +135,7 @@ CALLS: collections.Counter = collections.Counter()
 OBSERVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Errors of a prompt pass that mean the model does not take transformers' cache (a model of its own
 # making): the forward takes PEFT's path, never ends in them.
-PROMPT_PASS_ERRORS = (AttributeError, TypeError, NotImplementedError, KeyError, IndexError)
+PROMPT_PASS_ERRORS = (AttributeError, TypeError, NotImplementedError, KeyError, IndexError, ValueError)
 # Errors of a token pass that, where it also left a prompt-holding cache layer unread, mean the model's
 # layers got no cache (their keys meet the mask of N + L positions): declined the same way.
 TOKEN_PASS_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, AttributeError)
@@ -155,7 +199,8 @@ def _base_model_type(base_model) -> str | None:
 
 
 def denied_reason(base_model, path: str) -> str | None:
-    """The reason ``DENIED`` gives for ``base_model`` on ``path`` (``"share"`` / ``"packed"``), or None."""
+    """The reason ``DENIED`` gives for ``base_model`` on ``path`` (``"share"`` / ``"packed"`` /
+    ``"generate"``), or None."""
     config = getattr(base_model, "config", None)
     types = {getattr(config, "model_type", None)}
     if config is not None and hasattr(config, "get_text_config"):
@@ -185,8 +230,9 @@ def _class_names(cls) -> set:
 
 
 def cache_reason(base_model) -> str | None:
-    """Why the model's own cache cannot carry a shared prompt (None: every layer is an attention
-    key/value layer that the prompt pass fills and the layers' batch methods expand)."""
+    """Why the model's own cache cannot carry a shared prompt (None: every layer is one of transformers'
+    attention key/value layers or recurrent-state layers, which the prompt pass fills and
+    :func:`.prompt_pass.expand_prefix` expands)."""
     supports = getattr(base_model, "_supports_default_dynamic_cache", None)
     if callable(supports) and not supports():
         return f"{type(base_model).__name__} does not run on transformers' DynamicCache"
@@ -196,18 +242,15 @@ def cache_reason(base_model) -> str | None:
         layers = model_cache(base_model).layers
     except CACHE_BUILD_ERRORS as error:
         return f"its cache cannot be built from its config ({type(error).__name__}: {error})"
-    recurrent = sorted({type(x).__name__ for x in layers if RECURRENT_LAYER in _class_names(type(x))})
-    if recurrent:
-        return f"its cache layers {recurrent} carry recurrent or convolution state (a hybrid model)"
     indexed = sorted({type(x).__name__ for x in layers if INDEXED_LAYER in _class_names(type(x))})
     if indexed:
         return (
             f"its cache layers {indexed} keep a sparse-attention indexer, whose top-k selection ranks the "
             "keys one pass sees"
         )
-    other = sorted({type(x).__name__ for x in layers if KEY_VALUE_LAYER not in _class_names(type(x))})
+    other = sorted({type(x).__name__ for x in layers if not _class_names(type(x)) & PREFIX_STATE_LAYERS})
     if other:
-        return f"its cache layers {other} are not attention key/value layers"
+        return f"its cache layers {other} are not attention key/value or recurrent-state layers"
     own = sorted({type(x).__name__ for x in layers if type(x).__module__ != CACHE_MODULE})
     if own:
         return f"its cache layers {own} are the model's own (state beyond transformers' key/value layers)"
@@ -215,9 +258,11 @@ def cache_reason(base_model) -> str | None:
 
 
 def bidirectional(base_model) -> bool:
-    """Whether an attention module of the model is not causal (``is_causal=False``: EmbeddingGemma's
-    ``use_bidirectional_attention``): its prompt positions would attend to the tokens after them."""
-    return any(getattr(module, "is_causal", True) is False for module in base_model.modules())
+    """Whether an attention module of the model's text decoder is not causal (``is_causal=False``:
+    EmbeddingGemma's ``use_bidirectional_attention``): its prompt positions would attend to the tokens
+    after them. A multimodal model's other towers (a vision encoder) never see the prompt."""
+    decoder = decoder_of(base_model) or base_model
+    return any(getattr(module, "is_causal", True) is False for module in decoder.modules())
 
 
 def padding_sensitive(base_model) -> bool:
@@ -286,18 +331,20 @@ def attention_reason(base_model) -> str | None:
     return f"attn_implementation={implementation!r} (sharing runs with {known} and flash attention)"
 
 
-def router_loss_reason(base_model, kwargs: dict) -> str | None:
-    """Why the call's router auxiliary loss would differ when shared (the prompt's router logits would
-    count once, not once per row), or None."""
-    if kwargs.get("output_router_logits") or (
-        kwargs.get("output_router_logits") is None
-        and getattr(text_config(base_model), "output_router_logits", False)
-    ):
+def router_loss_reason(base_model, kwargs: dict, at_decoder: bool) -> str | None:
+    """Why the call's router auxiliary loss would differ when shared, or None: the stock forward's is made
+    PEFT's (:mod:`.router_loss`: the family's own loss function gets the prompt's router logits once per
+    row) where the model's forward calls one; at the decoder a head of its own computes it."""
+    from . import router_loss
+
+    if not router_loss.asked(base_model, kwargs):
+        return None
+    if at_decoder:
         return (
-            "output_router_logits=True (the router's auxiliary loss would count the prompt once, not once "
-            "per row)"
+            "output_router_logits=True with a head of its own (the prompt is shared at the decoder, whose "
+            "router logits the head's auxiliary loss would count once, not once per row)"
         )
-    return None
+    return router_loss.decline_reason(base_model)
 
 
 def active_dropout(base_model) -> str | None:
@@ -387,7 +434,7 @@ def why_not_share(peft_model, task: str, kwargs: dict, input_ids: torch.Tensor) 
     for key in CACHE_KEYWORDS:
         if kwargs.get(key) is not None:
             return f"a cache was passed in ({key}=...)"
-    reason = router_loss_reason(base_model, kwargs) or attention_reason(base_model)
+    reason = router_loss_reason(base_model, kwargs, at_decoder) or attention_reason(base_model)
     if reason is not None:
         return reason
     if task == "TOKEN_CLS" and kwargs.get("labels") is not None:
