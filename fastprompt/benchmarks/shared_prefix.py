@@ -62,8 +62,28 @@ BENCH_MODELS = {
         {**_QWEN3, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 172},
     ),
 }
+# A hybrid of the same size: Qwen3.5's gated delta-net linear-attention layers (3 of 4) beside attention,
+# whose prompt state (convolution windows, recurrent states, keys/values) is shared.
+BENCH_MODELS["bench-qwen3.5"] = (
+    "Qwen3_5TextConfig",
+    {
+        **_QWEN3,
+        "linear_num_key_heads": 4,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 64,
+        "linear_value_head_dim": 64,
+    },
+)
 FAMILY_SHAPE = (100, 64, 8)  # where the other families are timed too
-FAMILIES = ("bench-qwen3", "bench-qwen3-moe")
+FAMILIES = ("bench-qwen3", "bench-qwen3-moe", "bench-qwen3.5")
+
+
+def has_model(model: str) -> bool:
+    """Whether the installed transformers has the config class of a ``BENCH_MODELS`` entry (Qwen3.5's
+    arrived in 5.x)."""
+    import transformers
+
+    return hasattr(transformers, BENCH_MODELS[model][0])
 
 
 def base_model(*, seed: int = 0, model: str = MODEL_LABEL):
@@ -232,7 +252,7 @@ def shared_prefix_results(
     results, shared_at = [], []
     cases = [(MODEL_LABEL, METHODS[0], shape) for shape in shapes]
     cases += [(MODEL_LABEL, method, shape) for method in (methods or ()) for shape in METHOD_SHAPES]
-    cases += [(family, METHODS[0], FAMILY_SHAPE) for family in (families or ())]
+    cases += [(family, METHODS[0], FAMILY_SHAPE) for family in (families or ()) if has_model(family)]
     for model, method, shape in cases:
         if model not in bases:
             bases[model] = base_model(seed=seed, model=model).to(device)
