@@ -27,9 +27,10 @@ transformers = pytest.importorskip("transformers")
 EXPECTED_DECLINES = model_matrix.EXPECTED_DECLINES
 
 # A fast subset for the README's test command: dense and MoE, sliding windows and layer types, QK-norm,
-# LongRoPE, chunked attention, MLA, absolute positions, ALiBi.
+# LongRoPE, chunked attention, MLA, absolute positions, ALiBi, a hybrid with linear-attention layers.
 FAST_SUBSET = (
     "llama",
+    "qwen3_5_text",
     "qwen3",
     "qwen3_moe",
     "gemma3_text",
