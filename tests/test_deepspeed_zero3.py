@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from fastprompt import deepspeed_zero3
-from fastprompt.prompted_embeds import CALLS, prompted_inputs_embeds
-from fastprompt.word_embeddings import full_shape
+from fastprompt.prompted_embeds import CALLS, deepspeed_zero3, prompted_inputs_embeds
+from fastprompt.prompted_embeds.word_embeddings import full_shape
 
 
 class _Prompt(torch.nn.Module):
@@ -58,7 +57,7 @@ def test_zero3_tables_outside_an_engine_take_the_module_path():
 def test_encoder_rows_with_a_zero3_word_table_outside_an_engine():
     """P-tuning's / multitask's rows (an encoder's output) with a ZeRO-3 word table on a module without
     ZeRO-3's hooks: nothing would gather the table, so the word module is called, as PEFT does."""
-    from fastprompt.prompt_rows import rows_inputs_embeds
+    from fastprompt.prompted_embeds.prompt_rows import rows_inputs_embeds
 
     torch.manual_seed(0)
     word = torch.nn.Embedding(11, 4)

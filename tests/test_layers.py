@@ -19,14 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = {
     "kernels": 0,
     "ops": 1,
-    "config": 2,
-    "embedding": 2,
-    "prompted_embeds": 2,
-    "fused_concat": 2,
-    "prompt_rows": 2,
-    "word_embeddings": 2,
-    "adapter_files": 2,
-    "deepspeed_zero3": 2,
+    "prompted_embeds": 2,  # the module layer (its own order: MODULE_LAYER below)
     "prompt_once": 3,  # the prompt run once: prompt pass, sharing policy and forwards, packing, KV store
     "integrations": 4,
     "serving": 4,  # serving soft prompts on vLLM: the module layer and vllm, never integrations (below)
@@ -134,9 +127,9 @@ def test_benchmark_suite_does_not_use_the_command_line():
 
 def test_shared_names_defined_once():
     """The dtype set, the peft type and the config file name each have one definition."""
-    from fastprompt import adapter_files, config, word_embeddings
     from fastprompt.integrations import peft_methods
     from fastprompt.ops import checks
+    from fastprompt.prompted_embeds import adapter_files, config, word_embeddings
     from fastprompt.testing import tolerances
 
     assert word_embeddings.FUSABLE_DTYPES is checks.FLOAT_DTYPES is tolerances.FLOAT_DTYPES

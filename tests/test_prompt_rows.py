@@ -9,8 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastprompt.fused_concat import CALLS
-from fastprompt.prompt_rows import ENCODER, STORED, TABLE, TASK, PromptSource, rows_inputs_embeds, source_rows
+from fastprompt.prompted_embeds.fused_concat import CALLS
+from fastprompt.prompted_embeds.prompt_rows import (
+    ENCODER,
+    STORED,
+    TABLE,
+    TASK,
+    PromptSource,
+    rows_inputs_embeds,
+    source_rows,
+)
 
 
 class _Encoder(torch.nn.Module):

@@ -1,7 +1,8 @@
 """A PEFT prompt-tuning model's ``inputs_embeds``: routes to the module layer's fused operation.
 
 P-tuning and multitask adapters: their rows (the encoder's output, the task-scaled table) are computed
-once per prompt of the batch (``fastprompt.prompt_rows``) and concatenated in the same one fused call.
+once per prompt of the batch (``fastprompt.prompted_embeds.prompt_rows``) and concatenated in the same
+one fused call.
 
 The PEFT model's word-embedding module and its prompt-embedding module(s) go to
 :func:`fastprompt.prompted_embeds.prompted_inputs_embeds` (the module layer); nothing here touches a table.
@@ -12,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..prompt_once.sources import batch_sources
-from ..prompt_rows import TABLE, rows_inputs_embeds, source_rows
 from ..prompted_embeds import CALLS, prompted_inputs_embeds
+from ..prompted_embeds.prompt_rows import TABLE, rows_inputs_embeds, source_rows
 from .adapter_batches import RowAdapters
 
 __all__ = ["CALLS", "model_inputs_embeds"]

@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-from ..prompt_rows import TABLE, source_rows
+from ..prompted_embeds.prompt_rows import TABLE, source_rows
 from .prompt_pass import run_prompt
 from .sources import adapter_source
 

@@ -26,7 +26,7 @@ import contextlib
 
 import torch
 
-from ..prompt_rows import source_rows
+from ..prompted_embeds.prompt_rows import source_rows
 from . import prompt_pass
 from .policy import (
     CACHE_KEYWORDS,

@@ -106,7 +106,7 @@ def fused_with_gathered_tables(
 def fused_rows_with_gathered_word(
     input_ids: torch.Tensor, word_embeddings: torch.nn.Module, rows: torch.Tensor, index, num_prompt: int
 ) -> torch.Tensor | None:
-    """``fastprompt.prompt_rows.rows_inputs_embeds`` with a ZeRO-3 word table, in one fused
+    """``fastprompt.prompted_embeds.prompt_rows.rows_inputs_embeds`` with a ZeRO-3 word table, in one fused
     ``prompt_concat`` call; None where it cannot be fused (the caller then calls the module).
 
     The rows (``[K, N, D]``: P-tuning's encoder output, multitask's task-scaled table) were computed by

@@ -3,8 +3,8 @@
 :func:`prompt_table` says whether a prompt-embedding module is a plain table the op can read (else its
 module must be called); :func:`fused` makes the one ``prompt_concat`` call over one or K tables once the
 word-embedding module's lookup spec and the tables are known (and, under ZeRO-3, gathered). Both
-:mod:`fastprompt.prompted_embeds` and :mod:`fastprompt.deepspeed_zero3` use them; this module imports
-neither, so the module layer's imports go one way.
+:mod:`fastprompt.prompted_embeds` and :mod:`fastprompt.prompted_embeds.deepspeed_zero3` use them; this
+module imports neither, so the module layer's imports go one way.
 
 ``CALLS`` counts the module layer's outcomes ("fused" here, "unfused" in ``prompted_embeds``), for tests
 and diagnostics.
@@ -17,7 +17,7 @@ import collections
 
 import torch
 
-from .ops import prompt_concat
+from ..ops import prompt_concat
 from .word_embeddings import FUSABLE_DTYPES, forward_statements, full_shape, plain_lookup_options
 
 CALLS: collections.Counter = collections.Counter()
@@ -35,7 +35,8 @@ _PLAIN_FORWARDS: dict = {}  # class -> whether its forward is a plain table look
 
 def plain_forward(cls: type) -> bool:
     """Whether ``cls.forward`` returns ``self.embedding(indices)`` and nothing else (read off its source,
-    as :func:`fastprompt.word_embeddings.forward_kind` does for word embeddings; cached per class)."""
+    as :func:`fastprompt.prompted_embeds.word_embeddings.forward_kind` does for word embeddings; cached
+    per class)."""
     if cls not in _PLAIN_FORWARDS:
         _PLAIN_FORWARDS[cls] = _plain_forward(cls)
     return _PLAIN_FORWARDS[cls]
@@ -56,8 +57,8 @@ def prompt_table(
     exactly ``return self.embedding(indices)``, its ``embedding`` a plain ``nn.Embedding``). A module with
     an ``embedding`` and another ``forward`` (P-tuning's ``PromptEncoder``: an MLP / LSTM over the table;
     ``MultitaskPromptEmbedding``: the table scaled per task) is not a table: None.
-    ``ignore_hook`` / ``partitioned``: as in :func:`fastprompt.word_embeddings.lookup_spec`, for a caller
-    that gathers the table itself.
+    ``ignore_hook`` / ``partitioned``: as in :func:`fastprompt.prompted_embeds.word_embeddings.lookup_spec`,
+    for a caller that gathers the table itself.
     """
     embedding = getattr(prompt_embedding, "embedding", None)
     if not isinstance(embedding, torch.nn.Embedding):

@@ -2,9 +2,9 @@
 
 :func:`prompted_inputs_embeds` is what a prompt-tuned model feeds its base model: for each batch row, the
 first N rows of that row's prompt table, then ``word_embeddings(input_ids)``. It builds it with ONE
-``prompt_concat`` call whatever the number of prompt tables (several tables: their first N rows are
-stacked and each batch row selects its own through per-row ``prompt_indices``). Where the word-embedding
-module cannot be reproduced inside the op (see :func:`fastprompt.word_embeddings.lookup_spec`) or a prompt
+``prompt_concat`` call whatever the number of prompt tables (several tables: their first N rows are stacked
+and each batch row selects its own through per-row ``prompt_indices``). Where the word-embedding module cannot
+be reproduced inside the op (see :func:`fastprompt.prompted_embeds.word_embeddings.lookup_spec`) or a prompt
 module is not a plain table, the modules are called and the rows concatenated, which is exactly what PEFT
 does; that is logged at debug level on the ``fastprompt`` logger.
 

@@ -3,7 +3,7 @@
 PEFT's soft-prompt methods that prepend N rows differ only in where the rows come from:
 
 - prompt tuning (``PromptEmbedding``): the table itself, read by the op directly where it is a plain
-  table (:func:`fastprompt.fused_concat.prompt_table`);
+  table (:func:`fastprompt.prompted_embeds.fused_concat.prompt_table`);
 - P-tuning (``PromptEncoder``): an MLP or LSTM encoder over the table, ``module(arange(T)[None])``,
   computed once per forward as PEFT does; in inference mode (an adapter loaded from its file) the
   encoder's stored output, which PEFT keeps as the ``embedding`` weight and reads as it is;
@@ -115,7 +115,7 @@ def rows_inputs_embeds(
         word_embeddings: the model's word-embedding module (reproduced inside the op where fastprompt
             knows its ``forward``; else called, as PEFT does). A DeepSpeed ZeRO-3 word table: the op
             runs as the module's ``forward``, its ZeRO-3 hooks gathering the table around it
-            (:func:`fastprompt.deepspeed_zero3.fused_rows_with_gathered_word`).
+            (:func:`fastprompt.prompted_embeds.deepspeed_zero3.fused_rows_with_gathered_word`).
         rows: [K, N, D] prompt rows (:func:`source_rows`: an encoder's output, with grad, or any tensor).
         index: [B] int64, the prompt (of K) of each batch row; None: K = 1, every row takes it.
 

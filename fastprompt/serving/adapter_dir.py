@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapter_files import BIN_NAME, SAFETENSORS_NAME, AdapterFileError, AdapterFiles
-from ..config import CONFIG_NAME
+from ..prompted_embeds.adapter_files import BIN_NAME, SAFETENSORS_NAME, AdapterFileError, AdapterFiles
+from ..prompted_embeds.config import CONFIG_NAME
 
 MAX_NAME_LENGTH = 128
 # One plain path component: letters, digits, "_", "-", ".", not starting with "." or "-".
