@@ -175,30 +175,3 @@ def prompted_inputs_embeds(
         return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "devices")
     return fused(input_ids, spec, tables, index, num_prompt)
 
-
-def prompt_prefix_rows(
-    prompt_embeddings: torch.nn.Module | Sequence[torch.nn.Module], num_prompt: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The first ``num_prompt`` rows of each prompt table, once per table (not per batch row).
-
-    Each module is called as PEFT's ``get_prompt`` calls it (``module(arange(rows)[None])``), so its hooks
-    (ZeRO-3's gathering among them) run and gradients reach its table; the rows are then cast to
-    ``dtype`` as PEFT casts its prompts to the word embeddings' dtype.
-
-    Args:
-        prompt_embeddings: one prompt-embedding module or a sequence of K of them.
-        num_prompt: N, how many of each table's first rows.
-        dtype: the word embeddings' dtype.
-
-    Returns:
-        [K, N, D] in ``dtype``: row k equals ``prompt_embeddings[k].embedding.weight[:N].to(dtype)``.
-    """
-    modules = _as_modules(prompt_embeddings)
-    num_prompt = _num_prompt(modules, num_prompt)
-    rows = []
-    for module in modules:
-        weight = module.embedding.weight
-        count = getattr(weight, "ds_shape", weight.shape)[0]
-        tokens = torch.arange(count, device=weight.device).unsqueeze(0)
-        rows.append(module(tokens)[:, :num_prompt])
-    return torch.cat(rows, dim=0).to(dtype)
