@@ -1,12 +1,23 @@
-"""The module-layer operation: word-embedding module + prompt table(s) + input ids -> ``inputs_embeds``.
+"""The module layer's one entry point: word-embedding module + K prompts + input ids -> ``inputs_embeds``.
 
-:func:`prompted_inputs_embeds` is what a prompt-tuned model feeds its base model: for each batch row, the
-first N rows of that row's prompt table, then ``word_embeddings(input_ids)``. It builds it with ONE
-``prompt_concat`` call whatever the number of prompt tables (several tables: their first N rows are stacked
-and each batch row selects its own through per-row ``prompt_indices``). Where the word-embedding module cannot
-be reproduced inside the op (see :func:`fastprompt.prompted_embeds.word_embeddings.lookup_spec`) or a prompt
-module is not a plain table, the modules are called and the rows concatenated, which is exactly what PEFT
-does; that is logged at debug level on the ``fastprompt`` logger.
+:func:`prompted_inputs_embeds` is what a soft-prompted model feeds its base model: for each batch row, the
+first N rows of that row's prompt, then ``word_embeddings(input_ids)``, built with ONE ``prompt_concat``
+call whatever the number of prompts and wherever their rows come from. Every prompt source goes through
+it, each resolved to what the op reads:
+
+- a table (prompt tuning's ``PromptEmbedding``, fastprompt's or PEFT's) to its weight, as it is (no copy);
+- P-tuning's encoder or multitask's task scaling (a :class:`~fastprompt.prompted_embeds.PromptSource`) to
+  the rows its module computes (:func:`~fastprompt.prompted_embeds.prompt_rows.source_rows`), once per
+  prompt;
+- rows computed already (a ``[K, N, D]`` tensor) to themselves.
+
+Several prompts: their first N rows are stacked and each batch row selects its own through per-row
+``prompt_indices``. There is one ZeRO-3 branch (the op runs inside the modules whose ZeRO-3 hooks gather
+the tables: :func:`~fastprompt.prompted_embeds.deepspeed_zero3.run_gathered`) and one fallback: where the
+word-embedding module cannot be reproduced inside the op (see
+:func:`fastprompt.prompted_embeds.word_embeddings.lookup_spec`), a table module is not a plain table, or
+the tables cannot be gathered, the modules are called and the rows concatenated, which is exactly what
+PEFT does; that is logged at debug level on the ``fastprompt`` logger.
 
 ``CALLS`` counts both outcomes ("fused" / "unfused"), for tests and diagnostics.
 """
@@ -19,25 +30,50 @@ from collections.abc import Sequence
 import torch
 
 from . import deepspeed_zero3
-from .fused_concat import CALLS, fused, prompt_table
-from .word_embeddings import lookup_spec
+from .fused_concat import CALLS, fused
+from .prompt_rows import TABLE, PromptSource, prompt_table, source_rows
+from .word_embeddings import FUSABLE_DTYPES, full_shape, lookup_spec
 
-__all__ = ["CALLS", "prompt_table", "prompted_inputs_embeds"]
+__all__ = ["CALLS", "prompted_inputs_embeds"]
 
 logger = logging.getLogger("fastprompt")
 
+# What the entry point takes as its K prompts (see ``prompted_inputs_embeds``).
+Prompts = torch.nn.Module | PromptSource | Sequence[torch.nn.Module | PromptSource] | torch.Tensor
 
-def _as_modules(prompt_embeddings) -> list[torch.nn.Module]:
-    if isinstance(prompt_embeddings, torch.nn.Module):
-        return [prompt_embeddings]
-    if isinstance(prompt_embeddings, Sequence) and not isinstance(prompt_embeddings, (str, bytes)):
-        modules = list(prompt_embeddings)
-        if modules and all(isinstance(m, torch.nn.Module) for m in modules):
-            return modules
+
+def _as_sources(prompt_embeddings) -> list[PromptSource]:
+    """The prompts as sources: a module is a table (``TABLE``), a ``PromptSource`` says what it is."""
+    if isinstance(prompt_embeddings, (torch.nn.Module, PromptSource)):
+        prompts = [prompt_embeddings]
+    elif isinstance(prompt_embeddings, Sequence) and not isinstance(prompt_embeddings, (str, bytes)):
+        prompts = list(prompt_embeddings)
+    else:
+        prompts = []
+    if prompts and all(isinstance(p, (torch.nn.Module, PromptSource)) for p in prompts):
+        return [p if isinstance(p, PromptSource) else PromptSource(p, TABLE) for p in prompts]
     raise TypeError(
-        "prompt_embeddings must be a prompt-embedding module (e.g. fastprompt.PromptEmbedding) or a "
-        f"non-empty sequence of them, got {type(prompt_embeddings).__name__}"
+        "prompt_embeddings must be a prompt-embedding module (e.g. fastprompt.PromptEmbedding), a "
+        "PromptSource, a non-empty sequence of them, or a [K, N, D] tensor of prompt rows, got "
+        f"{type(prompt_embeddings).__name__}"
     )
+
+
+def _given_rows(rows: torch.Tensor, table_index, num_prompt: int | None) -> tuple[list, int]:
+    """Rows computed already, [K, N, D]: (K blocks [N, D], N checked)."""
+    if rows.dim() != 3 or (table_index is None and rows.shape[0] != 1):
+        raise ValueError(
+            f"prompt rows must be [K, N, D] (K = 1 without index: pass table_index), got {tuple(rows.shape)}"
+        )
+    if num_prompt is None:
+        return list(rows.unbind(0)), rows.shape[1]
+    if (
+        isinstance(num_prompt, bool)
+        or not isinstance(num_prompt, int)
+        or not 0 <= num_prompt <= rows.shape[1]
+    ):
+        raise ValueError(f"num_prompt={num_prompt!r} must be an int in [0, N={rows.shape[1]}]")
+    return list(rows.unbind(0)), num_prompt
 
 
 def _check_input_ids(input_ids) -> None:
@@ -90,7 +126,8 @@ def _table_index(table_index, num_tables: int, batch_size: int, device) -> torch
 
 
 def _num_prompt(modules: list[torch.nn.Module], num_prompt: int | None) -> int:
-    rows = [m.embedding.weight.shape[0] if hasattr(m, "embedding") else None for m in modules]
+    """N: ``num_prompt`` checked against the rows of every table, or those rows where they agree."""
+    rows = [full_shape(m.embedding.weight)[0] if hasattr(m, "embedding") else None for m in modules]
     if num_prompt is None:
         if len(set(rows)) != 1 or rows[0] is None:
             raise ValueError(
@@ -103,17 +140,23 @@ def _num_prompt(modules: list[torch.nn.Module], num_prompt: int | None) -> int:
     return num_prompt
 
 
-def _unfused(input_ids, word_embeddings, modules, index, num_prompt: int, reason: str) -> torch.Tensor:
-    """PEFT's own steps: call the word-embedding module and each prompt module, cast, concatenate."""
+def _unfused(
+    input_ids, word_embeddings, sources, blocks, index, num_prompt: int, reason: str
+) -> torch.Tensor:
+    """PEFT's own steps: call the word-embedding module and each table's module, cast, concatenate (rows
+    computed already are taken as they are)."""
     CALLS["unfused"] += 1
     logger.debug("fastprompt: unfused prompt concat (%s)", reason)
     inputs_embeds = word_embeddings(input_ids)
     batch = input_ids.shape[0]
     prompts = []
-    for module in modules:
-        rows = module.embedding.weight.shape[0] if hasattr(module, "embedding") else num_prompt
-        tokens = torch.arange(rows, device=input_ids.device).unsqueeze(0)
-        prompts.append(module(tokens)[:, :num_prompt].to(inputs_embeds.device))
+    for source, rows in zip(sources, blocks, strict=True):
+        if source is not None and source.kind == TABLE:
+            module = source.module
+            count = full_shape(module.embedding.weight)[0] if hasattr(module, "embedding") else num_prompt
+            tokens = torch.arange(count, device=input_ids.device).unsqueeze(0)
+            rows = module(tokens)[0]
+        prompts.append(rows[None, :num_prompt].to(inputs_embeds.device))
     if index is None:
         prompt_rows = prompts[0].expand(batch, -1, -1)
     else:
@@ -124,7 +167,7 @@ def _unfused(input_ids, word_embeddings, modules, index, num_prompt: int, reason
 def prompted_inputs_embeds(
     input_ids: torch.Tensor,
     word_embeddings: torch.nn.Module,
-    prompt_embeddings: torch.nn.Module | Sequence[torch.nn.Module],
+    prompt_embeddings: Prompts,
     table_index: torch.Tensor | Sequence[int] | None = None,
     *,
     num_prompt: int | None = None,
@@ -135,43 +178,66 @@ def prompted_inputs_embeds(
         input_ids: [B, L] int64 or int32 token ids.
         word_embeddings: the model's word-embedding module (``nn.Embedding`` or a scaled subclass such
             as Gemma's or BART's: its scale and ``padding_idx`` are applied as the module would).
-        prompt_embeddings: one prompt-embedding module (fastprompt's or PEFT's ``PromptEmbedding``),
-            or a sequence of K of them.
-        table_index: [B] (tensor or list of ints in [0, K)): the prompt module of each batch row.
-            Required when K > 1; None with one module means every row takes it.
-        num_prompt: N, how many of each table's first rows go before the tokens (default: all rows;
+        prompt_embeddings: the K prompts: one or a sequence of prompt-embedding modules (fastprompt's or
+            PEFT's ``PromptEmbedding``: tables) or :class:`~fastprompt.prompted_embeds.PromptSource`
+            (P-tuning's encoder, multitask's task, or a table); or a [K, N, D] tensor of rows computed
+            already.
+        table_index: [B] (tensor or list of ints in [0, K)): the prompt of each batch row. Required when
+            K > 1; None with one prompt means every row takes it.
+        num_prompt: N, how many of each prompt's first rows go before the tokens (default: all rows;
             seq2seq tables have 2N rows, of which the encoder takes N).
 
     Returns:
-        [B, N + L, D] in the word embeddings' dtype: with ``k = table_index[b]``, row b equals
-        ``cat(prompt_embeddings[k].embedding.weight[:N].to(dtype), word_embeddings(input_ids[b]))``
-        bit for bit, with gradients to every prompt table (only the rows used) and to the word table
-        where it requires grad.
+        [B, N + L, D] in the word embeddings' dtype: with ``k = table_index[b]`` and ``rows_k`` prompt k's
+        rows (a table's weight, a module's computed rows), row b equals
+        ``cat(rows_k[:N].to(dtype), word_embeddings(input_ids[b]))`` bit for bit, with gradients to every
+        prompt (only the rows used; through a module to its parameters) and to the word table where it
+        requires grad.
 
     Raises:
         TypeError / ValueError: ``input_ids``, ``prompt_embeddings``, ``table_index`` or ``num_prompt``
             of the wrong type or shape.
     """
     _check_input_ids(input_ids)
-    modules = _as_modules(prompt_embeddings)
-    num_prompt = _num_prompt(modules, num_prompt)
-    index = _table_index(table_index, len(modules), input_ids.shape[0], input_ids.device)
-    if deepspeed_zero3.is_zero3(word_embeddings, modules):
-        # ZeRO-3: the tables are gathered by ZeRO-3's own module hooks around the fused op.
-        out = deepspeed_zero3.fused_with_gathered_tables(
-            input_ids, word_embeddings, modules, index, num_prompt
-        )
-        if out is None:
-            return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "ZeRO-3 modules")
-        return out
-    spec = lookup_spec(word_embeddings)
+    if isinstance(prompt_embeddings, torch.Tensor):
+        blocks, num_prompt = _given_rows(prompt_embeddings, table_index, num_prompt)
+        sources: list = [None] * len(blocks)
+    else:
+        sources = _as_sources(prompt_embeddings)
+        num_prompt = _num_prompt([s.module for s in sources], num_prompt)
+        computed = [s for s in sources if s.kind != TABLE]  # encoders, tasks: their modules' rows, once each
+        rows = iter(source_rows(computed, num_prompt) if computed else ())
+        blocks = [None if s.kind == TABLE else next(rows) for s in sources]
+    index = _table_index(table_index, len(blocks), input_ids.shape[0], input_ids.device)
+    tables = [s.module for s in sources if s is not None and s.kind == TABLE]
+    zero3 = deepspeed_zero3.is_zero3(word_embeddings, tables)
+    gathers = {"ignore_hook": deepspeed_zero3.is_zero3_hook, "partitioned": True} if zero3 else {}
+    spec = lookup_spec(word_embeddings, **gathers)
     if spec is None:
-        return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "word-embedding module")
-    tables = [prompt_table(m) for m in modules]
-    if any(t is None for t in tables):
-        return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "prompt module not a table")
-    weight = spec.weight
-    if input_ids.device != weight.device:
-        return _unfused(input_ids, word_embeddings, modules, index, num_prompt, "devices")
-    return fused(input_ids, spec, tables, index, num_prompt)
+        reason = "word-embedding module"
+    else:
+        for k, source in enumerate(sources):
+            if source is not None and source.kind == TABLE:
+                blocks[k] = prompt_table(source.module, **gathers)  # the weight itself, or None
+        reason = (
+            "prompt module not a table"
+            if any(b is None for b in blocks)
+            else "prompt rows' dtype"
+            if any(b.dtype not in FUSABLE_DTYPES for b in blocks)
+            else "devices"
+            if input_ids.device != spec.weight.device
+            else None
+        )
+    if reason is not None:
+        return _unfused(input_ids, word_embeddings, sources, blocks, index, num_prompt, reason)
 
+    def run() -> torch.Tensor:
+        return fused(input_ids, spec, blocks, index, num_prompt)
+
+    if not zero3:
+        return run()
+    # ZeRO-3: the tables are gathered by ZeRO-3's own module hooks around the fused op.
+    out = deepspeed_zero3.run_gathered(word_embeddings, spec.weight, tables, input_ids, run)
+    if out is None:
+        return _unfused(input_ids, word_embeddings, sources, blocks, index, num_prompt, "ZeRO-3 modules")
+    return out

@@ -1,38 +1,97 @@
-"""The N rows a prompt module puts before the tokens, whatever computes them, and the fused concat over them.
+"""Where the N rows a prompt puts before the tokens come from: a table read as it is, or computed rows.
 
 PEFT's soft-prompt methods that prepend N rows differ only in where the rows come from:
 
-- prompt tuning (``PromptEmbedding``): the table itself, read by the op directly where it is a plain
-  table (:func:`fastprompt.prompted_embeds.fused_concat.prompt_table`);
+- prompt tuning (``PromptEmbedding``): the table itself, read by the op directly, without a copy, where
+  it is a plain table (:func:`prompt_table`);
 - P-tuning (``PromptEncoder``): an MLP or LSTM encoder over the table, ``module(arange(T)[None])``,
   computed once per forward as PEFT does; in inference mode (an adapter loaded from its file) the
   encoder's stored output, which PEFT keeps as the ``embedding`` weight and reads as it is;
 - multitask prompt tuning (``MultitaskPromptEmbedding``): the table scaled per task,
   ``module(arange(T)[None].expand(K, -1), task_ids)``, once per distinct task (PEFT: once per batch row).
 
-:class:`PromptSource` names one prompt (a module, how its rows come, and the task); :func:`source_rows`
-computes the ``[K, N, D]`` rows of K sources by calling the modules as PEFT does (their hooks run, ZeRO-3
-gathers every parameter of the encoder, gradients reach every trainable parameter);
-:func:`rows_inputs_embeds` is :func:`fastprompt.prompted_embeds.prompted_inputs_embeds` over such rows:
-one ``prompt_concat`` call, the rows being the encoder's output, never the table before it.
+:class:`PromptSource` names one prompt (a module, how its rows come, and the task); :func:`prompt_table`
+says whether a module is a plain table the op can read; :func:`source_rows` computes the ``[K, N, D]``
+rows of K sources by calling the modules as PEFT does (their hooks run, ZeRO-3 gathers every parameter of
+the encoder, gradients reach every trainable parameter). The module layer's one entry point,
+:func:`fastprompt.prompted_embeds.prompted_inputs_embeds`, takes any of them into one ``prompt_concat``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from . import deepspeed_zero3
-from .fused_concat import CALLS, fused
-from .word_embeddings import FUSABLE_DTYPES, lookup_spec
+from .word_embeddings import FUSABLE_DTYPES, forward_statements, full_shape, plain_lookup_options
 
 TABLE = "table"  # prompt tuning: the table, looked up
 ENCODER = "encoder"  # P-tuning in training mode: the encoder's output over the table
 STORED = "stored"  # P-tuning in inference mode: the encoder's output as stored (the embedding weight)
 TASK = "task"  # multitask prompt tuning: the table scaled for one task
 KINDS = (TABLE, ENCODER, STORED, TASK)
+
+
+# The bodies of a prompt module's ``forward`` that return the table's rows as they are (fastprompt's and
+# PEFT's ``PromptEmbedding``). P-tuning's ``PromptEncoder`` and multitask's ``MultitaskPromptEmbedding``
+# also have an ``embedding``, but their rows are an encoder's output / task-scaled: not a plain table.
+_PLAIN_SOURCES = (
+    "return self.embedding(indices)",
+    "prompt_embeddings = self.embedding(indices)\nreturn prompt_embeddings",
+)
+_PLAIN_DUMPS = frozenset(ast.dump(ast.parse(src)) for src in _PLAIN_SOURCES)
+_PLAIN_FORWARDS: dict = {}  # class -> whether its forward is a plain table lookup (cached per class)
+
+
+def plain_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` returns ``self.embedding(indices)`` and nothing else (read off its source,
+    as :func:`fastprompt.prompted_embeds.word_embeddings.forward_kind` does for word embeddings; cached
+    per class)."""
+    if cls not in _PLAIN_FORWARDS:
+        _PLAIN_FORWARDS[cls] = _plain_forward(cls)
+    return _PLAIN_FORWARDS[cls]
+
+
+def _plain_forward(cls: type) -> bool:
+    body = forward_statements(getattr(cls, "forward", None), ["self", "indices"])
+    return body is not None and ast.dump(ast.Module(body=body, type_ignores=[])) in _PLAIN_DUMPS
+
+
+def prompt_table(
+    prompt_embedding: torch.nn.Module, *, ignore_hook=None, partitioned: bool = False
+) -> torch.Tensor | None:
+    """The [P, D] weight a prompt-embedding module looks its rows up in, or None where calling the module
+    could give something else (a custom ``forward``, hooks, ``max_norm`` ...).
+
+    ``prompt_embedding``: fastprompt's or PEFT's ``PromptEmbedding`` (any module whose ``forward`` is
+    exactly ``return self.embedding(indices)``, its ``embedding`` a plain ``nn.Embedding``). A module with
+    an ``embedding`` and another ``forward`` (P-tuning's ``PromptEncoder``: an MLP / LSTM over the table;
+    ``MultitaskPromptEmbedding``: the table scaled per task) is not a table: None.
+    ``ignore_hook`` / ``partitioned``: as in :func:`fastprompt.prompted_embeds.word_embeddings.lookup_spec`,
+    for a caller that gathers the table itself.
+    """
+    embedding = getattr(prompt_embedding, "embedding", None)
+    if not isinstance(embedding, torch.nn.Embedding):
+        return None
+    if "forward" in prompt_embedding.__dict__ or not plain_forward(type(prompt_embedding)):
+        return None  # P-tuning's encoder, multitask's task scaling, any other forward: call the module
+    if type(embedding).forward is not torch.nn.Embedding.forward or "forward" in embedding.__dict__:
+        return None
+    if not plain_lookup_options(embedding):
+        return None
+    for module in (prompt_embedding, embedding):
+        for hooks in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks):
+            if any(ignore_hook is None or not ignore_hook(hook) for hook in hooks.values()):
+                return None
+    weight = embedding.weight
+    shape = full_shape(weight) if partitioned else tuple(weight.shape)
+    if len(shape) != 2 or weight.dtype not in FUSABLE_DTYPES or weight.is_meta:
+        return None
+    if weight.numel() == 0 and not (partitioned and shape != tuple(weight.shape)):
+        return None  # ZeRO-3 sharded or not materialized: the module call gathers it
+    return weight
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,51 +159,3 @@ def source_rows(
             rows[k] = scaled[j : j + 1]
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out if dtype is None else out.to(dtype)
-
-
-def rows_inputs_embeds(
-    input_ids: torch.Tensor,
-    word_embeddings: torch.nn.Module,
-    rows: torch.Tensor,
-    index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Prompt rows, then ``word_embeddings(input_ids)``, per batch row, in one ``prompt_concat`` call.
-
-    Args:
-        input_ids: [B, L] int64 or int32 token ids.
-        word_embeddings: the model's word-embedding module (reproduced inside the op where fastprompt
-            knows its ``forward``; else called, as PEFT does). A DeepSpeed ZeRO-3 word table: the op
-            runs as the module's ``forward``, its ZeRO-3 hooks gathering the table around it
-            (:func:`fastprompt.prompted_embeds.deepspeed_zero3.fused_rows_with_gathered_word`).
-        rows: [K, N, D] prompt rows (:func:`source_rows`: an encoder's output, with grad, or any tensor).
-        index: [B] int64, the prompt (of K) of each batch row; None: K = 1, every row takes it.
-
-    Returns:
-        [B, N + L, D] in the word embeddings' dtype: row b equals
-        ``cat(rows[index[b]].to(dtype), word_embeddings(input_ids[b]))``, with gradients to ``rows`` (and
-        through them to the encoder) and to the word table where it requires grad.
-    """
-    if rows.dim() != 3 or (index is None and rows.shape[0] != 1):
-        raise ValueError(f"rows must be [K, N, D] (K = 1 without index), got {tuple(rows.shape)}")
-    num_prompt = rows.shape[1]
-    if index is not None:
-        index = index.to(device=input_ids.device, dtype=torch.int64)
-    weight = getattr(word_embeddings, "weight", None)
-    spec = None
-    if deepspeed_zero3.is_zero3_param(weight):  # ZeRO-3: the word module's hooks gather its table
-        if rows.dtype in FUSABLE_DTYPES:
-            out = deepspeed_zero3.fused_rows_with_gathered_word(
-                input_ids, word_embeddings, rows, index, num_prompt
-            )
-            if out is not None:
-                return out
-    else:
-        spec = lookup_spec(word_embeddings)
-    if spec is None or rows.dtype not in FUSABLE_DTYPES or input_ids.device != spec.weight.device:
-        CALLS["unfused"] += 1
-        inputs_embeds = word_embeddings(input_ids)
-        rows = rows.to(inputs_embeds.device)
-        prompts = rows.expand(input_ids.shape[0], -1, -1) if index is None else rows[index]
-        return torch.cat((prompts.to(inputs_embeds.dtype), inputs_embeds), dim=1)
-    rows = rows.to(spec.weight.device)
-    return fused(input_ids, spec, list(rows.unbind(0)), index, num_prompt)
