@@ -150,20 +150,3 @@ def test_no_internal_labels_in_the_package():
     ]
     assert not hits, hits
 
-
-def test_prompt_once_modules_keep_their_old_import_paths():
-    """The prompt-once machinery moved to ``fastprompt.prompt_once``; the old module paths under
-    ``fastprompt.integrations`` are the same module objects (settings and counters are shared)."""
-    import importlib
-
-    from fastprompt import integrations, prompt_once  # noqa: F401
-    from fastprompt.prompt_once import kv_store, policy, prompt_pass, shared_forward
-
-    moved = {"prompt_kv": kv_store, "shared_prefix": policy, "prompt_pass": prompt_pass}
-    moved["shared_forward"] = shared_forward
-    for old, new in moved.items():
-        assert importlib.import_module(f"fastprompt.integrations.{old}") is new
-    from fastprompt.integrations import prompt_kv, shared_prefix
-
-    assert prompt_kv is kv_store and shared_prefix is policy
-    assert integrations.prompt_kv_store is kv_store.prompt_kv_store
