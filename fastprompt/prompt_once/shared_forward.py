@@ -133,12 +133,12 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict,
         prompt_logits = prompt.output.logits  # [K, N, V]
         token_logits = output.logits  # [B, L, V]
         if labels is not None:  # the last virtual position predicts the first label; the rest only -100
-            last = _rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
+            last = to_rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
             fields["loss"] = _causal_lm_loss(
                 base_model.loss_function, last, token_logits, labels, loss_kwargs
             )
-        fields["logits"] = torch.cat((_rows(prompt_logits, index, batch), token_logits), dim=1)
-    if not _uses_cache(base_model, use_cache, mode):
+        fields["logits"] = torch.cat((to_rows(prompt_logits, index, batch), token_logits), dim=1)
+    if not uses_cache(base_model, use_cache, mode):
         for key in CACHE_KEYWORDS:
             fields.pop(key, None)
     output = type(output)(**fields)  # the fields in the model output's own order
@@ -276,7 +276,7 @@ def _transformers_causal_lm_loss():
     return ForCausalLMLoss
 
 
-def _rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
+def to_rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
     """[K, ...] per prompt -> [B, ...] per batch row (``index``: the prompt of each row; None: K = 1)."""
     return (
         per_prompt.expand(batch, *per_prompt.shape[1:])
@@ -285,7 +285,7 @@ def _rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> t
     )
 
 
-def _uses_cache(base_model, use_cache, mode) -> bool:
+def uses_cache(base_model, use_cache, mode) -> bool:
     """Whether PEFT's path would return a cache: ``use_cache`` or the config's, and no checkpointing
     (``mode``: the layers' checkpointing mode, None when they are not checkpointed)."""
     if mode is not None:
