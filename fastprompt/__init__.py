@@ -1,7 +1,5 @@
 """fastprompt: fast prompt tuning, a drop-in for PEFT's prompt tuning through one fused op."""
 
-from .config import PromptTuningConfig, PromptTuningInit
-from .embedding import PromptEmbedding
 from .integrations import (
     AdapterFileError,
     AdapterNamesCollator,
@@ -11,6 +9,7 @@ from .integrations import (
     unpatch_peft,
 )
 from .ops import backend_for, prompt_concat
+from .prompted_embeds import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 
 __version__ = "0.1.0"
 

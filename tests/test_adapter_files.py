@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastprompt
-from fastprompt.adapter_files import AdapterFileError, load_prompt_adapter
+from fastprompt.prompted_embeds.adapter_files import AdapterFileError, load_prompt_adapter
 from fastprompt.testing.adapter_files import SERVING_BAD_FILES, corrupt_adapter, save_prompt_adapter
 
 

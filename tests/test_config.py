@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fastprompt import PromptTuningConfig, PromptTuningInit
-from fastprompt.config import from_peft_config, to_peft_config
+from fastprompt.prompted_embeds.config import from_peft_config, to_peft_config
 
 peft = pytest.importorskip("peft")
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from fastprompt import deepspeed_zero3
-from fastprompt.prompted_embeds import CALLS, prompted_inputs_embeds
-from fastprompt.word_embeddings import full_shape
+from fastprompt.prompted_embeds import CALLS, deepspeed_zero3, prompted_inputs_embeds
+from fastprompt.prompted_embeds.word_embeddings import full_shape
 
 
 class _Prompt(torch.nn.Module):
@@ -58,16 +57,14 @@ def test_zero3_tables_outside_an_engine_take_the_module_path():
 def test_encoder_rows_with_a_zero3_word_table_outside_an_engine():
     """P-tuning's / multitask's rows (an encoder's output) with a ZeRO-3 word table on a module without
     ZeRO-3's hooks: nothing would gather the table, so the word module is called, as PEFT does."""
-    from fastprompt.prompt_rows import rows_inputs_embeds
-
     torch.manual_seed(0)
     word = torch.nn.Embedding(11, 4)
     _mark_zero3(word.weight)
     rows = torch.randn(2, 3, 4, requires_grad=True)
     ids = torch.randint(0, 11, (3, 5))
     index = torch.tensor([1, 0, 1])
-    assert deepspeed_zero3.fused_rows_with_gathered_word(ids, word, rows, index, 3) is None
+    assert deepspeed_zero3.run_gathered(word, word.weight, [], ids, lambda: rows) is None
     before = CALLS["unfused"]
-    out = rows_inputs_embeds(ids, word, rows, index)
+    out = prompted_inputs_embeds(ids, word, rows, index)
     assert CALLS["unfused"] == before + 1
     torch.testing.assert_close(out, torch.cat((rows[index], word(ids)), dim=1), atol=0, rtol=0)

@@ -9,8 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastprompt.fused_concat import CALLS
-from fastprompt.prompt_rows import ENCODER, STORED, TABLE, TASK, PromptSource, rows_inputs_embeds, source_rows
+from fastprompt.prompted_embeds import prompted_inputs_embeds
+from fastprompt.prompted_embeds.fused_concat import CALLS
+from fastprompt.prompted_embeds.prompt_rows import (
+    ENCODER,
+    STORED,
+    TABLE,
+    TASK,
+    PromptSource,
+    source_rows,
+)
 
 
 class _Encoder(torch.nn.Module):
@@ -52,7 +60,7 @@ def test_rows_inputs_embeds_equals_torch(hooked):
     rows = torch.randn(2, 3, 8, requires_grad=True)
     index = torch.tensor([1, 0, 1, 1])
     before = dict(CALLS)
-    out = rows_inputs_embeds(ids, word, rows, index)
+    out = prompted_inputs_embeds(ids, word, rows, index)
     assert CALLS["unfused" if hooked else "fused"] == before.get("unfused" if hooked else "fused", 0) + 1
     expected = _reference(ids, word, rows, index)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -60,10 +68,10 @@ def test_rows_inputs_embeds_equals_torch(hooked):
     (grad,) = torch.autograd.grad(out, rows, upstream)
     (grad_ref,) = torch.autograd.grad(expected, rows, upstream)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-6)
-    single = rows_inputs_embeds(ids, word, rows[:1])
+    single = prompted_inputs_embeds(ids, word, rows[:1])
     torch.testing.assert_close(single, _reference(ids, word, rows[:1], None), rtol=0, atol=0)
     with pytest.raises(ValueError, match="K = 1 without index"):
-        rows_inputs_embeds(ids, word, rows)
+        prompted_inputs_embeds(ids, word, rows)
 
 
 def test_source_rows_call_the_modules():

@@ -20,11 +20,11 @@ from fastprompt.testing import tiny_models
 
 peft = pytest.importorskip("peft")
 import fastprompt  # noqa: E402
-from fastprompt.fused_concat import prompt_table  # noqa: E402
 from fastprompt.integrations import CALLS  # noqa: E402
 from fastprompt.integrations.peft_methods import FastPromptModel  # noqa: E402
 from fastprompt.prompt_once import kv_store  # noqa: E402
 from fastprompt.prompt_once.policy import CALLS as SHARE_CALLS  # noqa: E402
+from fastprompt.prompted_embeds.prompt_rows import prompt_table  # noqa: E402
 
 N = 5
 FP32 = dict(rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from fastprompt.adapter_files import AdapterFileError
+from fastprompt.prompted_embeds.adapter_files import AdapterFileError
 from fastprompt.serving.adapter_dir import (
     MAX_NAME_LENGTH,
     AdapterDirectory,

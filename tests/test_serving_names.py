@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from fastprompt.config import CONFIG_NAME
+from fastprompt.prompted_embeds.config import CONFIG_NAME
 from fastprompt.serving.names import ServeArgumentError, check_served_names, default_served_name
 from fastprompt.serving.prompts import check_adapter_dirs
 from fastprompt.testing import tiny_models

@@ -216,7 +216,7 @@ def test_multitask_and_ptuning_adapters_in_a_served_directory(tmp_path, caplog):
     models ``NAME.taskT`` (listed as such), NAME itself and a task past ``num_tasks`` unknown (404), its bad
     factors a 400 (``AdapterFileError``); a real ``NAME.taskT`` directory wins; an ``--adapter`` of the same
     NAME hides the directory's tasks."""
-    from fastprompt.adapter_files import AdapterFileError
+    from fastprompt.prompted_embeds.adapter_files import AdapterFileError
     from fastprompt.serving.adapter_dir import UnknownAdapterError
     from fastprompt.testing.adapter_files import corrupt_adapter, save_multitask_adapter, save_ptuning_adapter
 

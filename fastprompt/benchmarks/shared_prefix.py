@@ -134,7 +134,7 @@ def _extra(method: str, batch: int) -> dict:
     return {"task_ids": torch.tensor([1 + 2 * (b % 2) for b in range(batch)])}
 
 
-def _models(
+def provider_models(
     base, num_virtual_tokens: int, providers, seed: int, prepare=None, method: str = "prompt tuning"
 ) -> dict:
     """{provider: prompt-tuned model} on copies of ``base`` with the same prompt table (or encoder);
@@ -172,7 +172,7 @@ def train_steps(
     ``step`` is the step's class (``TrainStep``'s signature), ``prepare`` what is done to each base copy
     first, ``method`` the soft-prompt method (of ``METHODS``)."""
     n, length, batch = shape
-    models = _models(base, n, providers, seed, prepare, method)
+    models = provider_models(base, n, providers, seed, prepare, method)
     extra = _extra(method, batch)
     return {name: step(models[name], batch, length, seed=seed, extra=extra) for name in providers}
 
@@ -276,7 +276,7 @@ def shared_prefix_results(
     return results
 
 
-def _table(results: list[Result]) -> str:
+def results_table(results: list[Result]) -> str:
     lines = ["| model | workload | provider | median ms | IQR/med | vs peft | peak MB | vs peft mem | same |"]
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
         methods=[m for m in args.methods.split(",") if m],
         families=[f for f in args.families.split(",") if f],
     )
-    print(_table(results), flush=True)
+    print(results_table(results), flush=True)
     return 0 if all(r.matches_peft for r in results) else 1
 
 

@@ -214,7 +214,7 @@ def packed_steps(
     packed-sequence mask only when no cache is passed, and a model whose config says ``use_cache=True``
     builds one even in training, so the floor's packed row would attend across documents without it.
     """
-    models = shared_prefix._models(base, num_virtual_tokens, shared_prefix.DEFAULT_PROVIDERS, seed)
+    models = shared_prefix.provider_models(base, num_virtual_tokens, shared_prefix.DEFAULT_PROVIDERS, seed)
     pad_id = base.config.pad_token_id
     return {
         REFERENCE: BatchStep(models["peft"], docs.padded(pad_id)),
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
         results += fused_head_results(device, budget_s=args.budget, shapes=shapes, progress=say, notes=notes)
     if args.only != "fused":
         results += packed_results(device, budget_s=args.budget, progress=say, notes=notes)
-    print(shared_prefix._table(results), flush=True)
+    print(shared_prefix.results_table(results), flush=True)
     print("\n".join(f"- {line}" for line in notes), flush=True)
     return 0 if all(r.matches_peft for r in results) else 1
 

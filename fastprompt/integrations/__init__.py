@@ -3,8 +3,8 @@
 Nothing here imports PEFT until a function that needs it is called.
 """
 
-from ..adapter_files import AdapterFileError
 from ..prompt_once.kv_store import PromptKVStore, prompt_kv_store
+from ..prompted_embeds.adapter_files import AdapterFileError
 from .adapter_batches import AdapterNamesCollator
 from .input_checks import check_prompt_inputs
 from .peft_inputs_embeds import CALLS

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import PREPENDED_PROMPT_TYPES
+from ..prompted_embeds.config import PREPENDED_PROMPT_TYPES
 
 ADAPTER_NAMES = "adapter_names"
 

@@ -19,7 +19,7 @@ import torch
 from ..prompt_once import decoder_share, packed, packed_forward, shared_forward
 from ..prompt_once import policy as shared_prefix
 from ..prompt_once.sources import batch_sources
-from ..prompt_rows import source_rows
+from ..prompted_embeds.prompt_rows import source_rows
 from .adapter_batches import pop_adapter_names
 from .peft_inputs_embeds import model_inputs_embeds
 from .peft_prompt_methods import batch_rows

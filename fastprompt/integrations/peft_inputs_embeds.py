@@ -1,10 +1,10 @@
-"""A PEFT prompt-tuning model's ``inputs_embeds``: routes to the module layer's fused operation.
+"""A PEFT soft-prompt model's ``inputs_embeds``: routes to the module layer's one entry point.
 
-P-tuning and multitask adapters: their rows (the encoder's output, the task-scaled table) are computed
-once per prompt of the batch (``fastprompt.prompt_rows``) and concatenated in the same one fused call.
-
-The PEFT model's word-embedding module and its prompt-embedding module(s) go to
-:func:`fastprompt.prompted_embeds.prompted_inputs_embeds` (the module layer); nothing here touches a table.
+The batch's prompts (the active adapter's, or each row's adapter's; for multitask, each row's task) go
+as :class:`~fastprompt.prompted_embeds.PromptSource` to
+:func:`fastprompt.prompted_embeds.prompted_inputs_embeds` with the PEFT model's word-embedding module: a
+prompt-tuning table is read as it is, P-tuning's encoder output and multitask's task-scaled rows are
+computed once per prompt of the batch, and one fused call concatenates them. Nothing here touches a table.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..prompt_once.sources import batch_sources
-from ..prompt_rows import TABLE, rows_inputs_embeds, source_rows
 from ..prompted_embeds import CALLS, prompted_inputs_embeds
 from .adapter_batches import RowAdapters
 
@@ -36,18 +35,8 @@ def model_inputs_embeds(
         [B, N + L, D] in the word embeddings' dtype: equal to PEFT's
         ``cat((get_prompt(B)[:, :N].to(dtype), word_embeddings(input_ids)), 1)``.
     """
-    sources, index = batch_sources(peft_model, rows, input_ids.device)
-    if any(source.kind != TABLE for source in sources):
-        # P-tuning / multitask: the rows are the encoder's output (or task-scaled), computed once per
-        # prompt, then one fused concat over them
-        prompt_rows = source_rows(sources, num_prompt)
-        return rows_inputs_embeds(input_ids, peft_model.word_embeddings, prompt_rows, index)
-    if rows is None:
-        prompt_encoder = peft_model.prompt_encoder[peft_model.active_adapter]
-        return prompted_inputs_embeds(
-            input_ids, peft_model.word_embeddings, prompt_encoder, num_prompt=num_prompt
-        )
-    encoders = [peft_model.prompt_encoder[name] for name in rows.names]
+    sources, _ = batch_sources(peft_model, rows)
+    table_index = None if rows is None else list(rows.table_index)
     return prompted_inputs_embeds(
-        input_ids, peft_model.word_embeddings, encoders, list(rows.table_index), num_prompt=num_prompt
+        input_ids, peft_model.word_embeddings, sources, table_index, num_prompt=num_prompt
     )

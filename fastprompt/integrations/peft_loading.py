@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from ..adapter_files import LOADABLE_TYPES, check_prompt_adapter_files, read_prompt_config
+from ..prompted_embeds.adapter_files import LOADABLE_TYPES, check_prompt_adapter_files, read_prompt_config
 from .peft_methods import enabled, original_of
 
 

@@ -29,8 +29,8 @@ import types
 import warnings
 import weakref
 
-from ..config import PROMPT_TUNING  # noqa: F401 - re-exported (peft_loading)
 from ..prompt_once.policy import SHARE_PROMPT_PREFIX, check_request
+from ..prompted_embeds.config import PROMPT_TUNING  # noqa: F401 - re-exported (peft_loading)
 from . import peft_forward, peft_generate
 from .adapter_batches import ADAPTER_NAMES
 from .input_checks import check_prompt_inputs

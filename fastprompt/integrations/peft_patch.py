@@ -182,7 +182,7 @@ def get_peft_model(model, peft_config, *args, share_prompt_prefix=_MISSING, **kw
     """
     import peft
 
-    from ..config import PromptTuningConfig, check_for_model, to_peft_config
+    from ..prompted_embeds.config import PromptTuningConfig, check_for_model, to_peft_config
 
     check_for_model(peft_config)  # a ValueError naming the choices, not PEFT's KeyError: None
     if isinstance(peft_config, PromptTuningConfig):

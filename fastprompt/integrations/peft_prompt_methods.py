@@ -1,7 +1,7 @@
 """P-tuning and multitask prompt tuning on fastprompt's machinery: the prompts of a batch.
 
 PEFT's ``P_TUNING`` and ``MULTITASK_PROMPT_TUNING`` put N rows before the tokens exactly as prompt tuning
-does; only where the rows come from differs (``fastprompt.prompt_rows``). So the fused concat, the shared
+does; only where the rows come from differs (``fastprompt.prompted_embeds``). So the fused concat, the shared
 prompt prefix, prompt-KV reuse and mixed batches serve them once a batch says which prompt each row
 takes: :func:`batch_rows` turns ``adapter_names`` (beyond PEFT) and ``task_ids`` (multitask, PEFT's
 keyword) into one :class:`~fastprompt.integrations.adapter_batches.RowAdapters`, with one prompt per
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MULTITASK_PROMPT_TUNING, PREPENDED_PROMPT_TYPES
+from ..prompted_embeds.config import MULTITASK_PROMPT_TUNING, PREPENDED_PROMPT_TYPES
 from .adapter_batches import RowAdapters, rows_for_adapters
 
 TASK_IDS = "task_ids"

@@ -31,7 +31,7 @@ import inspect
 import torch
 
 from .policy import CACHE_KEYWORDS, CALLS, RuntimeDecline, decoder_of
-from .shared_forward import _rows, _uses_cache, prompt_then_tokens
+from .shared_forward import prompt_then_tokens, to_rows, uses_cache
 
 # Keywords of the decoder's call that the shared plan handles (output_* only when unset or False).
 # Those of _UNSET_ONLY may come only unset (None / False): anything else declines the plan.
@@ -161,9 +161,9 @@ def shared_plan(base_model, prompt_embeds: torch.Tensor, index, n: int, requeste
         fields = dict(output.items())
         prompt_hidden = prompt.output.last_hidden_state  # [K, N, D]
         fields["last_hidden_state"] = torch.cat(
-            (_rows(prompt_hidden, index, batch), output.last_hidden_state), dim=1
+            (to_rows(prompt_hidden, index, batch), output.last_hidden_state), dim=1
         )  # [B, N + L, D]
-        if not _uses_cache(base_model, use_cache, mode):
+        if not uses_cache(base_model, use_cache, mode):
             for key in CACHE_KEYWORDS:
                 fields.pop(key, None)
         state.ran += 1

@@ -31,7 +31,7 @@ import weakref
 
 import torch
 
-from ..prompt_rows import TABLE, source_rows
+from ..prompted_embeds.prompt_rows import TABLE, source_rows
 from .prompt_pass import model_cache, run_prompt, starts_from_own_cache
 from .sources import adapter_source
 

@@ -26,7 +26,7 @@ import contextlib
 
 import torch
 
-from ..prompt_rows import source_rows
+from ..prompted_embeds.prompt_rows import source_rows
 from . import prompt_pass, router_loss
 from .policy import (
     CACHE_KEYWORDS,
@@ -152,12 +152,12 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict,
         if labels is not None and router is not None and router.loss is not None:
             pass  # the model's own loss: PEFT's causal-LM loss plus its router's auxiliary loss
         elif labels is not None:  # the last virtual position predicts the first label; the rest only -100
-            last = _rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
+            last = to_rows(prompt_logits[:, -1:], index, batch)  # [B, 1, V]: no gradient buffer of [B, N, V]
             fields["loss"] = _causal_lm_loss(
                 base_model.loss_function, last, token_logits, labels, loss_kwargs
             )
-        fields["logits"] = torch.cat((_rows(prompt_logits, index, batch), token_logits), dim=1)
-    if not _uses_cache(base_model, use_cache, mode):
+        fields["logits"] = torch.cat((to_rows(prompt_logits, index, batch), token_logits), dim=1)
+    if not uses_cache(base_model, use_cache, mode):
         for key in CACHE_KEYWORDS:
             fields.pop(key, None)
     output = type(output)(**fields)  # the fields in the model output's own order
@@ -190,7 +190,7 @@ class _RouterLoss:
         if self.task != "CAUSAL_LM" or self.labels is None:
             return stack, {}
         original = self.base_model.loss_function
-        last = _rows(prompt.output.logits[:, -1:], self.index, self.batch)  # [B, 1, V]
+        last = to_rows(prompt.output.logits[:, -1:], self.index, self.batch)  # [B, 1, V]
 
         def loss_function(logits, *args, **kwargs):
             self.loss = _causal_lm_loss(original, last, logits, self.labels, self.loss_kwargs)
@@ -337,7 +337,7 @@ def _transformers_causal_lm_loss():
     return ForCausalLMLoss
 
 
-def _rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
+def to_rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> torch.Tensor:
     """[K, ...] per prompt -> [B, ...] per batch row (``index``: the prompt of each row; None: K = 1)."""
     return (
         per_prompt.expand(batch, *per_prompt.shape[1:])
@@ -346,7 +346,7 @@ def _rows(per_prompt: torch.Tensor, index: torch.Tensor | None, batch: int) -> t
     )
 
 
-def _uses_cache(base_model, use_cache, mode) -> bool:
+def uses_cache(base_model, use_cache, mode) -> bool:
     """Whether PEFT's path would return a cache: ``use_cache`` or the config's, and no checkpointing
     (``mode``: the layers' checkpointing mode, None when they are not checkpointed)."""
     if mode is not None:

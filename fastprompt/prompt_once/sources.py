@@ -1,9 +1,9 @@
-"""Which prompts a PEFT model's batch runs: one :class:`~fastprompt.prompt_rows.PromptSource` per distinct
+"""Which prompts a PEFT model's batch runs: one :class:`~fastprompt.prompted_embeds.PromptSource` per distinct
 prompt, and the prompt of each batch row.
 
 A batch's prompts are those of the active adapter (one), of a mixed batch's adapters (``adapter_names``),
 or, for multitask prompt tuning, one per distinct (adapter, task) of its rows (``task_ids``). Each
-adapter's PEFT type says where its rows come from (``fastprompt.prompt_rows``): prompt tuning's table,
+adapter's PEFT type says where its rows come from (``fastprompt.prompted_embeds``): prompt tuning's table,
 P-tuning's encoder (or its stored output in inference mode, as PEFT's ``get_prompt`` reads it), a
 multitask table scaled for one task. The forward, the shared prompt prefix and the prompt-KV store all
 take the rows from here, so they are always the encoder's output, never the table before it.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MULTITASK_PROMPT_TUNING, P_TUNING
-from ..prompt_rows import ENCODER, STORED, TABLE, TASK, PromptSource
+from ..prompted_embeds.config import MULTITASK_PROMPT_TUNING, P_TUNING
+from ..prompted_embeds.prompt_rows import ENCODER, STORED, TABLE, TASK, PromptSource
 
 
 def adapter_source(peft_model, name: str, task: int | None = None) -> PromptSource:

@@ -4,8 +4,9 @@
 - ``prompts``: ``PromptAdapters``, named prompt tables from PEFT's files, and each request's
   ``prompt_embeds`` (adapter rows then token rows) built with ``fastprompt.prompt_concat``.
 - ``adapter_dir``: ``AdapterDirectory``, a directory of adapters served by name on demand (the name rule,
-  files opened only inside it, the LRU bound, reloads when files change); ``adapter_events``: its loads,
-  reloads and evictions as log lines in vLLM's format and Prometheus metrics (needs vLLM).
+  the LRU bound, reloads when files change); ``confined_files``: its files opened only inside the
+  directory (the security boundary); ``adapter_events``: its loads, reloads and evictions as log lines in
+  vLLM's format and Prometheus metrics (needs vLLM).
 - ``settings``: the engine settings soft prompts need (prompt embeddings on, prefix caching, block size).
 - ``names``: the server's names, checked before its engine starts: the base model's default served name
   (its directory's name, never a path), no clash with an adapter's, ``--default-model``.
@@ -14,5 +15,5 @@
   where ``"model": NAME`` picks a soft prompt.
 
 Importing ``offline``, ``server`` or ``adapter_events`` imports vLLM; ``word_table``, ``prompts``,
-``adapter_dir`` and ``names`` do not.
+``adapter_dir``, ``confined_files`` and ``names`` do not.
 """

@@ -4,9 +4,8 @@ P-tuning adapter is the model ``NAME`` (a multitask adapter's tasks: ``fastpromp
 :class:`AdapterDirectory` owns what that takes, and nothing else (no vLLM, no HTTP):
 
 - the name rule (:func:`valid_name`): one plain path component, taken as given (nothing is decoded);
-- files opened only inside DIR: each path is resolved (symlinks followed) and must lie inside DIR, then
-  opened component by component from DIR with ``O_NOFOLLOW``, so what is opened is what was checked
-  (a link swapped in meanwhile fails to open); only regular files are read, at most ``MAX_FILE_BYTES``;
+- files opened only inside DIR, through :mod:`fastprompt.serving.confined_files` (the security boundary:
+  nothing here opens a path itself);
 - loading on first use, at most ``max_loaded`` tables kept (least recently used dropped), one load for
   concurrent first requests of a name (the others wait for it, in their threads);
 - never stale: every lookup compares the files' ``stat`` (device, inode, size, mtime, ctime) with the
@@ -28,7 +27,6 @@ import hashlib
 import logging
 import os
 import re
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -37,14 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapter_files import BIN_NAME, SAFETENSORS_NAME, AdapterFileError, AdapterFiles
-from ..config import CONFIG_NAME
+from ..prompted_embeds.adapter_files import BIN_NAME, SAFETENSORS_NAME, AdapterFileError, AdapterFiles
+from ..prompted_embeds.config import CONFIG_NAME
+from .confined_files import ConfinedDir, OutsideDirectory, read_whole
 
 MAX_NAME_LENGTH = 128
 # One plain path component: letters, digits, "_", "-", ".", not starting with "." or "-".
 _NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}")
 DEFAULT_MAX_LOADED = 256
-MAX_FILE_BYTES = 256 * 1024 * 1024
 # A file whose mtime lies this close to (or after) the moment its bytes were read may have been rewritten
 # in place within one timestamp tick of the read: its bytes are compared again (coarse clocks, 2 s on FAT).
 RACY_NS = 2_000_000_000
@@ -63,58 +61,6 @@ def valid_name(name) -> bool:
     """True if ``name`` is one plain path component a model name may be: 1 to ``MAX_NAME_LENGTH`` ASCII
     letters, digits, ``_``, ``-`` or ``.``, not starting with ``.`` or ``-``."""
     return isinstance(name, str) and _NAME.fullmatch(name) is not None
-
-
-class _Outside(Exception):
-    """A path that resolves outside the directory."""
-
-
-class _Root:
-    """File access confined to one directory (its real path, taken once)."""
-
-    def __init__(self, path):
-        self.real = os.path.realpath(os.fspath(path))
-        if not os.path.isdir(self.real):
-            raise ValueError(
-                f"the adapter directory {os.fspath(path)!r} does not exist (or is not a directory)"
-            )
-
-    def _parts(self, relative: str) -> list[str]:
-        """The components of ``relative``'s real path below the root, or ``_Outside``."""
-        real = os.path.realpath(os.path.join(self.real, relative))
-        if not real.startswith(self.real + os.sep):
-            raise _Outside(relative)
-        return real[len(self.real) + 1 :].split(os.sep)
-
-    def open(self, relative: str) -> int | None:
-        """A read-only descriptor of the regular file ``relative`` (None: no such regular file);
-        ``_Outside`` if its real path leaves the root. Opened from the root, one component at a time,
-        none of them followed as a link: what is opened is the checked path."""
-        parts = self._parts(relative)
-        fd = os.open(self.real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in parts[:-1]:
-                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-                fd, parent = os.open(part, flags, dir_fd=fd), fd
-                os.close(parent)
-            try:
-                if not stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode):
-                    return None  # never open a FIFO or a device
-            except FileNotFoundError:
-                return None
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            fd, parent = os.open(parts[-1], flags, dir_fd=fd), fd
-            os.close(parent)
-        except (FileNotFoundError, NotADirectoryError):
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return fd
 
 
 def _file_key(st: os.stat_result) -> tuple:
@@ -169,7 +115,7 @@ class AdapterDirectory:
         max_loaded = DEFAULT_MAX_LOADED if max_loaded is None else max_loaded
         if not isinstance(max_loaded, int) or isinstance(max_loaded, bool) or max_loaded < 1:
             raise ValueError(f"max_loaded_adapters must be a positive int, got {max_loaded!r}")
-        self._root = _Root(root)
+        self._root = ConfinedDir(root)
         self._read_table = read_table
         self.max_loaded = max_loaded
         self.listeners = list(listeners) or [log_event]
@@ -209,7 +155,7 @@ class AdapterDirectory:
         if fd is None:
             return None
         try:
-            config = json.loads(_read_whole(fd, name, CONFIG_NAME, os.fstat(fd).st_size))
+            config = json.loads(read_whole(fd, name, CONFIG_NAME, os.fstat(fd).st_size))
         except (OSError, ValueError, AdapterFileError):
             return None
         finally:
@@ -310,7 +256,7 @@ class AdapterDirectory:
     def _open(self, name: str, file: str) -> int | None:
         try:
             return self._root.open(os.path.join(name, file))
-        except _Outside:
+        except OutsideDirectory:
             # the adapter's directory or one of its files resolves outside DIR: not an adapter of DIR
             raise UnknownAdapterError(_unknown(name)) from None
         except OSError as exc:
@@ -328,7 +274,7 @@ class AdapterDirectory:
                     continue
                 try:
                     before = os.fstat(fd)
-                    data[file] = _read_whole(fd, name, file, before.st_size)
+                    data[file] = read_whole(fd, name, file, before.st_size)
                     keys.append(_file_key(before))
                 finally:
                     os.close(fd)
@@ -361,22 +307,6 @@ class AdapterDirectory:
                 listener(event, name, details)
             except Exception:  # a listener's fault never fails a request
                 logger.exception("prompt adapter event listener failed")
-
-
-def _read_whole(fd: int, name: str, file: str, size: int) -> bytes:
-    if size > MAX_FILE_BYTES:
-        raise AdapterFileError(
-            f"{name}/{file} is {size} bytes, more than the {MAX_FILE_BYTES // 2**20} MiB a served "
-            "adapter file may have"
-        )
-    chunks, total = [], 0
-    while total <= size:
-        chunk = os.read(fd, size + 1 - total)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
 
 
 def _racy(keys: tuple, read_ns: int) -> bool:

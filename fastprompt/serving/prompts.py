@@ -4,10 +4,10 @@ Prompt-tuning and P-tuning adapters (PEFT stores P-tuning's final encoder rows) 
 a multitask adapter loaded as NAME serves each task T as ``NAME.taskT``.
 
 :class:`PromptAdapters` maps adapter names to prompt tables read from PEFT's files
-(``fastprompt.adapter_files``: no PEFT needed). :meth:`PromptAdapters.embeds` builds one request's
-[N + L, D] rows with ONE ``fastprompt.prompt_concat`` over the word table and the adapter's table, in the
-word table's dtype: the same adapter gives byte-identical prompt rows in every request, which is what lets
-vLLM's prefix cache (it hashes full KV blocks of ``prompt_embeds`` by their bytes) share them.
+(``fastprompt.prompted_embeds.adapter_files``: no PEFT needed). :meth:`PromptAdapters.embeds` builds one
+request's [N + L, D] rows with ONE ``fastprompt.prompt_concat`` over the word table and the adapter's table,
+in the word table's dtype: the same adapter gives byte-identical prompt rows in every request, which is what
+lets vLLM's prefix cache (it hashes full KV blocks of ``prompt_embeds`` by their bytes) share them.
 
 Adding or replacing an adapter swaps one dict entry: a request takes its adapter's table when its
 embeddings are built, so it never mixes an old and a new table, and every later request sees the new one.
@@ -26,15 +26,15 @@ import threading
 
 import torch
 
-from ..adapter_files import (
+from ..ops import prompt_concat
+from ..prompted_embeds.adapter_files import (
     SERVABLE_TYPES,
     AdapterFileError,
     AdapterFiles,
     load_multitask_adapter,
     load_prompt_adapter,
 )
-from ..config import CONFIG_NAME, MULTITASK_PROMPT_TUNING
-from ..ops import prompt_concat
+from ..prompted_embeds.config import CONFIG_NAME, MULTITASK_PROMPT_TUNING
 from .adapter_dir import AdapterDirectory, UnknownAdapterError, valid_name
 from .word_table import WordTable
 

@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse, ModelCard, ModelPermission
 from vllm.inputs.engine import embeds_input
 
-from ..adapter_files import AdapterFileError
+from ..prompted_embeds.adapter_files import AdapterFileError
 from .adapter_dir import UnknownAdapterError
 from .adapter_events import vllm_listeners
 from .names import check_served_names, default_served_name

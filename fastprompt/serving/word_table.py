@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..word_embeddings import lookup_spec
+from ..prompted_embeds.word_embeddings import lookup_spec
 
 _CHECKPOINTS = (
     ("model.safetensors.index.json", "model.safetensors"),

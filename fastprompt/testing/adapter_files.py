@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from ..adapter_files import BIN_NAME, PROMPT_KEY, SAFETENSORS_NAME
-from ..config import CONFIG_NAME, MULTITASK_PROMPT_TUNING, P_TUNING, PromptTuningConfig
+from ..prompted_embeds.adapter_files import BIN_NAME, PROMPT_KEY, SAFETENSORS_NAME
+from ..prompted_embeds.config import CONFIG_NAME, MULTITASK_PROMPT_TUNING, P_TUNING, PromptTuningConfig
 
 BAD_FILES = [
     "truncated",

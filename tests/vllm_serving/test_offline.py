@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the serving tests run
 from vllm_helpers import BLOCK, ENGINE, TENANTS, table, task_factors  # noqa: E402
 
 import fastprompt  # noqa: E402
-from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
+from fastprompt.prompted_embeds.adapter_files import load_prompt_adapter  # noqa: E402
 from fastprompt.testing.adapter_files import (  # noqa: E402
     ESCAPING_NAMES,
     SERVING_BAD_FILES,

@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 from vllm_helpers import table, task_factors  # noqa: E402
 
-from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
+from fastprompt.prompted_embeds.adapter_files import load_prompt_adapter  # noqa: E402
 from fastprompt.testing.adapter_files import (  # noqa: E402
     corrupt_adapter,
     save_multitask_adapter,

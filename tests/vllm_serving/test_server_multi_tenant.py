@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 
 from vllm_helpers import API_KEY, TENANTS, table  # noqa: E402
 
-from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
+from fastprompt.prompted_embeds.adapter_files import load_prompt_adapter  # noqa: E402
 from fastprompt.testing.adapter_files import (  # noqa: E402
     ESCAPING_NAMES,
     SERVING_BAD_FILES,

@@ -29,7 +29,7 @@ httpx = pytest.importorskip("httpx")
 
 from vllm_helpers import API_KEY, CHAT_TEMPLATE, ENGINE, table, task_factors  # noqa: E402
 
-from fastprompt.adapter_files import load_prompt_adapter  # noqa: E402
+from fastprompt.prompted_embeds.adapter_files import load_prompt_adapter  # noqa: E402
 from fastprompt.testing.adapter_files import save_multitask_adapter, save_prompt_adapter  # noqa: E402
 
 NEW = 4

@@ -16,7 +16,7 @@ import torch
 
 from .config import PromptTuningInit
 from .deepspeed_zero3 import is_zero3_param
-from .prompted_embeds import prompted_inputs_embeds
+from .inputs_embeds import prompted_inputs_embeds
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.modules import module as _module_globals
 
-from .ops.checks import FLOAT_DTYPES as FUSABLE_DTYPES
+from ..ops.checks import FLOAT_DTYPES as FUSABLE_DTYPES
 
 PLAIN = "plain"
 FLOAT_SCALE = "float_scale"  # * self.embed_scale (a Python number)
@@ -182,7 +182,7 @@ def lookup_spec(
     """The fused equivalent of ``module(input_ids)``, or None where the module must be called.
 
     ``ignore_hook`` and ``partitioned`` are for a caller that gathers the table itself before the op
-    (``fastprompt.deepspeed_zero3``): hooks with ``ignore_hook(hook)`` true are allowed, and a
+    (``fastprompt.prompted_embeds.deepspeed_zero3``): hooks with ``ignore_hook(hook)`` true are allowed, and a
     0-element ZeRO-3 shard is checked by its full shape (``weight.ds_shape``).
     """
     if module is None:

@@ -10,7 +10,12 @@ word table, while it is frozen, is registered as an external parameter of the in
 duration of the call only: gathered for the forward, not again for the backward (a trainable word table
 is gathered by its own module's hooks, for both). Nothing is registered on the model beforehand, so this
 works for models prepared by ``fastprompt.get_peft_model`` / ``accelerate`` / ``patch_peft`` alike, and
-nothing changes the model's state dict.
+nothing changes the model's state dict. Rows an encoder computed (P-tuning, multitask) were gathered by
+the encoder's own module call; with no table to host the op, it runs as the word-embedding module's
+``forward``, whose hooks gather the word table (for the backward too where it is trainable).
+
+:func:`run_gathered` does that around the op it is given; the module layer's entry point
+(:func:`fastprompt.prompted_embeds.prompted_inputs_embeds`) is its one caller. The rest are predicates.
 
 A ``deepspeed.zero.GatheredParameters`` context around the op would not do: it cannot release a tied word
 table (GPT-2's) that the output layer holds ("Cannot free a ZeRO-3 parameter while it is still active in
@@ -21,10 +26,9 @@ DeepSpeed is imported only when a ZeRO-3 parameter is seen.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from .fused_concat import fused, prompt_table
-from .word_embeddings import lookup_spec
+import torch
 
 # Where DeepSpeed's ZeRO-3 module hooks are defined (some are wrapped by its NVTX decorator).
 _ZERO3_HOOK_MODULES = frozenset({"deepspeed.runtime.zero.parameter_offload", "deepspeed.utils.nvtx"})
@@ -60,26 +64,30 @@ def _call_as_forward(module: torch.nn.Module, input_ids: torch.Tensor, body):
         del module.forward
 
 
-def fused_with_gathered_tables(
-    input_ids: torch.Tensor, word_embeddings: torch.nn.Module, prompt_modules, index, num_prompt: int
+def run_gathered(
+    word_embeddings: torch.nn.Module,
+    word: torch.Tensor,
+    table_modules,
+    input_ids: torch.Tensor,
+    body: Callable[[], torch.Tensor],
 ) -> torch.Tensor | None:
-    """``prompted_inputs_embeds`` (same arguments, already checked) with ZeRO-3 tables, in one fused
-    ``prompt_concat`` call; None where it cannot be fused (the caller then calls the modules).
+    """``body()`` (the fused op) with the ZeRO-3 tables gathered around it by ZeRO-3's own module hooks;
+    None where no engine's hooks can gather them (the caller then calls the modules, as PEFT does).
 
-    Returns [B, N + L, D] in the word table's dtype, as ``prompted_inputs_embeds``.
+    Args:
+        word_embeddings: the word-embedding module; ``word``: its table (``lookup_spec``'s weight).
+        table_modules: the prompt modules whose tables the op reads as they are (their ``embedding``
+            hosts the op); none where every prompt's rows were computed by calling its module.
+        input_ids: what each host module is called with.
+        body: makes the one fused ``prompt_concat`` call.
     """
-    spec = lookup_spec(word_embeddings, ignore_hook=is_zero3_hook, partitioned=True)
-    tables = [prompt_table(m, ignore_hook=is_zero3_hook, partitioned=True) for m in prompt_modules]
-    if spec is None or any(t is None for t in tables) or input_ids.device != spec.weight.device:
-        return None
-    hosts = list(dict.fromkeys(m.embedding for m in prompt_modules))  # each table's nn.Embedding, once
-    word = spec.weight
-    if not all(is_zero3_param(t) for t in tables) or not all(_managed(m) for m in hosts):
+    hosts = list(dict.fromkeys(m.embedding for m in table_modules))  # each table's nn.Embedding, once
+    if not all(is_zero3_param(h.weight) for h in hosts) or not all(_managed(h) for h in hosts):
         return None  # ZeRO-3 modules outside an engine (no hooks to gather with): as the modules do
-    if word.requires_grad:
+    if word.requires_grad or not hosts:
         if not (is_zero3_param(word) and _managed(word_embeddings)):
             return None
-        hosts.insert(0, word_embeddings)  # its own hooks gather it for the forward and the backward
+        hosts.insert(0, word_embeddings)  # its own hooks gather it for the forward (and the backward)
         external = False
     else:
         external = is_zero3_param(word) and id(word) not in getattr(hosts[-1], "_external_params", {})
@@ -93,7 +101,7 @@ def fused_with_gathered_tables(
 
     def run(level: int) -> torch.Tensor:
         if level == len(hosts):
-            return fused(input_ids, spec, tables, index, num_prompt)
+            return body()
         return _call_as_forward(hosts[level], input_ids, lambda: run(level + 1))
 
     try:
@@ -101,28 +109,3 @@ def fused_with_gathered_tables(
     finally:
         if external:
             unregister_external_parameter(hosts[-1], word)
-
-
-def fused_rows_with_gathered_word(
-    input_ids: torch.Tensor, word_embeddings: torch.nn.Module, rows: torch.Tensor, index, num_prompt: int
-) -> torch.Tensor | None:
-    """``fastprompt.prompt_rows.rows_inputs_embeds`` with a ZeRO-3 word table, in one fused
-    ``prompt_concat`` call; None where it cannot be fused (the caller then calls the module).
-
-    The rows (``[K, N, D]``: P-tuning's encoder output, multitask's task-scaled table) were computed by
-    calling the prompt modules, whose ZeRO-3 hooks gathered every encoder parameter and put the gradient
-    path on them; only the word table is left. The op runs as the ``forward`` of the word-embedding
-    module, so its ZeRO-3 hooks gather the table around the op (and for the backward where the table is
-    trainable, as for any module call).
-
-    Returns [B, N + L, D] in the word table's dtype.
-    """
-    spec = lookup_spec(word_embeddings, ignore_hook=is_zero3_hook, partitioned=True)
-    if spec is None or input_ids.device != spec.weight.device:
-        return None
-    if not (is_zero3_param(spec.weight) and _managed(word_embeddings)):
-        return None  # outside an engine (no hooks to gather with): the module call, as PEFT does
-    rows = rows.to(spec.weight.device)
-    return _call_as_forward(
-        word_embeddings, input_ids, lambda: fused(input_ids, spec, list(rows.unbind(0)), index, num_prompt)
-    )
