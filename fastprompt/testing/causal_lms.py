@@ -369,8 +369,8 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
         num_buckets=4,
         hash_seed=0,
     ),
-    # Skipped hybrids: attention and their non-attention layers both present (a cache of linear layers alone
-    # fails in transformers 5.24), and sizes their layers accept.
+    # Hybrids: attention and their non-attention layers both present (the prompt-once paths are checked on
+    # both kinds), and sizes their layers accept.
     "bailing_hybrid": dict(layer_group_size=2),
     "bamba": dict(attn_layer_indices=[1, 3]),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"] * (LAYERS // 2)),
@@ -486,7 +486,7 @@ def _generic_kwargs(defaults: dict[str, Any]) -> dict[str, Any]:
     put(("sliding_window",), SLIDING_WINDOW)
     put(("use_sliding_window",), True)
     put(("max_window_layers",), LAYERS // 2)
-    # linear-attention sizes (hybrid families, skipped, but kept small so that their configs build fast)
+    # linear-attention sizes (hybrid families)
     put(("linear_num_key_heads",), 2)
     put(("linear_num_value_heads",), 4)
     put(("linear_key_head_dim", "linear_value_head_dim", "linear_head_dim"), 16)
