@@ -68,13 +68,11 @@ def _takes_router_logits(function) -> bool:
 
 
 def decline_reason(base_model) -> str | None:
-    """Why the router's auxiliary loss of a shared forward cannot be made PEFT's, or None."""
-    if aux_loss_functions(base_model):
-        return None
-    return (
-        "output_router_logits=True, and its forward calls no auxiliary-loss function that could be given "
-        "the prompt's router logits once per row"
-    )
+    """Why the router's auxiliary loss of a shared forward cannot be made PEFT's, or None. A forward that
+    calls no such function (GLM-4-MoE, DeepSeek-V3: router logits, no auxiliary loss) shares: the router
+    logits it returns are joined after the token pass, and a model found to compute an auxiliary loss
+    some other way declines then (``shared_forward``)."""
+    return None
 
 
 @dataclasses.dataclass

@@ -124,19 +124,26 @@ def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict,
         else None
     )
     try:
-        prompt, output, mode = prompt_then_tokens(
-            base_model,
-            base_model,
-            prompt_embeds,
-            token_embeds,
-            index,
-            call,
-            all_logits=task != "SEQ_CLS",
-            around_tokens=router,
-        )
+        try:
+            prompt, output, mode = prompt_then_tokens(
+                base_model,
+                base_model,
+                prompt_embeds,
+                token_embeds,
+                index,
+                call,
+                all_logits=task != "SEQ_CLS",
+                around_tokens=router,
+            )
+        except TOKEN_PASS_ERRORS as error:  # an auxiliary loss of the token pass alone meets the N+L mask
+            if router is None or router.hook.logits is not None or isinstance(error, torch.OutOfMemoryError):
+                raise
+            reason = (
+                f"its auxiliary loss failed on the tokens' router logits ({type(error).__name__}: {error})"
+            )
+            raise RuntimeDecline(f"output_router_logits=True: {reason}") from error
         if router is not None and router.hook.logits is None:
-            reason = router.hook.error or "its forward did not call its auxiliary-loss function"
-            raise RuntimeDecline(f"output_router_logits=True: {reason}")
+            router.without_aux_loss(prompt, output)
     except RuntimeDecline as decline:
         if requested:
             raise ValueError(f"share_prompt_prefix=True cannot apply: {decline}.") from None
@@ -180,6 +187,27 @@ class _RouterLoss:
         self.index, self.batch, self.n = index, batch, n
         self.hook = router_loss.RouterHook()
         self.loss = None
+
+    def without_aux_loss(self, prompt, output) -> None:
+        """After a token pass whose forward called no auxiliary-loss function: the router logits PEFT's
+        path returns (each row's prompt positions, then its tokens) are joined here; an auxiliary loss
+        the model computed some other way (from the token pass's logits alone) declines."""
+        if self.hook.error or getattr(output, "aux_loss", None) is not None:
+            reason = (
+                self.hook.error
+                or "its forward computed an auxiliary loss without a function it could be given"
+            )
+            raise RuntimeDecline(f"output_router_logits=True: {reason}")
+        joined = router_loss.join(
+            getattr(prompt.output, "router_logits", None),
+            getattr(output, "router_logits", None) or (),
+            self.index,
+            self.batch,
+            self.n,
+        )
+        if not joined:
+            raise RuntimeDecline("output_router_logits=True: the passes' router logits do not match")
+        self.hook.logits = joined
 
     def __call__(self, prompt):
         stack = contextlib.ExitStack()

@@ -41,11 +41,22 @@ PATHS = ("train", "checkpointed", "packed", "generate", "seq_cls")
 ATOL, RTOL = 1e-5, 1e-4
 BF16_TOLERANCE = 3e-2
 
-# Declines that depend on the transformers release: model type -> why (the path may share elsewhere).
+# Declines that depend on the transformers release: model type -> (the paths, why): those paths may
+# share on another release.
 VERSION_DEPENDENT = {
-    "mamba2": "transformers 5.22's Mamba-2 takes its cache as cache_params (not a transformers cache "
-    "argument); 5.24's as cache, and shares",
+    "mamba2": (
+        ("train", "checkpointed", "generate"),
+        "transformers 5.22's Mamba-2 takes its cache as cache_params (not a transformers cache argument); "
+        "5.24's as cache, and shares",
+    ),
 }
+
+
+def release_dependent(model_type: str, path: str) -> bool:
+    """Whether ``model_type``'s decline on ``path`` depends on the transformers release."""
+    return path in VERSION_DEPENDENT.get(model_type, ((), ""))[0]
+
+
 _INDEXER = "keep a sparse-attention indexer"  # DSA's top-k ranks the keys one pass sees
 _RECURRENT = "recurrent layers carry their state"  # from one document of a packed row to the next
 _NO_POSITIONS = "takes no position_ids (its positions follow the mask)"
@@ -160,7 +171,7 @@ EXPECTED_DECLINES: dict[str, dict[str, str]] = {
     ),
     "moshi": _denied(*_TRAINING, "generate", words="differs from one pass (logits 3e-1 relative, measured)"),
     # Mamba-2 (pure state space): shares on 5.24; takes its state as cache_params on 5.22.
-    "mamba2": {**_denied(*_TRAINING, "generate", words="takes no"), "packed": _NO_POSITIONS},
+    "mamba2": {**_denied(*_TRAINING, "generate", words="forward takes no"), "packed": _NO_POSITIONS},
     # MiniMax keeps a cache of its own (lightning attention's state).
     "minimax": {
         **_denied(*_TRAINING, "generate", words=_NO_DYNAMIC_CACHE),
@@ -547,11 +558,15 @@ def render_support_page(rows: dict, declines: dict, skipped: dict, version: str)
         for column in columns:
             if column not in rows[model_type]:
                 cells.append("n/a")
+            elif column in declines.get(model_type, {}) and release_dependent(model_type, column):
+                cells.append("by release (below): " + declines[model_type][column])
             elif column in declines.get(model_type, {}):
                 cells.append("no: " + declines[model_type][column])
             else:
                 cells.append("yes")
         lines.append(f"| `{model_type}` | " + " | ".join(cells) + " |")
+    lines += ["", "## By release", "", "Where a type shares on one transformers release and not another:", ""]
+    lines += [f"- `{t}` ({', '.join(paths)}): {why}" for t, (paths, why) in sorted(VERSION_DEPENDENT.items())]
     lines += ["", "## Outside the matrix", "", "| model type | why |", "|---|---|"]
     for model_type in sorted(skipped):
         category, reason = skipped[model_type]
