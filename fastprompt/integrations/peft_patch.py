@@ -21,6 +21,7 @@ import threading
 from ..prompt_once.policy import check_request, set_global_default, set_model_default
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
 from .peft_methods import FORWARDS, FastPromptModel, original_of, set_patched, task_methods
+from .peft_prefix import is_prefix
 from .peft_prompt_methods import prompt_method
 from .peft_version import fused_path_allowed
 
@@ -133,7 +134,7 @@ def _has_prompt_tuning_adapter(peft_model) -> bool:
         configs = peft_model.peft_config.values()
     except AttributeError:
         return False
-    return any(prompt_method(config) for config in configs)
+    return any(prompt_method(config) or is_prefix(config) for config in configs)
 
 
 def accelerate(peft_model, *, share_prompt_prefix=_MISSING):

@@ -1,0 +1,182 @@
+"""Prefix tuning on fastprompt's prompt-once machinery, against PEFT 0.21.2's definition.
+
+The reference is PEFT's own ``PeftModelForCausalLM`` (never patched here): its training forward is right on
+both sides of transformers 5.24 (it passes ``past_key_values``, still accepted). Its generation is not on
+5.24, so generation is compared with greedy decoding of each row alone, unpadded, recomputing the whole
+sequence at every step through PEFT's forward (a fresh length-N prefix cache each time).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastprompt
+from fastprompt.prompt_once import prefix_kv
+from fastprompt.testing.causal_lms import PAD, VOCAB, tiny_causal_lm
+
+peft = pytest.importorskip("peft")
+
+FAMILIES = ["llama", "qwen3", "gemma2", "mixtral", "gpt_oss", "phi3", "gpt2", "opt", "mistral", "gemma3_text"]
+N = 10
+
+
+def prefix_config(n: int = N, projection: bool = False, **kwargs):
+    return peft.PrefixTuningConfig(
+        task_type=kwargs.pop("task_type", "CAUSAL_LM"),
+        num_virtual_tokens=n,
+        prefix_projection=projection,
+        encoder_hidden_size=kwargs.pop("encoder_hidden_size", 24),
+        **kwargs,
+    )
+
+
+def prefix_pair(model_type: str, *, projection: bool = False, n: int = N, seed: int = 0, **overrides):
+    """(PEFT model, fastprompt model): the same base and prefix-encoder weights."""
+    base = tiny_causal_lm(model_type, seed=seed, **overrides)
+    torch.manual_seed(seed + 1)
+    reference = peft.get_peft_model(copy.deepcopy(base), prefix_config(n, projection))
+    fast = fastprompt.get_peft_model(copy.deepcopy(base), prefix_config(n, projection))
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def batch(seed: int = 0, rows: int = 3, length: int = 7):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (rows, length), generator=generator)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    if rows > 2:
+        mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, PAD)
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def trainable(model) -> dict:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def step(model, ids, mask, labels, **kwargs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+    upstream = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(5))
+    (out.loss + (out.logits * upstream).sum() * 1e-2).backward()
+    return out, {name: p.grad.clone() for name, p in trainable(model).items()}
+
+
+def assert_same_step(reference, fast, *, atol=2e-5, **kwargs):
+    ids, mask, labels = batch()
+    ref_out, ref_grads = step(reference, ids, mask, labels)
+    fast_out, fast_grads = step(fast, ids, mask, labels, **kwargs)
+    torch.testing.assert_close(fast_out.loss, ref_out.loss, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(fast_out.logits, ref_out.logits, atol=atol, rtol=1e-5)
+    assert ref_grads.keys() == fast_grads.keys() and ref_grads
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=atol, rtol=1e-4, msg=name)
+
+
+class EncoderCalls:
+    """Counts the prefix encoder's forward calls and their batch sizes."""
+
+    def __init__(self, model, name="default"):
+        self.sizes = []
+        self.handle = model.prompt_encoder[name].register_forward_hook(
+            lambda module, args, out: self.sizes.append(args[0].shape[0])
+        )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_train_step_equals_peft(model_type, projection):
+    reference, fast = prefix_pair(model_type, projection=projection)
+    with EncoderCalls(fast) as calls:
+        assert_same_step(reference, fast)
+    assert calls.sizes == [1]  # once per adapter per batch, not once per row
+
+
+def test_cache_is_the_models_own_and_holds_the_prefix_once():
+    reference, fast = prefix_pair("gemma2")
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        out = fast(input_ids=ids, attention_mask=mask, use_cache=True)
+    kinds = [type(layer).__name__ for layer in out.past_key_values.layers]
+    assert kinds == ["DynamicSlidingWindowLayer", "DynamicLayer"] * 2  # DynamicCache(config=...)
+    assert out.past_key_values.get_seq_length(1) == N + ids.shape[1]
+
+
+def test_position_ids_are_shifted_as_peft_does():
+    reference, fast = prefix_pair("llama")
+    ids, mask, labels = batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        actual = fast(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(actual, expected)
+
+
+def test_inference_mode_adapter_uses_the_stored_rows(tmp_path):
+    reference, fast = prefix_pair("llama", projection=True)
+    reference.save_pretrained(tmp_path)
+    base = tiny_causal_lm("llama")
+    loaded_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with fastprompt.patched_peft() if hasattr(fastprompt, "patched_peft") else _patched():
+        loaded_fast = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        ids, mask, _ = batch()
+        with torch.no_grad():
+            expected = loaded_peft(input_ids=ids, attention_mask=mask).logits
+            actual = loaded_fast(input_ids=ids, attention_mask=mask).logits
+            trained = reference.eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(actual, trained, atol=1e-5, rtol=1e-5)  # the projection folded in
+
+
+class _patched:
+    def __enter__(self):
+        fastprompt.patch_peft()
+
+    def __exit__(self, *exc):
+        fastprompt.unpatch_peft()
+
+
+def test_accelerate_and_patch_peft_route_prefix_tuning():
+    reference, _ = prefix_pair("qwen3")
+    fast = fastprompt.accelerate(copy.deepcopy(reference))
+    assert isinstance(fast, fastprompt.integrations.peft_methods.FastPromptModel)
+    assert_same_step(reference, fast)
+    with _patched():
+        patched = copy.deepcopy(reference)
+        with EncoderCalls(patched) as calls:
+            assert_same_step(reference, patched)
+        assert calls.sizes == [1]
+
+
+def test_share_prompt_prefix_is_accepted_and_changes_nothing():
+    reference, fast = prefix_pair("llama")
+    assert_same_step(reference, fast, share_prompt_prefix=True)
+    with pytest.raises((TypeError, ValueError)):
+        fast(input_ids=batch()[0], share_prompt_prefix="yes")
+
+
+def test_unread_cache_is_a_clear_error():
+    _, fast = prefix_pair("llama")
+    base = fast.get_base_model()
+    original = type(base.model).forward
+
+    def forward(self, *args, **kwargs):  # a model of its own making: its layers get no cache
+        kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+        return original(self, *args, **kwargs)
+
+    base.model.forward = forward.__get__(base.model)
+    ids = batch()[0]
+    with pytest.raises((prefix_kv.PrefixTuningError, RuntimeError)):
+        fast(input_ids=ids)
