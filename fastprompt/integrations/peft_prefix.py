@@ -323,8 +323,11 @@ def causal_lm_prepare_inputs_for_generation(peft_model, args: tuple, kwargs: dic
     if input_ids is None:
         raise ValueError("generate() with a prefix-tuning adapter needs input_ids, not inputs_embeds")
     batch_size = input_ids.shape[0]
-    _, cache = _find_cache(model_kwargs)
-    if cache is None:  # use_cache=False: the whole sequence, on a fresh prefix cache
+    key, cache = _find_cache(model_kwargs)
+    if cache is None or model_kwargs.get("use_cache") is False:
+        # use_cache=False: the whole sequence on a fresh prefix cache (the model hands back the cache it
+        # was given, and generate would pass it on to the next step)
+        model_kwargs.pop(key, None)
         base_model = peft_model.get_base_model()
         rows = _generation_rows(peft_model, batch_size)
         model_kwargs[cache_argument(base_model)] = batch_cache(peft_model, rows, batch_size)
