@@ -278,3 +278,105 @@ def test_beams_with_and_without_cache_agree():
     cached, _ = fast_generate(fast, ids, mask, **beams)
     uncached, _ = fast_generate(fast, ids, mask, use_cache=False, **beams)
     assert cached.shape == (6, NEW_TOKENS) and torch.equal(cached, uncached)
+
+
+# ---------------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "opt", "gpt2"])
+def test_gradient_checkpointing_equals_peft_without_it(model_type, reentrant):
+    reference, fast = prefix_pair(model_type, projection=True)
+    fast.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
+    ids, mask, labels = batch()
+    ref_out, ref_grads = step(reference, ids, mask, labels)
+    fast_out, fast_grads = step(fast, ids, mask, labels)
+    torch.testing.assert_close(fast_out.loss, ref_out.loss)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_get_peft_model_lifts_peft_refusal_under_checkpointing():
+    base = tiny_causal_lm("llama")
+    base.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        peft.get_peft_model(copy.deepcopy(base), prefix_config())
+    reference, _ = prefix_pair("llama")
+    fast = fastprompt.get_peft_model(base, prefix_config())
+    assert fast.get_base_model().is_gradient_checkpointing
+    fast.load_state_dict(reference.state_dict())
+    assert_same_step(reference, fast)
+
+
+# ------------------------------------------------------------------------------------------ mixed adapters
+
+
+def two_adapter_pair(model_type="llama", n_b: int = N):
+    reference, fast = prefix_pair(model_type, projection=True)
+    torch.manual_seed(7)
+    reference.add_adapter("b", prefix_config(n_b))
+    fast.add_adapter("b", prefix_config(n_b))
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_adapter_names_rows_equal_their_adapter_alone(model_type):
+    reference, fast = two_adapter_pair(model_type)
+    ids, mask, labels = batch()
+    names = ["b", "default", "b"]
+    reference.eval(), fast.eval()
+    with EncoderCalls(fast, "default") as calls_a, EncoderCalls(fast, "b") as calls_b:
+        mixed = fast(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    assert calls_a.sizes == [1] and calls_b.sizes == [1]
+    with torch.no_grad():
+        for row, name in enumerate(names):
+            reference.set_adapter(name)
+            alone = reference(input_ids=ids[row : row + 1], attention_mask=mask[row : row + 1]).logits
+            torch.testing.assert_close(mixed[row : row + 1], alone, atol=2e-5, rtol=1e-5)
+    generated, _ = fast_generate(fast, ids, mask, adapter_names=names)
+    for row, name in enumerate(names):
+        reference.set_adapter(name)
+        assert torch.equal(
+            generated[row], greedy_reference(reference, ids[row : row + 1], mask[row : row + 1])[0]
+        )
+
+
+def test_adapter_names_gradients_reach_each_adapter():
+    reference, fast = two_adapter_pair()
+    ids, mask, labels = batch()
+    names = ["b", "default", "b"]
+    fast.train()
+    fast(input_ids=ids, attention_mask=mask, labels=labels, adapter_names=names).loss.backward()
+    expected = {}
+    for rows, name in (([0, 2], "b"), ([1], "default")):
+        reference.set_adapter(name)
+        reference.train()
+        reference.zero_grad(set_to_none=True)
+        out = reference(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+        count = (labels[rows][:, 1:] != -100).sum()
+        (out.loss * count / (labels[:, 1:] != -100).sum()).backward()
+        expected.update({n: p.grad.clone() for n, p in reference.named_parameters() if f".{name}." in n})
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(fast.named_parameters())[name].grad, grad, atol=2e-5, rtol=1e-4)
+
+
+def test_adapter_names_with_different_n_is_a_clear_error():
+    _, fast = two_adapter_pair(n_b=4)
+    ids, mask, _ = batch()
+    with pytest.raises(ValueError, match="different num_virtual_tokens"):
+        fast(input_ids=ids, attention_mask=mask, adapter_names=["b", "default", "b"])
+    with pytest.raises(ValueError, match="not an adapter"):
+        fast(input_ids=ids, attention_mask=mask, adapter_names=["x", "default", "b"])
+    with pytest.raises(ValueError, match="one adapter name per batch row"):
+        fast(input_ids=ids, attention_mask=mask, adapter_names=["default"])
+
+
+def test_packed_rows_are_refused_not_silently_wrong():
+    _, fast = prefix_pair("llama")
+    ids = torch.randint(3, VOCAB, (1, 8))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    with pytest.raises(prefix_kv.PrefixTuningError, match="packed rows"):
+        fast(input_ids=ids, position_ids=positions, labels=ids)

@@ -21,7 +21,7 @@ import threading
 from ..prompt_once.policy import check_request, set_global_default, set_model_default
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
 from .peft_methods import FORWARDS, FastPromptModel, original_of, set_patched, task_methods
-from .peft_prefix import is_prefix
+from .peft_prefix import checkpointing_allowed, is_prefix
 from .peft_prompt_methods import prompt_method
 from .peft_version import fused_path_allowed
 
@@ -186,7 +186,8 @@ def get_peft_model(model, peft_config, *args, share_prompt_prefix=_MISSING, **kw
         peft_config = to_peft_config(peft_config)
     if share_prompt_prefix is not _MISSING:
         check_request(share_prompt_prefix)
-    peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
+    with checkpointing_allowed(model, peft_config):  # prefix tuning runs under gradient checkpointing
+        peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
     if isinstance(peft_model, peft.PeftModel):
         accelerate(peft_model, share_prompt_prefix=share_prompt_prefix)
     return peft_model

@@ -23,6 +23,8 @@ once per ``generate`` call (the reuse).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..prompt_once import packed, prefix_kv
@@ -98,6 +100,22 @@ def rows_for_prefix_adapters(peft_model, adapter_names, batch_size: int) -> RowA
         )
     position = {name: k for k, name in enumerate(names)}
     return RowAdapters(names, tuple(position[name] for name in adapter_names), tokens[names[0]])
+
+
+@contextlib.contextmanager
+def checkpointing_allowed(model, peft_config):
+    """Lift PEFT's refusal to add a prefix adapter to a model with gradient checkpointing on (fastprompt's
+    prefix path runs under it): the modules' flags are off while PEFT sets the adapter up."""
+    flagged = []
+    if is_prefix(peft_config):
+        flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for module in flagged:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module in flagged:
+            module.gradient_checkpointing = True
 
 
 def _shape(peft_model, names) -> prefix_kv.PrefixShape:

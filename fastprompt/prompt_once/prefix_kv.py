@@ -39,6 +39,7 @@ from .policy import (
     CACHE_MODULE,
     KEY_VALUE_LAYER,
     RECURRENT_LAYER,
+    checkpoint_flagged,
     checkpointed_layers,
     checkpointing_mode,
     text_config,
@@ -255,10 +256,15 @@ def run_on_prefix(base_model, call, cache, kwargs: dict):
             )
     reads = prompt_pass.PrefixReads(cache, read_only=mode is not None)
     kwargs = {**kwargs, prompt_pass.cache_argument(base_model): cache}
-    readable = contextlib.nullcontext()
+    readable, handed = contextlib.nullcontext(), contextlib.nullcontext()
     if mode is not None:  # a recomputed layer must see the same cache and not append to it again
         readable = _set_on_instances(layers, "_can_checkpoint_with_cache", True)
-    with hook, readable:
+        # a model that hands its layers no cache while its flag is on (GPT-2): the layers checkpoint
+        # themselves, so the flag of the modules around them can be off for this call
+        layer_ids = {id(layer) for layer in layers}
+        around = [m for m in checkpoint_flagged(base_model) if id(m) not in layer_ids]
+        handed = _set_on_instances(around, "gradient_checkpointing", False)
+    with hook, readable, handed:
         output = call(**kwargs)
     if not reads.complete():
         raise PrefixTuningError(
