@@ -380,3 +380,38 @@ def test_packed_rows_are_refused_not_silently_wrong():
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
     with pytest.raises(prefix_kv.PrefixTuningError, match="packed rows"):
         fast(input_ids=ids, position_ids=positions, labels=ids)
+
+
+# ------------------------------------------------------------------------------------ SEQ_CLS / TOKEN_CLS
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_sequence_classification_equals_the_definition(model_type):
+    """PEFT 0.21.2's SEQ_CLS prefix forward raises on transformers >= 5.24 (its check looks for a
+    ``past_key_values`` parameter, now ``cache``): the reference is its definition, the base model run on
+    PEFT's own ``get_prompt`` cache with the prefixed mask."""
+    from fastprompt.prompt_once.prompt_pass import cache_argument
+    from fastprompt.testing.model_matrix import tiny_sequence_classifier
+
+    base = tiny_sequence_classifier(model_type)
+    base.config.pad_token_id = PAD
+    torch.manual_seed(1)
+    config = dict(task_type="SEQ_CLS", num_virtual_tokens=5)
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(**config))
+    fast = fastprompt.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(**config))
+    fast.load_state_dict(reference.state_dict())
+    ids, mask, _ = batch()
+    labels = torch.tensor([0, 1, 0])
+    prefixed = torch.cat((torch.ones(3, 5), mask), dim=1)
+    reference_base = reference.get_base_model()
+    cache = {cache_argument(reference_base): reference.get_prompt(3)}
+    expected = reference_base(input_ids=ids, attention_mask=prefixed, labels=labels, **cache)
+    expected.loss.backward()
+    actual = fast(input_ids=ids, attention_mask=mask, labels=labels)
+    actual.loss.backward()
+    torch.testing.assert_close(actual.logits, expected.logits)
+    torch.testing.assert_close(actual.loss, expected.loss)
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for name, param in fast.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], atol=2e-5, rtol=1e-4, msg=name)
