@@ -415,3 +415,22 @@ def test_sequence_classification_equals_the_definition(model_type):
     for name, param in fast.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_saved_files_are_pefts_and_load_both_ways(tmp_path):
+    """PEFT's format both ways: fastprompt's model saves the bytes PEFT saves, and each loads the other's."""
+    reference, fast = prefix_pair("llama")
+    reference.save_pretrained(tmp_path / "peft")
+    fast.save_pretrained(tmp_path / "fast")
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "fast" / file).read_bytes() == (tmp_path / "peft" / file).read_bytes()
+    ids, mask, _ = batch()
+    base = tiny_causal_lm("llama")
+    with torch.no_grad():
+        expected = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast")(
+            input_ids=ids
+        ).logits
+        with _patched():
+            loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+            actual = loaded(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected)
