@@ -374,12 +374,128 @@ def test_adapter_names_with_different_n_is_a_clear_error():
         fast(input_ids=ids, attention_mask=mask, adapter_names=["default"])
 
 
-def test_packed_rows_are_refused_not_silently_wrong():
+# --------------------------------------------------------------------------------------------- packed rows
+
+
+def packed_batch(row_lengths=((4, 6, 3), (5, 2)), seed: int = 0, pads: int = 2):
+    """Packed rows (TRL's padding-free layout: position_ids restarting per document, no mask), padded to one
+    length with single-token pad "documents" (position 0, the pad token, label -100), and each row's
+    documents as (row, start, end)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(sum(lengths) for lengths in row_lengths) + pads
+    ids = torch.full((len(row_lengths), width), PAD)
+    positions = torch.zeros(len(row_lengths), width, dtype=torch.long)
+    labels = torch.full((len(row_lengths), width), -100)
+    documents = []
+    for row, lengths in enumerate(row_lengths):
+        start = 0
+        for length in lengths:
+            ids[row, start : start + length] = torch.randint(3, VOCAB, (length,), generator=generator)
+            positions[row, start : start + length] = torch.arange(length)
+            labels[row, start : start + length] = ids[row, start : start + length]
+            documents.append((row, start, start + length))
+            start += length
+    return ids, positions, labels, documents
+
+
+def alone_step(reference, ids, labels, documents, names=None):
+    """Each document alone through PEFT: (its logits, the summed loss over every predicted token / their
+    count, the gradients of that loss)."""
+    reference.train()
+    reference.zero_grad(set_to_none=True)
+    count = sum(int((labels[row, start + 1 : end] != -100).sum()) for row, start, end in documents)
+    logits, total = [], 0.0
+    for row, start, end in documents:
+        if names is not None:
+            reference.set_adapter(names[row])
+        out = reference(input_ids=ids[row : row + 1, start:end], labels=labels[row : row + 1, start:end])
+        k = int((labels[row, start + 1 : end] != -100).sum())
+        (out.loss * k / count).backward()
+        logits.append(out.logits[0])
+        total = total + out.loss.detach() * k / count
+    return logits, total, {name: p.grad.clone() for name, p in trainable(reference).items()}
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
+@pytest.mark.parametrize(
+    "model_type", ["llama", "qwen3", "gemma2", "gpt2", "opt", "mixtral", "gpt_oss", "gemma3_text", "mistral"]
+)
+def test_packed_rows_equal_each_document_alone(model_type, projection):
+    """Each document sees the prefix and its own tokens only, at positions N + its own: logits, loss and
+    every gradient equal the documents run alone through PEFT (the first label of each document is not
+    -100 here: alone, nothing predicts it, so it counts nowhere)."""
+    reference, fast = prefix_pair(model_type, projection=projection, **WIDE_WINDOW.get(model_type, {}))
+    ids, positions, labels, documents = packed_batch()
+    expected_logits, expected_loss, expected_grads = alone_step(reference, ids, labels, documents)
+    fast.train()
+    fast.zero_grad(set_to_none=True)
+    with EncoderCalls(fast) as calls:
+        out = fast(input_ids=ids, position_ids=positions, labels=labels)
+    out.loss.backward()
+    assert calls.sizes == [1]
+    assert out.logits.shape == (*ids.shape, VOCAB)
+    torch.testing.assert_close(out.loss, expected_loss, atol=2e-5, rtol=1e-5)
+    for (row, start, end), logits in zip(documents, expected_logits, strict=True):
+        torch.testing.assert_close(out.logits[row, start:end], logits, atol=2e-5, rtol=1e-5)
+    for name, param in trainable(fast).items():
+        torch.testing.assert_close(param.grad, expected_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_packed_rows_under_gradient_checkpointing(reentrant):
+    reference, fast = prefix_pair("llama", projection=True)
+    fast.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+    )
+    ids, positions, labels, documents = packed_batch()
+    _, expected_loss, expected_grads = alone_step(reference, ids, labels, documents)
+    fast.train()
+    out = fast(input_ids=ids, position_ids=positions, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, expected_loss, atol=2e-5, rtol=1e-5)
+    for name, param in trainable(fast).items():
+        torch.testing.assert_close(param.grad, expected_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_rows_with_adapter_names_take_their_rows_adapter():
+    reference, fast = two_adapter_pair()
+    ids, positions, labels, documents = packed_batch()
+    names = ["b", "default"]
+    expected_logits, expected_loss, expected_grads = alone_step(reference, ids, labels, documents, names)
+    fast.train()
+    with EncoderCalls(fast, "default") as calls_a, EncoderCalls(fast, "b") as calls_b:
+        out = fast(input_ids=ids, position_ids=positions, labels=labels, adapter_names=names)
+    out.loss.backward()
+    assert calls_a.sizes == [1] and calls_b.sizes == [1]
+    torch.testing.assert_close(out.loss, expected_loss, atol=2e-5, rtol=1e-5)
+    for (row, start, end), logits in zip(documents, expected_logits, strict=True):
+        torch.testing.assert_close(out.logits[row, start:end], logits, atol=2e-5, rtol=1e-5)
+    for name, param in trainable(fast).items():
+        torch.testing.assert_close(param.grad, expected_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_rows_with_a_length_dependent_rope_are_a_clear_error():
+    """Phi-3's LongRoPE picks its factor by the forward's length: the padded batch of documents is longer
+    than some documents alone, across its threshold here."""
+    _, fast = prefix_pair("phi3")
+    ids, positions, labels, _ = packed_batch()
+    with pytest.raises(prefix_kv.PrefixTuningError, match="longrope rope scaling"):
+        fast(input_ids=ids, position_ids=positions, labels=labels)
+
+
+def test_packed_rows_hand_back_no_cache_and_are_refused_for_classification():
     _, fast = prefix_pair("llama")
-    ids = torch.randint(3, VOCAB, (1, 8))
-    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
-    with pytest.raises(prefix_kv.PrefixTuningError, match="packed rows"):
-        fast(input_ids=ids, position_ids=positions, labels=ids)
+    ids, positions, labels, _ = packed_batch()
+    with torch.no_grad():
+        out = fast(input_ids=ids, position_ids=positions)
+    assert out.get("past_key_values") is None and out.get("cache") is None
+    from fastprompt.testing.model_matrix import tiny_sequence_classifier
+
+    classifier = fastprompt.get_peft_model(
+        tiny_sequence_classifier("llama"), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    )
+    with pytest.raises(prefix_kv.PrefixTuningError, match="supported for CAUSAL_LM, not SEQ_CLS"):
+        classifier(input_ids=ids, position_ids=positions)
 
 
 # ------------------------------------------------------------------------------------ SEQ_CLS / TOKEN_CLS

@@ -13,8 +13,9 @@ What changes:
   0.21.2 re-inserts it at every step on transformers >= 5.24, where the cache argument is ``cache``);
 - gradient checkpointing (reentrant or not) runs: the layers read the prefix cache without appending to it
   (PEFT refuses it when the adapter is added and fails in the forward);
-- packed rows (``position_ids`` restarting inside a row) are refused with a clear error instead of being
-  silently wrong (PEFT shows the prefix once per row and lets documents see each other).
+- packed rows (``position_ids`` restarting inside a row, CAUSAL_LM): each document on its own prefix at
+  positions N + its own, as if alone (PEFT shows the prefix once per row and lets documents see each
+  other): the decoder runs the documents as a padded batch (:mod:`fastprompt.prompt_once.prefix_packed`).
 
 ``share_prompt_prefix`` and ``reuse_prompt_kv`` are accepted (checked) and change nothing here: a prefix
 never runs through the model, it is always put in the cache once per adapter per batch (the share), and
@@ -27,7 +28,7 @@ import contextlib
 
 import torch
 
-from ..prompt_once import packed, prefix_kv
+from ..prompt_once import packed, packed_forward, prefix_kv, prefix_packed
 from ..prompt_once.policy import SHARE_PROMPT_PREFIX, check_request, text_config
 from ..prompt_once.prompt_pass import cache_argument
 from .adapter_batches import RowAdapters, pop_adapter_names
@@ -179,23 +180,23 @@ def _pop_extras(kwargs: dict) -> object:
     return pop_adapter_names(kwargs)
 
 
-def _refuse_packed(peft_model, input_ids, attention_mask, kwargs: dict, labels) -> None:
-    if input_ids is None:
-        return
+def _packed_rows(peft_model, input_ids, inputs_embeds, attention_mask, kwargs: dict, labels, *, task: str):
+    """The call's packed rows (None: an ordinary batch). Packed rows are run for CAUSAL_LM only."""
+    if input_ids is None and inputs_embeds is None:
+        return None
     config = text_config(peft_model.get_base_model())
+    pad_token_id = getattr(config, "pad_token_id", None) if input_ids is not None else None
+    ids = input_ids if input_ids is not None else torch.zeros(inputs_embeds.shape[:2], dtype=torch.int64)
     found = packed.find_packed_rows(
-        input_ids,
-        kwargs.get("position_ids"),
-        attention_mask,
-        labels=labels,
-        pad_token_id=getattr(config, "pad_token_id", None),
+        ids, kwargs.get("position_ids"), attention_mask, labels=labels, pad_token_id=pad_token_id
     )
-    if found is not None:
+    if found is not None and task != "CAUSAL_LM":
         raise prefix_kv.PrefixTuningError(
             "packed rows (position_ids that restart inside a row, no attention_mask) with a prefix-tuning "
-            "adapter are not supported yet: PEFT would show the prefix once per row and let the documents "
-            "attend to each other. Pass one document per row with an attention_mask (padding_free=False)."
+            f"adapter are supported for CAUSAL_LM, not {task}: PEFT would show the prefix once per row and "
+            "let the documents attend to each other. Pass one document per row with an attention_mask."
         )
+    return found
 
 
 def _prefixed_mask(attention_mask, batch_size: int, n: int):
@@ -206,7 +207,9 @@ def _prefixed_mask(attention_mask, batch_size: int, n: int):
     return torch.cat((prefix, attention_mask), dim=1)
 
 
-def _forward(peft_model, args: dict, kwargs: dict, *, remove_token_type_ids: bool, target_keys=("labels",)):
+def _forward(
+    peft_model, args: dict, kwargs: dict, *, remove_token_type_ids: bool, target_keys=("labels",), task: str
+):
     config = peft_model.active_peft_config
     input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
     batch_size = _batch_size(input_ids, inputs_embeds)
@@ -215,7 +218,17 @@ def _forward(peft_model, args: dict, kwargs: dict, *, remove_token_type_ids: boo
     if rows is not None and input_ids is None:
         raise ValueError("adapter_names with a prefix-tuning adapter needs input_ids")
     n = config.num_virtual_tokens
-    _refuse_packed(peft_model, input_ids, args.get("attention_mask"), kwargs, args.get("labels"))
+    found = _packed_rows(
+        peft_model,
+        input_ids,
+        inputs_embeds,
+        args.get("attention_mask"),
+        kwargs,
+        args.get("labels"),
+        task=task,
+    )
+    if found is not None:
+        return _packed_forward(peft_model, args, kwargs, found, rows, n)
     peft_model._adjust_prompt_learning_kwargs(
         config, kwargs=kwargs, remove_token_type_ids=remove_token_type_ids
     )
@@ -233,21 +246,66 @@ def _forward(peft_model, args: dict, kwargs: dict, *, remove_token_type_ids: boo
     return prefix_kv.run_on_prefix(base_model, peft_model.base_model, cache, kwargs)
 
 
+def _packed_forward(peft_model, args: dict, kwargs: dict, found, rows: RowAdapters | None, n: int):
+    """CAUSAL_LM over packed rows: each document on its own prefix, as if alone
+    (:mod:`fastprompt.prompt_once.prefix_packed`)."""
+    base_model = peft_model.get_base_model()
+    unpacked = prefix_packed.unpack(found, n)
+    reason = prefix_packed.why_not_exact(base_model, found, unpacked, n)
+    if reason is None:
+        reason = packed_forward.why_not_exact(base_model, kwargs)
+    if reason is not None:
+        raise prefix_kv.PrefixTuningError(
+            f"packed rows with a prefix-tuning adapter cannot run exact: {reason}"
+        )
+    kwargs.pop("position_ids")
+    peft_model._adjust_prompt_learning_kwargs(peft_model.active_peft_config, kwargs=kwargs)  # token types
+    if rows is not None:
+        rows = RowAdapters(rows.names, tuple(rows.table_index[b] for b in unpacked.batch_row), n)
+    if "shift_labels" in kwargs:
+        kwargs["shift_labels"] = prefix_packed.document_shift_labels(kwargs["shift_labels"], found)
+    kwargs.update(
+        attention_mask=None,
+        use_cache=False,
+        output_attentions=args.get("output_attentions"),
+        output_hidden_states=args.get("output_hidden_states"),
+        return_dict=args.get("return_dict"),
+        labels=prefix_packed.document_labels(args.get("labels"), found),
+    )
+    input_ids, inputs_embeds = args.get("input_ids"), args.get("inputs_embeds")
+    embeddings = base_model.get_input_embeddings()
+
+    def call(**call_kwargs):  # the embeddings made inside the call: a reentrant checkpoint's hook sees them
+        embeds = embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        return prefix_packed.run_unpacked(
+            base_model,
+            lambda marker: peft_model.base_model(inputs_embeds=marker, **call_kwargs),
+            embeds,
+            unpacked,
+        )
+
+    cache = batch_cache(peft_model, rows, unpacked.rows)
+    output = prefix_kv.run_on_prefix(base_model, call, cache, kwargs)
+    if isinstance(output, dict):  # the documents' cache is of another batch than the rows: not handed back
+        output = type(output)(**{k: v for k, v in output.items() if k not in CACHE_KEYS})
+    return output
+
+
 def causal_lm_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForCausalLM.forward`` for a prefix-tuning adapter (``args``: its named parameters,
     ``kwargs``: its ``**kwargs``): token type ids dropped with PEFT's warning, labels unchanged (the
     logits cover the L tokens only)."""
-    return _forward(peft_model, args, kwargs, remove_token_type_ids=True)
+    return _forward(peft_model, args, kwargs, remove_token_type_ids=True, task="CAUSAL_LM")
 
 
 def token_cls_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForTokenClassification.forward`` for a prefix-tuning adapter on a decoder model."""
-    return _forward(peft_model, args, kwargs, remove_token_type_ids=False)
+    return _forward(peft_model, args, kwargs, remove_token_type_ids=False, task="TOKEN_CLS")
 
 
 def seq_cls_forward(peft_model, args: dict, kwargs: dict):
     """``PeftModelForSequenceClassification.forward`` for a prefix-tuning adapter on a decoder model."""
-    return _forward(peft_model, args, kwargs, remove_token_type_ids=False)
+    return _forward(peft_model, args, kwargs, remove_token_type_ids=False, task="SEQ_CLS")
 
 
 # fastprompt's forward implementation name (``peft_forward``) -> the prefix-tuning forward that replaces it.
