@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from peft_helpers import reset_accelerator_state
 
 import fastprompt
 from fastprompt.testing import tiny_models
@@ -19,6 +18,7 @@ from fastprompt.testing import tiny_models
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+from test_trl_prompt_once import _fresh_accelerator_state  # noqa: E402, F401 - an autouse fixture
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 N = 6
@@ -28,14 +28,6 @@ def prefix_config():
     return peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=8
     )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    reset_accelerator_state()
-    yield
-    reset_accelerator_state()
-    fastprompt.unpatch_peft()
 
 
 @pytest.fixture(scope="module")
