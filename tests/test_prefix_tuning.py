@@ -310,6 +310,36 @@ def test_get_peft_model_lifts_peft_refusal_under_checkpointing():
     assert_same_step(reference, fast)
 
 
+def test_patch_peft_lifts_pefts_refusal_under_checkpointing():
+    """``patch_peft()`` then PEFT's own ``get_peft_model`` on a checkpointed model: the adapter is added
+    (PEFT refuses) and a train step equals PEFT's without checkpointing."""
+    reference, _ = prefix_pair("llama", projection=True)
+    base = tiny_causal_lm("llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with _patched():
+        model = peft.get_peft_model(base, prefix_config(projection=True))
+        assert model.get_base_model().is_gradient_checkpointing
+        model.load_state_dict(reference.state_dict())
+        assert_same_step(reference, model)
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        peft.get_peft_model(copy.deepcopy(base), prefix_config())  # unpatched: PEFT's refusal stands
+
+
+@pytest.mark.parametrize("model_type", ["lfm2", "qwen3_next", "mamba2"])
+def test_hybrid_models_are_refused_when_the_adapter_is_added(model_type):
+    """A hybrid or state-space model's recurrent / convolution cache layers cannot take a key/value prefix:
+    refused at ``get_peft_model`` (fastprompt's, and PEFT's under ``patch_peft()``) and at ``accelerate``,
+    with the reason; PEFT itself fails at the first forward (or, on Mamba-2, ignores the prefix)."""
+    base = tiny_causal_lm(model_type)
+    with pytest.raises(prefix_kv.PrefixTuningError, match="recurrent or convolution state"):
+        fastprompt.get_peft_model(copy.deepcopy(base), prefix_config())
+    with _patched(), pytest.raises(prefix_kv.PrefixTuningError, match="recurrent or convolution state"):
+        peft.get_peft_model(copy.deepcopy(base), prefix_config())
+    model = peft.get_peft_model(copy.deepcopy(base), prefix_config())
+    with pytest.raises(prefix_kv.PrefixTuningError, match="adapter 'default'.*hybrid model"):
+        fastprompt.accelerate(model)
+
+
 # ------------------------------------------------------------------------------------------ mixed adapters
 
 
@@ -501,33 +531,47 @@ def test_packed_rows_hand_back_no_cache_and_are_refused_for_classification():
 # ------------------------------------------------------------------------------------ SEQ_CLS / TOKEN_CLS
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_sequence_classification_equals_the_definition(model_type):
-    """PEFT 0.21.2's SEQ_CLS prefix forward raises on transformers >= 5.24 (its check looks for a
-    ``past_key_values`` parameter, now ``cache``): the reference is its definition, the base model run on
-    PEFT's own ``get_prompt`` cache with the prefixed mask."""
-    from fastprompt.prompt_once.prompt_pass import cache_argument
-    from fastprompt.testing.model_matrix import tiny_sequence_classifier
+def _classifier(task: str, model_type: str):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    base = tiny_sequence_classifier(model_type)
-    base.config.pad_token_id = PAD
+    from fastprompt.testing.causal_lms import tiny_config
+
+    config = tiny_config(model_type)
+    config.num_labels, config.pad_token_id = 3, PAD
+    torch.manual_seed(0)
+    auto = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForTokenClassification
+    return auto.from_config(config).eval()
+
+
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3"])
+def test_classification_equals_the_definition(model_type, task):
+    """SEQ_CLS and TOKEN_CLS on decoders. PEFT 0.21.2's SEQ_CLS prefix forward raises on transformers >= 5.24
+    (its check looks for a ``past_key_values`` parameter, now ``cache``): the reference is its definition,
+    the base model run on PEFT's own ``get_prompt`` cache with the prefixed mask."""
+    from fastprompt.prompt_once.prompt_pass import cache_argument
+
+    base = _classifier(task, model_type)
     torch.manual_seed(1)
-    config = dict(task_type="SEQ_CLS", num_virtual_tokens=5)
+    config = dict(task_type=task, num_virtual_tokens=5)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(**config))
     fast = fastprompt.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(**config))
     fast.load_state_dict(reference.state_dict())
     ids, mask, _ = batch()
-    labels = torch.tensor([0, 1, 0])
+    labels = torch.tensor([0, 1, 2]) if task == "SEQ_CLS" else (ids % 3).masked_fill(mask == 0, -100)
     prefixed = torch.cat((torch.ones(3, 5), mask), dim=1)
     reference_base = reference.get_base_model()
     cache = {cache_argument(reference_base): reference.get_prompt(3)}
     expected = reference_base(input_ids=ids, attention_mask=prefixed, labels=labels, **cache)
     expected.loss.backward()
-    actual = fast(input_ids=ids, attention_mask=mask, labels=labels)
+    with EncoderCalls(fast) as calls:
+        actual = fast(input_ids=ids, attention_mask=mask, labels=labels)
     actual.loss.backward()
+    assert calls.sizes == [1]
     torch.testing.assert_close(actual.logits, expected.logits)
     torch.testing.assert_close(actual.loss, expected.loss)
     grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert any("prompt_encoder" in name for name in grads)
     for name, param in fast.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], atol=2e-5, rtol=1e-4, msg=name)
@@ -550,3 +594,130 @@ def test_saved_files_are_pefts_and_load_both_ways(tmp_path):
             loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
             actual = loaded(input_ids=ids).logits
     torch.testing.assert_close(actual, expected)
+
+
+# ------------------------------------------------------------------------------------------- file checks
+
+
+def _rewrite(directory, *, config=None, table=None):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if config is not None:
+        path = directory / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if table is not None:
+        path = directory / "adapter_model.safetensors"
+        tensors = load_file(path)
+        tensors["prompt_embeddings"] = table(tensors["prompt_embeddings"]).contiguous()
+        save_file(tensors, path)
+
+
+def _nan(table):
+    table = table.clone()
+    table[0, 3] = float("nan")
+    return table
+
+
+BAD_FILES = {
+    "nan": (dict(table=_nan), "adapter_model.safetensors: 'prompt_embeddings' holds 1 of"),
+    "inf": (dict(table=lambda t: t.index_fill(0, torch.tensor([1]), float("inf"))), "not finite"),
+    "width": (dict(table=lambda t: t[:, :-2]), r"prompt_embeddings' has shape \[10, 254\]"),
+    "rows": (
+        dict(table=lambda t: t[:-1]),
+        r"has shape \[9, 256\], but the prefix adapter needs "
+        r"\[num_virtual_tokens, num_layers \* 2 \* token_dim\] = \[10, 256\]",
+    ),
+    "num_layers": (dict(config={"num_layers": 3}), "adapter_config.json has num_layers=3, but the model"),
+    "token_dim": (dict(config={"token_dim": 8}), "adapter_config.json has token_dim=8, but the model"),
+    "not an int": (dict(config={"num_virtual_tokens": "10"}), "has num_virtual_tokens='10', expected"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_prefix_files_are_clear_errors_before_loading(tmp_path, case):
+    """Wrong widths, a file for another model, NaN / Inf: an ``AdapterFileError`` naming the file and the
+    field, raised before PEFT adds the adapter (``from_pretrained`` leaves the base model's flags as they
+    were; ``load_adapter`` adds no adapter)."""
+    from fastprompt.adapter_files import AdapterFileError
+
+    reference, _ = prefix_pair("llama")
+    reference.save_pretrained(tmp_path)
+    changes, message = BAD_FILES[case]
+    _rewrite(tmp_path, **changes)
+    base = tiny_causal_lm("llama")
+    with _patched():
+        with pytest.raises(AdapterFileError, match=message) as error:
+            peft.PeftModel.from_pretrained(base, tmp_path)
+        assert str(tmp_path) in str(error.value)
+        assert all(p.requires_grad for p in base.parameters())
+        model = fastprompt.get_peft_model(tiny_causal_lm("llama"), prefix_config())
+        with pytest.raises(AdapterFileError, match=message):
+            model.load_adapter(tmp_path, adapter_name="loaded")
+        assert "loaded" not in model.peft_config
+
+
+def test_good_prefix_file_loads_under_the_checks(tmp_path):
+    reference, _ = prefix_pair("gpt2", projection=True)
+    reference.save_pretrained(tmp_path)
+    with _patched():
+        loaded = peft.PeftModel.from_pretrained(tiny_causal_lm("gpt2"), tmp_path)
+    assert loaded.peft_config["default"].peft_type == "PREFIX_TUNING"
+
+
+# ------------------------------------------------------------------------ encoder-decoder and encoder models
+
+PEFTS_OWN = [
+    ("t5", "SEQ_2_SEQ_LM"),
+    ("bart", "SEQ_2_SEQ_LM"),
+    ("bert", "SEQ_CLS"),
+    ("roberta", "TOKEN_CLS"),
+    ("bert", "QUESTION_ANS"),
+    ("bert", "FEATURE_EXTRACTION"),
+]
+
+
+def _run_peft_call(family: str, task: str, patched: bool):
+    """(outputs and gradients, or the exception) of a prefix-tuned train step through PEFT's API."""
+    from fastprompt.testing import tiny_models
+
+    base = tiny_models.build(family, task)
+    if patched:
+        fastprompt.patch_peft()
+    try:
+        torch.manual_seed(1)
+        model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4))
+        model.train()
+        ids = torch.randint(4, tiny_models.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+        call = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+        if task == "SEQ_2_SEQ_LM":
+            call["labels"] = ids[:, :4]
+        elif task in ("SEQ_CLS", "TOKEN_CLS"):
+            call["labels"] = torch.zeros(2, dtype=torch.long) if task == "SEQ_CLS" else ids % 2
+        try:
+            out = model(**call)
+            first = out[0] if isinstance(out, tuple) else next(v for v in out.values() if torch.is_tensor(v))
+            first.float().sum().backward()
+        except Exception as error:  # noqa: BLE001 - PEFT's own error is the result compared
+            return error
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return first.detach(), grads
+    finally:
+        fastprompt.unpatch_peft()
+
+
+@pytest.mark.parametrize("family,task", PEFTS_OWN, ids=[f"{f}-{t}" for f, t in PEFTS_OWN])
+def test_encoder_decoder_and_encoder_models_keep_pefts_path(family, task):
+    """Under ``patch_peft()`` a prefix adapter on an encoder-decoder or encoder model runs PEFT's own prefix
+    path unchanged: the same outputs and gradients, or the same error PEFT raises."""
+    expected = _run_peft_call(family, task, patched=False)
+    actual = _run_peft_call(family, task, patched=True)
+    if isinstance(expected, Exception):
+        assert type(actual) is type(expected) and str(actual) == str(expected)
+        return
+    assert not isinstance(actual, Exception), actual
+    assert torch.equal(actual[0], expected[0])
+    assert actual[1].keys() == expected[1].keys() and actual[1]
+    for name in expected[1]:
+        assert torch.equal(actual[1][name], expected[1][name]), name

@@ -25,11 +25,12 @@ once per ``generate`` call (the reuse).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 from ..prompt_once import packed, packed_forward, prefix_kv, prefix_packed
-from ..prompt_once.policy import SHARE_PROMPT_PREFIX, check_request, text_config
+from ..prompt_once.policy import SHARE_PROMPT_PREFIX, bidirectional, check_request, text_config
 from ..prompt_once.prompt_pass import cache_argument
 from .adapter_batches import RowAdapters, pop_adapter_names
 
@@ -54,6 +55,22 @@ def prefix_active(peft_model) -> bool:
 def prefix_adapters(peft_model) -> list[str]:
     """The model's prefix-tuning adapters."""
     return [name for name, config in getattr(peft_model, "peft_config", {}).items() if is_prefix(config)]
+
+
+def expected_layout(model) -> dict | None:
+    """``num_layers`` / ``token_dim`` / ``num_attention_heads`` PEFT fills into a prefix-tuning config for
+    ``model`` (what a prefix adapter file for it must hold), or None where PEFT cannot tell."""
+    if not hasattr(model, "config"):
+        return None
+    from peft import PrefixTuningConfig
+    from peft.utils.other import _prepare_prompt_learning_config
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1)
+    try:
+        _prepare_prompt_learning_config(config, model.config)
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return {name: getattr(config, name) for name in ("num_layers", "token_dim", "num_attention_heads")}
 
 
 def rows_for_prefix_adapters(peft_model, adapter_names, batch_size: int) -> RowAdapters | None:
@@ -117,6 +134,50 @@ def checkpointing_allowed(model, peft_config):
     finally:
         for module in flagged:
             module.gradient_checkpointing = True
+
+
+PREFIX_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS")  # on a decoder: fastprompt's prefix path
+
+
+def takes_prefix_path(base_model, config) -> bool:
+    """Whether an adapter of ``config`` on ``base_model`` runs fastprompt's prefix path (a prefix adapter of
+    a decoder-only task on a causal decoder; encoder-decoder and encoder models keep PEFT's)."""
+    if not is_prefix(config) or getattr(config, "task_type", None) not in PREFIX_TASKS:
+        return False
+    return not getattr(text_config(base_model), "is_encoder_decoder", False) and not bidirectional(base_model)
+
+
+def check_setup(peft_model) -> None:
+    """Refuse, when an adapter is set up, a prefix adapter that fastprompt's path cannot run exactly on the
+    model (a hybrid model's recurrent layers, a cache of the model's own, another number of layers):
+    :class:`~fastprompt.prompt_once.prefix_kv.PrefixTuningError` with the reason, instead of an error at
+    the first forward."""
+    base_model = peft_model.base_model  # a prompt-learning model's base model is the model itself
+    for name, config in getattr(peft_model, "peft_config", {}).items():
+        if takes_prefix_path(base_model, config):
+            reason = prefix_kv.unsupported_reason(base_model, prefix_kv.PrefixShape.of(config))
+            if reason is not None:
+                raise prefix_kv.PrefixTuningError(
+                    f"prefix tuning cannot run on this model (adapter {name!r}): {reason}"
+                )
+
+
+def wrap_setup_prompt_encoder(original):
+    """``PeftModel._setup_prompt_encoder`` under ``patch_peft()``: for a prefix adapter, PEFT's refusal under
+    gradient checkpointing lifted (fastprompt's path runs under it) and :func:`check_setup`'s refusal."""
+
+    @functools.wraps(original)
+    def _setup_prompt_encoder(self, adapter_name):
+        config = self.peft_config.get(adapter_name)
+        if not takes_prefix_path(self.base_model, config):
+            return original(self, adapter_name)
+        with checkpointing_allowed(self.base_model, config):
+            result = original(self, adapter_name)
+        check_setup(self)
+        return result
+
+    _setup_prompt_encoder.__fastprompt_original__ = original
+    return _setup_prompt_encoder
 
 
 def _shape(peft_model, names) -> prefix_kv.PrefixShape:
@@ -320,11 +381,15 @@ FORWARDS = {
 
 def forward_for(peft_model, impl):
     """The prefix-tuning forward for fastprompt's forward ``impl`` where the active adapter is prefix
-    tuning and the model is a decoder (else None: PEFT's own path)."""
+    tuning and the model is a decoder with causal attention (else None: PEFT's own path, for encoder-decoder
+    and encoder models)."""
     if not prefix_active(peft_model):
         return None
     forward = FORWARDS.get(getattr(impl, "__name__", ""))
-    if forward is None or getattr(text_config(peft_model.get_base_model()), "is_encoder_decoder", False):
+    base_model = peft_model.get_base_model()
+    if forward is None or getattr(text_config(base_model), "is_encoder_decoder", False):
+        return None
+    if bidirectional(base_model):  # an encoder (BERT, RoBERTa, ...): PEFT's own prefix path
         return None
     return forward
 
