@@ -269,6 +269,12 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             f"[num_virtual_tokens * num_transformer_submodules, token_dim] = {list(expected)} "
             f"(from {config_file} and the model)."
         )
+    check_finite(weights_file, table)
+    return weights_file, table, tensors
+
+
+def check_finite(weights_file: str, table: torch.Tensor) -> None:
+    """Raise :class:`AdapterFileError` if the stored ``prompt_embeddings`` hold NaN or Inf."""
     not_finite = int((~torch.isfinite(table)).sum()) if table.is_floating_point() else 0
     if not_finite:
         raise AdapterFileError(
@@ -276,7 +282,6 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             "finite (NaN or Inf): a prompt table like that makes every output NaN; not loaded, the model is "
             "left as it was."
         )
-    return weights_file, table, tensors
 
 
 def _checked_task_factors(

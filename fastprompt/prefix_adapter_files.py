@@ -15,7 +15,14 @@ import os
 
 import torch
 
-from .adapter_files import PROMPT_KEY, AdapterFileError, _adapter_dir, _stored_table, local_files
+from .adapter_files import (
+    PROMPT_KEY,
+    AdapterFileError,
+    _adapter_dir,
+    _stored_table,
+    check_finite,
+    local_files,
+)
 from .config import CONFIG_NAME
 
 PREFIX_TUNING = "PREFIX_TUNING"
@@ -77,9 +84,4 @@ def check_prefix_adapter_files(model_id, subfolder: str | None = None, expected:
             f"{weights_file}: '{PROMPT_KEY}' has shape {list(table.shape)}, but the prefix adapter needs "
             f"[num_virtual_tokens, num_layers * 2 * token_dim] = {list(want)} (from {config_file})."
         )
-    not_finite = int((~torch.isfinite(table)).sum()) if table.is_floating_point() else 0
-    if not_finite:
-        raise AdapterFileError(
-            f"{weights_file}: '{PROMPT_KEY}' holds {not_finite} of {table.numel()} values that are not "
-            "finite (NaN or Inf): every output would be NaN; not loaded, the model is left as it was."
-        )
+    check_finite(weights_file, table)
