@@ -340,6 +340,27 @@ def test_hybrid_models_are_refused_when_the_adapter_is_added(model_type):
         fastprompt.accelerate(model)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
+def test_bf16_autocast_step_equals_peft(model_type):
+    """A train step under ``torch.autocast("cpu", torch.bfloat16)`` (what ``Trainer(bf16=True)`` does): the
+    prefix is cast to the model's dtype as PEFT does and the layers run in bf16; loss and every gradient
+    equal PEFT's under the same autocast within bf16 rounding."""
+    reference, fast = prefix_pair(model_type, projection=True)
+    ids, mask, labels = batch()
+    results = []
+    for model in (reference, fast):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1.6e-2, rtol=1.6e-2)
+    for name, grad in results[0][1].items():
+        scale = grad.abs().max()
+        assert (results[1][1][name] - grad).abs().max() <= 2e-2 * scale + 1e-6, name
+
+
 # ------------------------------------------------------------------------------------------ mixed adapters
 
 

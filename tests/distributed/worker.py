@@ -259,6 +259,16 @@ def case_multitask_zero3() -> dict:
     return _deepspeed_train(model, stage=3, tasks=True)
 
 
+def case_prefix_ddp() -> dict:
+    """Prefix tuning (projection MLP) under DDP: the encoder once per step, its keys/values in the cache."""
+    return _method_ddp("prefix")
+
+
+def case_prefix_zero3() -> dict:
+    """Prefix tuning under ZeRO-3, every weight (the encoder's embedding and MLP too) partitioned."""
+    return _deepspeed_train(cases.prompt_model(fastprompt.get_peft_model, method="prefix"), stage=3)
+
+
 def case_qwen3_moe_ddp_shared() -> dict:
     return case_ddp(share=True, family="qwen3_moe")
 
