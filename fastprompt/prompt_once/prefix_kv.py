@@ -19,7 +19,8 @@ what the model's own forward over N positions would keep), expanded over the ada
 through the embedding concat and are never re-inserted at a decoding step: a cache that holds them is
 extended by the model itself.
 
-The token pass (:func:`run_on_prefix`) checks that the model read every cache layer holding the prefix
+The token pass (:func:`run_on_prefix`, counted in ``policy.CALLS["prefix"]``) checks that the model read every
+cache layer holding the prefix
 (:class:`~fastprompt.prompt_once.prompt_pass.PrefixReads`) and keeps the cache readable under gradient
 checkpointing (reentrant or not): a recomputed layer sees the same prefix and does not append again, and
 with ``use_reentrant=True`` the prefix tensors' gradients are handed back by :class:`LeafGradients`.
@@ -37,11 +38,13 @@ import torch
 from . import prompt_pass
 from .policy import (
     CACHE_MODULE,
+    CALLS,
     KEY_VALUE_LAYER,
     RECURRENT_LAYER,
     checkpoint_flagged,
     checkpointed_layers,
     checkpointing_mode,
+    decoder_of,
     text_config,
 )
 from .prompt_pass import CACHE_BUILD_ERRORS
@@ -220,8 +223,9 @@ def _set_on_instances(modules, name: str, value):
 
 
 @contextlib.contextmanager
-def _output_hook(module, hook):
-    handle = None if module is None else module.register_forward_hook(hook)
+def _hooked(module, register: str, hook):
+    """While open, ``hook`` registered on ``module`` by its method ``register`` (none if no module)."""
+    handle = None if module is None else getattr(module, register)(hook)
     try:
         yield
     finally:
@@ -239,8 +243,9 @@ def run_on_prefix(base_model, call, cache, kwargs: dict):
         kwargs: the call's keywords (ids or embeddings, the mask ``[B, N + L]``, labels, ...).
 
     Raises:
-        PrefixTuningError: the model did not read every cache layer holding the prefix, or its layers are
-            checkpointed in a way that drops the cache.
+        PrefixTuningError: the model ran its decoder and did not read every cache layer holding the prefix
+            (a forward replaced by one that never runs the decoder is not checked: it reads nothing), or
+            its layers are checkpointed in a way that drops the cache.
     """
     layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
     mode, reason = checkpointing_mode(layers) if layers else (None, None)
@@ -251,9 +256,8 @@ def run_on_prefix(base_model, call, cache, kwargs: dict):
         leaves, originals = prompt_pass.prefix_leaves(cache)
         if leaves:
             embeddings = base_model.get_input_embeddings()
-            hook = _output_hook(
-                embeddings, lambda module, args, out: LeafGradients.apply(out, leaves, *originals)
-            )
+            handed_back = lambda module, args, out: LeafGradients.apply(out, leaves, *originals)  # noqa: E731
+            hook = _hooked(embeddings, "register_forward_hook", handed_back)
     reads = prompt_pass.PrefixReads(cache, read_only=mode is not None)
     kwargs = {**kwargs, prompt_pass.cache_argument(base_model): cache}
     readable, handed = contextlib.nullcontext(), contextlib.nullcontext()
@@ -264,10 +268,14 @@ def run_on_prefix(base_model, call, cache, kwargs: dict):
         layer_ids = {id(layer) for layer in layers}
         around = [m for m in checkpoint_flagged(base_model) if id(m) not in layer_ids]
         handed = _set_on_instances(around, "gradient_checkpointing", False)
-    with hook, readable, handed:
+    decoder = decoder_of(base_model)
+    ran = []  # whether the decoder ran: a forward replaced by one that runs no layer reads nothing at all
+    seen = _hooked(decoder, "register_forward_pre_hook", lambda module, args: ran.append(True))
+    with hook, readable, handed, seen:
         output = call(**kwargs)
-    if not reads.complete():
+    if not reads.complete() and (decoder is None or ran):
         raise PrefixTuningError(
             f"prefix tuning needs the model to read its cache: {reads.unread_reason(base_model)}"
         )
+    CALLS["prefix"] += 1
     return output
