@@ -28,7 +28,7 @@ def _steps(device: torch.device, shape: tuple[int, int, int], method: str = shar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         steps = shared_prefix.train_steps(_base(device), shape, shared_prefix.PROVIDERS, method=method)
-        matches = shared_prefix._first_step_matches(steps)
+        matches = shared_prefix.first_step_matches(steps)
     assert all(matches.values()), f"{method} {shape}: differs from PEFT's first step: {matches}"
     return steps
 

@@ -37,7 +37,7 @@ def _fused_steps(device: torch.device, shape: tuple[int, int, int]) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         steps = trl_packed.fused_head_steps(_base(device), shape)
-        matches = shared_prefix._first_step_matches(steps)
+        matches = shared_prefix.first_step_matches(steps)
     assert all(matches.values()), f"{shape}: differs from PEFT's first step through the fused head: {matches}"
     return steps
 
@@ -63,7 +63,7 @@ def test_fused_head_step_matches_peft(device):
         steps = trl_packed.fused_head_steps(_base(device), (20, 16, 8))
         out = steps["fastprompt"].outputs()
         assert type(out).__name__ == "FusedCausalLMOutput" and out.log_probs.shape == (8, 20 + 16 - 1)
-        assert shared_prefix._first_step_matches(steps) == {"peft": True, "fastprompt": True}
+        assert shared_prefix.first_step_matches(steps) == {"peft": True, "fastprompt": True}
     assert CALLS["shared"] > before
 
 

@@ -1,4 +1,4 @@
-"""Reading PEFT prompt-tuning adapter files without PEFT (``fastprompt.adapter_files``): what serving uses."""
+"""Reading PEFT prompt-tuning adapter files without PEFT (``prompted_embeds.adapter_files``)."""
 
 from __future__ import annotations
 

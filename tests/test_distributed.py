@@ -100,11 +100,8 @@ def _prepare_data(directory) -> str:
     return str(directory)
 
 
-@pytest.fixture(scope="module")
-def launch(tmp_path_factory) -> Launch:
-    out = tmp_path_factory.mktemp("distributed")
-    data = _prepare_data(tmp_path_factory.mktemp("distributed_data"))
-    names = TORCH_CASES + (DEEPSPEED_CASES if HAS_DEEPSPEED else [])
+def run_worker(out, data, names, timeout: float = LAUNCH_TIMEOUT_S) -> Launch:
+    """One ``torchrun`` launch of ``tests/distributed/worker.py`` running the cases ``names``."""
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
@@ -126,10 +123,17 @@ def launch(tmp_path_factory) -> Launch:
     ]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         proc = subprocess.CompletedProcess(command, -1, exc.stdout or "", f"timed out: {exc}")
-    return Launch(str(out), data, proc, time.perf_counter() - start)
+    return Launch(str(out), str(data), proc, time.perf_counter() - start)
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory) -> Launch:
+    out = tmp_path_factory.mktemp("distributed")
+    data = _prepare_data(tmp_path_factory.mktemp("distributed_data"))
+    return run_worker(out, data, TORCH_CASES + (DEEPSPEED_CASES if HAS_DEEPSPEED else []))
 
 
 def _check_fused(results: list[dict], forwards: int) -> None:

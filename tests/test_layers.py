@@ -40,6 +40,7 @@ MODULE_LAYER = "fastprompt.prompted_embeds"
 MODULE_LAYER_ORDER = (
     "config",
     "adapter_files",
+    "prefix_adapter_files",
     "word_embeddings",
     "deepspeed_zero3",
     "prompt_rows",

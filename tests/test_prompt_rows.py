@@ -1,4 +1,5 @@
-"""``fastprompt.prompt_rows``: prompt rows computed by a module (an encoder's output), then one fused concat.
+"""``prompted_embeds.prompt_rows``: prompt rows computed by a module (an encoder's output), then one
+fused concat.
 
 Reference: plain torch (``cat(rows[index], word(ids))``); the output poisoned nowhere (a fresh tensor), its
 gradients checked against autograd's through the reference under a random upstream gradient.

@@ -206,3 +206,20 @@ def test_bad_arguments(tmp_path):
         _store(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="positive int"):
         _store(tmp_path, max_loaded=0)
+
+
+def test_prefix_tuning_adapter_is_a_400_that_says_why(tree):
+    """A prefix adapter's keys/values cannot ride vLLM's prompt-embeddings path: an AdapterFileError (400)
+    naming the adapter and the reason, not the server's paths."""
+    import json
+
+    root, _ = tree
+    store = _store(root)
+    save_prompt_adapter(root / "prefix", _table(3))
+    config_file = root / "prefix" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "peft_type": "PREFIX_TUNING", "prefix_projection": False}))
+    with pytest.raises(AdapterFileError, match="PREFIX_TUNING adapter: its keys/values") as info:
+        store.table("prefix")
+    assert str(root) not in str(info.value) and "prefix" in str(info.value)
+    assert "vLLM" in str(info.value) and "adapter_names" in str(info.value)

@@ -233,8 +233,8 @@ def run_grid(
 ) -> list[Result]:
     """The whole grid: op-level shapes, then (``with_model``) the model-level workloads, then
     (``beyond_peft``) mixed-adapter batches and prompt-KV reuse on the built-in tiny Llama, and training
-    steps on a 4-layer Llama: with the shared prompt prefix, through TRL's fused LM head (where TRL is
-    installed), and on packed rows against PEFT's padded batch and the no-prompt floor.
+    steps on a 4-layer Llama: with the shared prompt prefix, prefix tuning's, through TRL's fused LM head
+    (where TRL is installed), and on packed rows against PEFT's padded batch and the no-prompt floor.
 
     ``base_model`` is the model of the model-level rows (None: none); with ``real_model`` the op-level
     shapes also come from it (its embedding table, D, vocabulary and dtype). What was shrunk, skipped
@@ -284,6 +284,9 @@ def run_grid(
         from .shared_prefix import shared_prefix_results
 
         results += shared_prefix_results(device, budget_s=budget_s, progress=progress, notes=notes)
+        from .prefix_tuning import prefix_results
+
+        results += prefix_results(device, budget_s=budget_s, progress=progress)
         from .trl_packed import fused_head_results, packed_results, trl_available
 
         if trl_available():

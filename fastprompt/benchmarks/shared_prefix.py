@@ -177,7 +177,7 @@ def train_steps(
     return {name: step(models[name], batch, length, seed=seed, extra=extra) for name in providers}
 
 
-def _first_step_matches(steps: dict) -> dict[str, bool]:
+def first_step_matches(steps: dict) -> dict[str, bool]:
     """Each provider's loss and prompt gradient of one step against PEFT's (fp32 rounding)."""
     outcome = {}
     reference = None
@@ -262,7 +262,7 @@ def shared_prefix_results(
         by_method = {} if method == METHODS[0] else {"method": method}
         calls = steps(bases[model], shape, providers, seed=seed, **by_method)
         before = shared_prefix.CALLS["shared"]
-        matches = _first_step_matches(calls)
+        matches = first_step_matches(calls)
         shares = shared_prefix.CALLS["shared"] > before
         progress(f"model {model}: {workload} (fastprompt {'shares' if shares else 'does not share'})")
         where = "" if model == MODEL_LABEL else f"{model} "

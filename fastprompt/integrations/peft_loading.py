@@ -16,7 +16,13 @@ import warnings
 import torch
 
 from ..prompted_embeds.adapter_files import LOADABLE_TYPES, check_prompt_adapter_files, read_prompt_config
+from ..prompted_embeds.prefix_adapter_files import (
+    PREFIX_TUNING,
+    check_prefix_adapter_files,
+    read_prefix_config,
+)
 from .peft_methods import enabled, original_of
+from .peft_prefix import expected_layout
 
 
 def _model_dim(peft_model) -> int | None:
@@ -49,6 +55,7 @@ def wrap_load_adapter(original):
             snapshot = {key: value.detach().clone() for key, value in module.state_dict().items()}
         if isinstance(model_id, (str, bytes)) or hasattr(model_id, "__fspath__"):
             check_prompt_adapter_files(model_id, subfolder, _model_dim(self), existing_shape)
+            check_prefix_adapter_files(model_id, subfolder, expected_layout(self.get_base_model()))
         active_before = self.active_adapter
         flags = [(param, param.requires_grad) for param in self.parameters()]
         try:
@@ -100,9 +107,12 @@ def wrap_from_pretrained(original_classmethod):
         subfolder = bound.arguments.get("kwargs", {}).get("subfolder")
         local = isinstance(model_id, (str, bytes)) or hasattr(model_id, "__fspath__")
         if config is None:
-            is_prompt = local and read_prompt_config(model_id, subfolder) is not None
+            is_prompt = local and (
+                read_prompt_config(model_id, subfolder) is not None
+                or read_prefix_config(model_id, subfolder) is not None
+            )
         else:
-            is_prompt = getattr(config, "peft_type", None) in LOADABLE_TYPES
+            is_prompt = getattr(config, "peft_type", None) in (*LOADABLE_TYPES, PREFIX_TUNING)
         if not (is_prompt and isinstance(model, torch.nn.Module)):
             return original(cls, *args, **kwargs)
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -110,6 +120,7 @@ def wrap_from_pretrained(original_classmethod):
         model_dim = weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
         if local:
             check_prompt_adapter_files(model_id, subfolder, model_dim)
+            check_prefix_adapter_files(model_id, subfolder, expected_layout(model))
         flags = [(param, param.requires_grad) for param in model.parameters()]
         try:
             return original(cls, *args, **kwargs)

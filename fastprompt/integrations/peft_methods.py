@@ -31,7 +31,7 @@ import weakref
 
 from ..prompt_once.policy import SHARE_PROMPT_PREFIX, check_request
 from ..prompted_embeds.config import PROMPT_TUNING  # noqa: F401 - re-exported (peft_loading)
-from . import peft_forward, peft_generate
+from . import peft_forward, peft_generate, peft_prefix
 from .adapter_batches import ADAPTER_NAMES
 from .input_checks import check_prompt_inputs
 from .peft_prompt_methods import forward_applies, prompt_method
@@ -229,14 +229,15 @@ def _wrap_forward(original, impl):
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
+        prefix = peft_prefix.forward_for(self, impl) if enabled(self) else None
+        if prefix is not None:  # prefix tuning: the prefix goes into the model's cache
+            bound = _bind(signature, var_keyword, self, args, kwargs)
+            return original(self, *args, **kwargs) if bound is None else prefix(self, *bound)
         if _prompt_tuning_active(self) and forward_applies(self, impl):
-            try:
-                bound = signature.bind(self, *args, **kwargs)
-            except TypeError:
+            bound = _bind(signature, var_keyword, self, args, kwargs)
+            if bound is None:
                 return original(self, *args, **kwargs)
-            bound.apply_defaults()
-            named = dict(bound.arguments)
-            extra = dict(named.pop(var_keyword, {}) or {}) if var_keyword else {}
+            named, extra = bound
             input_ids = named.get("input_ids")
             if named.get("inputs_embeds") is None and input_ids is not None:
                 check_prompt_inputs(input_ids, named.get("attention_mask"))
@@ -261,6 +262,19 @@ def _wrap_forward(original, impl):
     return forward
 
 
+def _bind(signature, var_keyword, self, args, kwargs):
+    """(named parameters with defaults, the ``**kwargs``) of a call of PEFT's forward, or None where the
+    call does not fit its signature (PEFT's own forward then raises its error)."""
+    try:
+        bound = signature.bind(self, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    named = dict(bound.arguments)
+    extra = dict(named.pop(var_keyword, {}) or {}) if var_keyword else {}
+    return named, extra
+
+
 def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
     """PEFT's signature plus keyword-only ``adapter_names`` and ``share_prompt_prefix`` before
     ``**kwargs`` (Trainer reads the signature to decide which dataset columns to keep)."""
@@ -276,6 +290,8 @@ def _wrap_prepare_inputs_for_generation(original):
 
     @functools.wraps(original)
     def prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
+        if peft_prefix.prefix_active(self) and enabled(self):
+            return peft_prefix.causal_lm_prepare_inputs_for_generation(self, args, kwargs)
         if _prompt_tuning_active(self) and kwargs.get("inputs_embeds", None) is None:
             return peft_generate.causal_lm_prepare_inputs_for_generation(self, args, kwargs)
         return original(self, *args, task_ids=task_ids, **kwargs)
@@ -320,6 +336,9 @@ def _wrap_causal_lm_generate(original):
 
     @functools.wraps(original)
     def generate(self, *args, reuse_prompt_kv=None, **kwargs):
+        disabled = getattr(self, "_adapters_disabled", False)
+        if peft_prefix.prefix_active(self) and enabled(self) and not disabled:
+            return peft_prefix.causal_lm_generate(self, original, args, kwargs, reuse_prompt_kv)
         if (
             _prompt_tuning_active(self)
             and not getattr(self, "_adapters_disabled", False)

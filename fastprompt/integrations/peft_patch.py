@@ -21,6 +21,7 @@ import threading
 from ..prompt_once.policy import check_request, set_global_default, set_model_default
 from .peft_loading import wrap_from_pretrained, wrap_load_adapter
 from .peft_methods import FORWARDS, FastPromptModel, original_of, set_patched, task_methods
+from .peft_prefix import check_setup, checkpointing_allowed, is_prefix, wrap_setup_prompt_encoder
 from .peft_prompt_methods import prompt_method
 from .peft_version import fused_path_allowed
 
@@ -63,6 +64,8 @@ def patch_peft(*, share_prompt_prefix=_MISSING) -> None:
             if name == "PeftModel":
                 methods["load_adapter"] = wrap_load_adapter(cls.__dict__["load_adapter"])
                 methods["from_pretrained"] = wrap_from_pretrained(cls.__dict__["from_pretrained"])
+                setup = cls.__dict__["_setup_prompt_encoder"]  # prefix tuning: checked, checkpointing allowed
+                methods["_setup_prompt_encoder"] = wrap_setup_prompt_encoder(setup)
             for attribute, wrapper in methods.items():
                 _patched[(cls, attribute)] = cls.__dict__.get(attribute, _MISSING)
                 setattr(cls, attribute, wrapper)
@@ -133,7 +136,7 @@ def _has_prompt_tuning_adapter(peft_model) -> bool:
         configs = peft_model.peft_config.values()
     except AttributeError:
         return False
-    return any(prompt_method(config) for config in configs)
+    return any(prompt_method(config) or is_prefix(config) for config in configs)
 
 
 def accelerate(peft_model, *, share_prompt_prefix=_MISSING):
@@ -164,6 +167,7 @@ def accelerate(peft_model, *, share_prompt_prefix=_MISSING):
     classes = _peft_classes()
     if not any(issubclass(cls, classes[name]) for name in FORWARDS) or not fused_path_allowed():
         return peft_model
+    check_setup(peft_model)  # a prefix adapter fastprompt cannot run: refused here, with the reason
     peft_model.__class__ = _fast_class(cls)
     if getattr(peft_model, "word_embeddings", None) is None:
         # PEFT finds the table by a row count equal to the config's vocab_size; a multimodal config's
@@ -189,7 +193,8 @@ def get_peft_model(model, peft_config, *args, share_prompt_prefix=_MISSING, **kw
         peft_config = to_peft_config(peft_config)
     if share_prompt_prefix is not _MISSING:
         check_request(share_prompt_prefix)
-    peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
+    with checkpointing_allowed(model, peft_config):  # prefix tuning runs under gradient checkpointing
+        peft_model = peft.get_peft_model(model, peft_config, *args, **kwargs)
     if isinstance(peft_model, peft.PeftModel):
         accelerate(peft_model, share_prompt_prefix=share_prompt_prefix)
     return peft_model

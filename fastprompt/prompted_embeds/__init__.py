@@ -11,13 +11,14 @@ Its modules, in order: each imports only those before it (this ``__init__`` re-e
 
 1. ``config``: ``PromptTuningConfig``, ``PromptTuningInit``, the PEFT type names, ``adapter_config.json``.
 2. ``adapter_files``: reading and checking PEFT's soft-prompt adapter files without PEFT.
-3. ``word_embeddings``: which word-embedding modules the op can reproduce, and with which arguments.
-4. ``deepspeed_zero3``: running the op inside the modules whose ZeRO-3 hooks gather the tables.
-5. ``prompt_rows``: where a prompt's rows come from (``PromptSource``): a plain table read as it is, or
+3. ``prefix_adapter_files``: the same checks for PEFT's prefix-tuning adapter files (per-layer keys/values).
+4. ``word_embeddings``: which word-embedding modules the op can reproduce, and with which arguments.
+5. ``deepspeed_zero3``: running the op inside the modules whose ZeRO-3 hooks gather the tables.
+6. ``prompt_rows``: where a prompt's rows come from (``PromptSource``): a plain table read as it is, or
    the rows its module computes.
-6. ``fused_concat``: the one ``prompt_concat`` call, and ``CALLS``.
-7. ``inputs_embeds``: the entry point, ``prompted_inputs_embeds``.
-8. ``embedding``: ``PromptEmbedding``, PEFT's prompt table, whose ``prepend`` calls the entry point.
+7. ``fused_concat``: the one ``prompt_concat`` call, and ``CALLS``.
+8. ``inputs_embeds``: the entry point, ``prompted_inputs_embeds``.
+9. ``embedding``: ``PromptEmbedding``, PEFT's prompt table, whose ``prepend`` calls the entry point.
 """
 
 from .config import PromptTuningConfig, PromptTuningInit

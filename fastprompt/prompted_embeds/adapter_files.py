@@ -47,7 +47,7 @@ class AdapterFileError(ValueError, KeyError, RuntimeError):
     __str__ = BaseException.__str__
 
 
-def _adapter_dir(model_id, subfolder: str | None) -> str | None:
+def adapter_dir_of(model_id, subfolder: str | None) -> str | None:
     path = os.path.join(model_id, subfolder) if subfolder else model_id
     return path if os.path.isdir(path) else None
 
@@ -55,7 +55,7 @@ def _adapter_dir(model_id, subfolder: str | None) -> str | None:
 def read_prompt_config(model_id, subfolder: str | None = None) -> dict | None:
     """The local adapter_config.json as a dict if it is an adapter of ``LOADABLE_TYPES`` (prompt tuning,
     P-tuning, multitask prompt tuning), else None."""
-    path = _adapter_dir(model_id, subfolder)
+    path = adapter_dir_of(model_id, subfolder)
     if path is None or not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return None
     try:
@@ -105,7 +105,7 @@ def _read(files: AdapterFiles, name: str) -> bytes | None:
         raise AdapterFileError(f"Cannot read {files.file(name)}: {exc.strerror or exc}") from exc
 
 
-def _stored_table(files: AdapterFiles):
+def stored_table(files: AdapterFiles):
     """(file, the ``prompt_embeddings`` tensor, every stored tensor by name) from the safetensors file or
     the pickle, read once (a multitask adapter's task factors come from the same bytes)."""
     data = _read(files, SAFETENSORS_NAME)
@@ -169,7 +169,7 @@ def check_prompt_adapter_files(
     config = read_prompt_config(model_id, subfolder)
     if config is None:
         return
-    files = local_files(_adapter_dir(model_id, subfolder))
+    files = local_files(adapter_dir_of(model_id, subfolder))
     weights_file, table, tensors = _checked_table(files, config, model_dim, existing_shape)
     if config.get("peft_type") == MULTITASK_PROMPT_TUNING:
         _checked_task_factors(weights_file, tensors, table, config, files.file(CONFIG_NAME))
@@ -253,7 +253,7 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             f"{config_file} has token_dim={token_dim}, but the model's word embeddings have dimension "
             f"{model_dim}: this adapter was trained for another model."
         )
-    weights_file, table, tensors = _stored_table(files)
+    weights_file, table, tensors = stored_table(files)
     if not isinstance(table, torch.Tensor):
         raise AdapterFileError(f"{weights_file}: '{PROMPT_KEY}' is a {type(table).__name__}, not a tensor.")
     shape = tuple(table.shape)
@@ -269,6 +269,12 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             f"[num_virtual_tokens * num_transformer_submodules, token_dim] = {list(expected)} "
             f"(from {config_file} and the model)."
         )
+    check_finite(weights_file, table)
+    return weights_file, table, tensors
+
+
+def check_finite(weights_file: str, table: torch.Tensor) -> None:
+    """Raise :class:`AdapterFileError` if the stored ``prompt_embeddings`` hold NaN or Inf."""
     not_finite = int((~torch.isfinite(table)).sum()) if table.is_floating_point() else 0
     if not_finite:
         raise AdapterFileError(
@@ -276,7 +282,6 @@ def _checked_table(files: AdapterFiles, config: dict, model_dim: int | None, exi
             "finite (NaN or Inf): a prompt table like that makes every output NaN; not loaded, the model is "
             "left as it was."
         )
-    return weights_file, table, tensors
 
 
 def _checked_task_factors(

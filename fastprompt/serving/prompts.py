@@ -76,6 +76,26 @@ def config_num_tasks(config) -> int | None:
 
 def _is_multitask(path) -> bool:
     """Whether the adapter at ``path`` (a directory, or ``AdapterFiles``) is a multitask one."""
+    return _peft_type(path) == MULTITASK_PROMPT_TUNING
+
+
+PREFIX_TUNING = "PREFIX_TUNING"
+
+
+def _refuse_prefix(path) -> None:
+    """A prefix-tuning adapter: an ``AdapterFileError`` (a 400) that says why it cannot be served here."""
+    if _peft_type(path) == PREFIX_TUNING:
+        files = path if isinstance(path, AdapterFiles) else AdapterFiles(os.fspath(path), None)
+        raise AdapterFileError(
+            f"{files.file(CONFIG_NAME)} is a PREFIX_TUNING adapter: its keys/values go into every attention "
+            "layer's cache, and vLLM's prompt-embeddings path carries only rows put before the tokens. "
+            "Generate with fastprompt's PEFT integration instead (generate(..., adapter_names=[...]) mixes "
+            "prefix adapters in one batch); see docs/prefix_tuning.md."
+        )
+
+
+def _peft_type(path):
+    """The ``peft_type`` of the adapter config at ``path`` (a directory, or ``AdapterFiles``), or None."""
     try:
         if isinstance(path, AdapterFiles):
             data = path.read(CONFIG_NAME)
@@ -84,8 +104,8 @@ def _is_multitask(path) -> bool:
             with open(os.path.join(os.fspath(path), CONFIG_NAME)) as file:
                 config = json.load(file)
     except (OSError, ValueError):
-        return False  # load_prompt_adapter says what is wrong
-    return isinstance(config, dict) and config.get("peft_type") == MULTITASK_PROMPT_TUNING
+        return None  # load_prompt_adapter says what is wrong
+    return config.get("peft_type") if isinstance(config, dict) else None
 
 
 def read_served_table(files, model_dim: int | None = None) -> torch.Tensor:
@@ -117,6 +137,7 @@ def read_adapter_table(path, model_dim: int | None = None) -> torch.Tensor:
     checked for serving: PEFT's checks (``load_prompt_adapter``: config, weights file, shape, finite
     values, ``token_dim == model_dim`` when given), and a ``CAUSAL_LM`` (or untyped) adapter: a Seq2Seq
     adapter's 2N rows or a classification adapter are ``AdapterFileError``."""
+    _refuse_prefix(path)
     adapter = load_prompt_adapter(path, model_dim=model_dim, peft_types=SERVABLE_TYPES)
     _check_causal_lm(path, adapter.config)
     return adapter.table.detach().to("cpu").contiguous()

@@ -68,7 +68,7 @@ NUM_TASKS = 2
 
 
 def peft_config(method: str = "prompt_tuning", **kwargs):
-    """PEFT's config of ``method``: "prompt_tuning" or a key of ``METHODS``."""
+    """PEFT's config of ``method``: "prompt_tuning", "prefix" or a key of ``METHODS``."""
     import peft
 
     common = {"task_type": TASK, "num_virtual_tokens": NUM_VIRTUAL_TOKENS, **kwargs}
@@ -76,6 +76,8 @@ def peft_config(method: str = "prompt_tuning", **kwargs):
         return peft.PromptTuningConfig(**common)
     if method == "multitask":
         return peft.MultitaskPromptTuningConfig(num_tasks=NUM_TASKS, **METHODS[method], **common)
+    if method == "prefix":  # prefix tuning with its projection MLP
+        return peft.PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=ENCODER_HIDDEN, **common)
     return peft.PromptEncoderConfig(encoder_hidden_size=ENCODER_HIDDEN, **METHODS[method], **common)
 
 

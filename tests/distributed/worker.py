@@ -149,10 +149,14 @@ def case_multitask_ddp_shared() -> dict:
 
 def case_ptuning_fsdp2_shared() -> dict:
     """fully_shard on every block and the root: the encoder's weights are sharded DTensors of the root."""
+    return _method_fsdp2("ptuning", share=True)
+
+
+def _method_fsdp2(method: str, share: bool = False) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    model = cases.prompt_model(_get_peft_model(share=True), method="ptuning")
-    for block in model.base_model.transformer.h:
+    model = cases.prompt_model(_get_peft_model(share), method=method)
+    for block in cases.decoder_blocks(model):
         fully_shard(block)
     fully_shard(model)
     sharded = all(hasattr(p, "full_tensor") for p in cases.prompt_params(model).values())
@@ -257,6 +261,22 @@ def case_ptuning_lstm_zero3_shared() -> dict:
 def case_multitask_zero3() -> dict:
     model = cases.prompt_model(fastprompt.get_peft_model, method="multitask")
     return _deepspeed_train(model, stage=3, tasks=True)
+
+
+def case_prefix_ddp() -> dict:
+    """Prefix tuning (projection MLP) under DDP: the encoder once per step, its keys/values in the cache."""
+    return _method_ddp("prefix")
+
+
+def case_prefix_fsdp2() -> dict:
+    """fully_shard on every block and the root: the prefix encoder's weights are sharded DTensors of the
+    root, gathered for the forward that runs it once."""
+    return _method_fsdp2("prefix")
+
+
+def case_prefix_zero3() -> dict:
+    """Prefix tuning under ZeRO-3, every weight (the encoder's embedding and MLP too) partitioned."""
+    return _deepspeed_train(cases.prompt_model(fastprompt.get_peft_model, method="prefix"), stage=3)
 
 
 def case_qwen3_moe_ddp_shared() -> dict:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# PEFT 0.21.2's own prompt-tuning, P-tuning (PromptEncoder) and multitask prompt-tuning tests, run three ways
-# on local stand-in models (no hub needed):
+# PEFT 0.21.2's own prompt-tuning, P-tuning (PromptEncoder), multitask prompt-tuning and prefix-tuning tests,
+# run three ways on local stand-in models (no hub needed):
 #   plain  PEFT alone;
 #   fast   after fastprompt.patch_peft() (default share_prompt_prefix=None);
 #   share  the same with the shared prefix's cost rule lifted (shares wherever it is exact), on the
@@ -47,7 +47,7 @@ run() {  # run MODE FILES... -- [plugins...]
     while [ "$1" != "--" ]; do files+=("$1"); shift; done
     shift
     "$python" -m pytest -p plugin_local_data "$@" -p no:cacheprovider -q --tb=short -o addopts="" \
-        "${files[@]}" -k "PromptTuning or prompt_tuning or PromptEncoder" --junitxml="results_$mode.xml" > "log_$mode.txt" 2>&1 || true
+        "${files[@]}" -k "PromptTuning or prompt_tuning or PromptEncoder or PrefixTuning or prefix_tuning" --junitxml="results_$mode.xml" > "log_$mode.txt" 2>&1 || true
     echo "$mode: $(grep -E '[0-9]+ (passed|failed)' "log_$mode.txt" | tail -1)"
 }
 run plain "${suite[@]}" --
@@ -62,4 +62,5 @@ status=0
 "$python" compare_results.py results_plain.xml results_share.xml --min-passed 250 --subset || status=1
 grep -q "'fused': [1-9]" calls_fast.txt || { echo "fastprompt's fused op never ran under patch_peft()"; status=1; }
 grep -q "'shared': [1-9]" calls_share.txt || { echo "the forced run never shared the prompt"; status=1; }
+grep -q "'prefix': [1-9]" calls_fast.txt || { echo "fastprompt's prefix path never ran under patch_peft()"; status=1; }
 exit $status
