@@ -338,6 +338,9 @@ def test_patch_peft_lifts_pefts_refusal_under_checkpointing():
         assert_same_step(reference, model)
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
         peft.get_peft_model(copy.deepcopy(base), prefix_config())  # unpatched: PEFT's refusal stands
+    accelerated = fastprompt.get_peft_model(copy.deepcopy(base), prefix_config())
+    accelerated.add_adapter("b", prefix_config())  # an accelerated model's add_adapter: lifted too
+    assert "b" in accelerated.peft_config
 
 
 @pytest.mark.parametrize("model_type", ["lfm2", "qwen3_next", "mamba2"])
