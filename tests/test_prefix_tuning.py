@@ -262,6 +262,21 @@ def test_greedy_generation_equals_recomputing_the_padded_batch(model_type, proje
     assert sizes == [1]
 
 
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
+@pytest.mark.parametrize("model_type", ["gemma4_text", "gemma3n_text"])
+def test_per_layer_shapes_and_kv_shared_layers(model_type, projection):
+    """Gemma 4 (sliding layers of head_dim 16, full layers of 32): PEFT provisions the prefix for the widest
+    layer and each layer takes the leading heads / width it needs. Gemma 3n (KV-shared layers): those read
+    their source layer's prefix, their own slices stay unused. Train step equal to PEFT's; greedy generation
+    equal to each row alone."""
+    reference, fast = prefix_pair(model_type, projection=projection, sliding_window=64)
+    assert_same_step(reference, fast)
+    ids, mask, _ = batch()
+    generated, sizes = fast_generate(fast, ids, mask)
+    assert torch.equal(generated, greedy_reference(reference, ids, mask))
+    assert sizes == [1]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
 def test_generation_without_cache_equals_the_reference(model_type):
     reference, fast = prefix_pair(model_type)
@@ -323,6 +338,9 @@ def test_patch_peft_lifts_pefts_refusal_under_checkpointing():
         assert_same_step(reference, model)
     with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
         peft.get_peft_model(copy.deepcopy(base), prefix_config())  # unpatched: PEFT's refusal stands
+    accelerated = fastprompt.get_peft_model(copy.deepcopy(base), prefix_config())
+    accelerated.add_adapter("b", prefix_config())  # an accelerated model's add_adapter: lifted too
+    assert "b" in accelerated.peft_config
 
 
 @pytest.mark.parametrize("model_type", ["lfm2", "qwen3_next", "mamba2"])

@@ -103,6 +103,7 @@ def _fast_class(cls: type) -> type:
                     continue  # the user's subclass overrides it: leave theirs
                 namespace[attribute] = wrapper
         namespace["load_adapter"] = wrap_load_adapter(cls.load_adapter)
+        namespace["_setup_prompt_encoder"] = wrap_setup_prompt_encoder(original_of(cls._setup_prompt_encoder))
         fast = type(f"Fast{cls.__name__}", (FastPromptModel, cls), namespace)
         _fast_classes[cls] = fast
         return fast

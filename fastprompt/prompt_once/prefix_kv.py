@@ -117,13 +117,17 @@ def layer_keys_values(rows: torch.Tensor, shape: PrefixShape) -> tuple[list, lis
 
 
 def layer_kinds(base_model, cache=None) -> list[str]:
-    """Per cache layer of the model's own cache: ``"attention"`` (a key/value layer the prefix goes
+    """Per decoder layer: ``"attention"`` (a key/value layer of the model's own cache the prefix goes
     into), ``"shared"`` (a KV-shared layer: it reads an earlier layer's cache and never stores its own),
-    or ``"recurrent"`` / ``"other"``. ``cache``: an empty cache of the model's own (None: built here)."""
+    or ``"recurrent"`` / ``"other"``. ``cache``: an empty cache of the model's own (None: built here). A
+    cache without slots for the KV-shared layers (transformers 5.22's for Gemma 4 / 3n) gets them appended
+    as ``"shared"``."""
     config = text_config(base_model)
     layers = (prompt_pass.model_cache(base_model) if cache is None else cache).layers
     shared = getattr(config, "num_kv_shared_layers", 0) or 0
-    first_shared = len(layers) - shared
+    total = getattr(config, "num_hidden_layers", None)
+    missing = shared if shared and total is not None and len(layers) == total - shared else 0
+    first_shared = len(layers) + missing - shared
     kinds = []
     for i, layer in enumerate(layers):
         names = {klass.__name__ for klass in type(layer).__mro__}
@@ -135,7 +139,7 @@ def layer_kinds(base_model, cache=None) -> list[str]:
             kinds.append("attention")
         else:
             kinds.append("other")
-    return kinds
+    return kinds + ["shared"] * missing
 
 
 def unsupported_reason(base_model, shape: PrefixShape) -> str | None:
@@ -160,6 +164,12 @@ def unsupported_reason(base_model, shape: PrefixShape) -> str | None:
             f"the adapter's num_layers={shape.num_layers} differs from the {len(kinds)} layers of the "
             "model's cache"
         )
+    targets = layer_targets(base_model)
+    if targets and all(heads > shape.heads or width > shape.head_dim for heads, width in targets):
+        return (
+            f"no layer's key/value shape fits the prefix (heads={shape.heads}, head_dim={shape.head_dim}; "
+            f"the layers need {sorted(set(targets))}): set token_dim and num_attention_heads for a layer"
+        )
     return None
 
 
@@ -178,11 +188,54 @@ def prefix_cache(base_model, keys: list, values: list, index: torch.Tensor | Non
     """
     cache = prompt_pass.model_cache(base_model)
     kinds = layer_kinds(base_model, cache)
+    targets = layer_targets(base_model)
     for i, (layer_keys, layer_values) in enumerate(zip(keys, values, strict=True)):
-        if kinds[i] == "attention":  # batch K: one prompt per adapter
-            cache.update(layer_keys, layer_values, i)
+        if kinds[i] != "attention":
+            continue
+        fitted = _fitted(layer_keys, layer_values, targets[i] if targets else None)
+        if fitted is not None:  # batch K: one prompt per adapter
+            cache.update(*fitted, i)
     prompt_pass.expand_prefix(cache, index, rows)  # batch B, by the layers' own batch methods
     return cache
+
+
+def layer_targets(base_model) -> list | None:
+    """Per layer ``(key/value heads, head_dim)`` of a model whose layers differ (Gemma 4's
+    ``per_layer_config``, or ``global_head_dim`` / ``num_global_key_value_heads``), else None: PEFT
+    0.21.2's ``_get_layer_kv_target_shape``. PEFT provisions the prefix for the largest layer; each layer
+    takes the leading heads and head width it needs, and a layer wider than the prefix gets none."""
+    config = text_config(base_model)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return None
+    try:
+        per_layer = getattr(config, "per_layer_config", None)
+        if per_layer is not None:
+            layers = [per_layer[i] for i in range(len(layer_types))]
+            return [(layer.num_key_value_heads, layer.head_dim) for layer in layers]
+        global_head_dim = getattr(config, "global_head_dim", None)
+        if global_head_dim is None:
+            return None
+        global_heads = getattr(config, "num_global_key_value_heads", None) or config.num_key_value_heads
+        return [
+            (config.num_key_value_heads, config.head_dim)
+            if kind == "sliding_attention"
+            else (global_heads, global_head_dim)
+            for kind in layer_types
+        ]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _fitted(keys: torch.Tensor, values: torch.Tensor, target):
+    """A layer's ``[K, heads, N, head_dim]`` keys/values cut to its ``target`` (heads, head_dim), or None
+    where the layer is wider than the prefix (it gets no prefix, as in PEFT)."""
+    if target is None:
+        return keys, values
+    heads, width = target
+    if heads > keys.shape[1] or width > keys.shape[3]:
+        return None
+    return keys[:, :heads, :, :width], values[:, :heads, :, :width]
 
 
 class LeafGradients(torch.autograd.Function):
@@ -259,6 +312,8 @@ def run_on_prefix(base_model, call, cache, kwargs: dict):
             handed_back = lambda module, args, out: LeafGradients.apply(out, leaves, *originals)  # noqa: E731
             hook = _hooked(embeddings, "register_forward_hook", handed_back)
     reads = prompt_pass.PrefixReads(cache, read_only=mode is not None)
+    # only the layers the prefix went into (a KV-shared layer's DummyLayer counts as initialized)
+    reads.layers = [i for i in reads.layers if getattr(cache.layers[i], "keys", None) is not None]
     kwargs = {**kwargs, prompt_pass.cache_argument(base_model): cache}
     readable, handed = contextlib.nullcontext(), contextlib.nullcontext()
     if mode is not None:  # a recomputed layer must see the same cache and not append to it again
