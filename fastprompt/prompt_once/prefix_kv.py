@@ -23,7 +23,8 @@ The token pass (:func:`run_on_prefix`, counted in ``policy.CALLS["prefix"]``) ch
 cache layer holding the prefix
 (:class:`~fastprompt.prompt_once.prompt_pass.PrefixReads`) and keeps the cache readable under gradient
 checkpointing (reentrant or not): a recomputed layer sees the same prefix and does not append again, and
-with ``use_reentrant=True`` the prefix tensors' gradients are handed back by :class:`LeafGradients`.
+with ``use_reentrant=True`` the prefix tensors' gradients are handed back by
+:class:`.prompt_pass.LeafGradients`.
 
 Nothing here imports PEFT: the functions take the prefix encoder module and the numbers of its config.
 """
@@ -47,7 +48,10 @@ from .policy import (
     decoder_of,
     text_config,
 )
-from .prompt_pass import CACHE_BUILD_ERRORS
+from .prompt_pass import CACHE_BUILD_ERRORS, LeafGradients
+
+# What the error of a prefix with no gradient under reentrant checkpointing names (LeafGradients).
+_PREFIX_WAY_OUT = ("prefix tuning", "use_reentrant=False")
 
 
 class PrefixTuningError(ValueError):
@@ -238,28 +242,6 @@ def _fitted(keys: torch.Tensor, values: torch.Tensor, target):
     return keys[:, :heads, :, :width], values[:, :heads, :, :width]
 
 
-class LeafGradients(torch.autograd.Function):
-    """Identity on a tensor every checkpointed layer's backward runs before (the input embeddings, ``[B,
-    L, D]``); its backward returns, as the gradients of ``*tensors``, the gradients the layers accumulated
-    into ``leaves`` (detached copies of ``tensors`` that a reentrant checkpoint sees as inputs)."""
-
-    @staticmethod
-    def forward(ctx, first, leaves, *tensors):
-        ctx.leaves = leaves
-        return first.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        leaves, ctx.leaves = ctx.leaves, None
-        if any(leaf.grad is None for leaf in leaves):
-            raise RuntimeError(
-                "prefix tuning with use_reentrant=True gradient checkpointing: the prefix keys/values got no "
-                "gradient (torch.autograd.grad(..., inputs=...) does not accumulate them); use "
-                "loss.backward(), or use_reentrant=False."
-            )
-        return (grad, None, *(leaf.grad for leaf in leaves))
-
-
 @contextlib.contextmanager
 def _set_on_instances(modules, name: str, value):
     saved = [(module, name in module.__dict__, module.__dict__.get(name)) for module in modules]
@@ -309,7 +291,10 @@ def run_on_prefix(base_model, call, cache, kwargs: dict):
         leaves, originals = prompt_pass.prefix_leaves(cache)
         if leaves:
             embeddings = base_model.get_input_embeddings()
-            handed_back = lambda module, args, out: LeafGradients.apply(out, leaves, *originals)  # noqa: E731
+
+            def handed_back(module, args, out):
+                return LeafGradients.apply(out, leaves, _PREFIX_WAY_OUT, *originals)
+
             hook = _hooked(embeddings, "register_forward_hook", handed_back)
     reads = prompt_pass.PrefixReads(cache, read_only=mode is not None)
     # only the layers the prefix went into (a KV-shared layer's DummyLayer counts as initialized)

@@ -176,6 +176,29 @@ def prefix_leaves(cache) -> tuple[list, list]:
     return leaves, originals
 
 
+class LeafGradients(torch.autograd.Function):
+    """Identity on a tensor every checkpointed layer's backward runs before (the input embeddings, ``[B,
+    L, D]``); its backward returns, as the gradients of ``*tensors``, the gradients the layers accumulated
+    into ``leaves`` (:func:`prefix_leaves`: detached copies of ``tensors`` that a reentrant checkpoint sees
+    as inputs). ``what`` names the feature and its way out for the error when a leaf got no gradient."""
+
+    @staticmethod
+    def forward(ctx, first, leaves, what, *tensors):
+        ctx.leaves, ctx.what = leaves, what
+        return first.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaves, ctx.leaves = ctx.leaves, None
+        if any(leaf.grad is None for leaf in leaves):
+            raise RuntimeError(
+                f"{ctx.what[0]} with use_reentrant=True gradient checkpointing: the cached keys/values got "
+                "no gradient (torch.autograd.grad(..., inputs=...) does not accumulate them); use "
+                f"loss.backward(), or {ctx.what[1]}."
+            )
+        return (grad, None, None, *(leaf.grad for leaf in leaves))
+
+
 def expand_prefix(cache, index: torch.Tensor | None, rows: int) -> None:
     """Expand a batch-K prompt cache over ``rows`` batch rows in place, by each layer's own methods (each
     layer knows its layout: keys/values, indexer keys, convolution and recurrent states); differentiable.

@@ -16,7 +16,8 @@ classification returns every position's logits.
 Gradient checkpointing: the prompt pass runs without checkpointing (batch K, N positions: small); the
 token pass runs checkpointed with a cache that the layers only read (a recomputed layer must see the same
 keys/values and must not append to the cache again). With ``use_reentrant=True`` the checkpointed layers
-see the prompt keys/values as leaves, and :class:`_PrefixGradients` hands their gradients to the prompt pass
+see the prompt keys/values as leaves, and :class:`.prompt_pass.LeafGradients` hands their gradients to the
+prompt pass
 once every layer's backward has run.
 """
 
@@ -62,31 +63,6 @@ def _instance_attributes(modules, name: str, value):
 
 
 _MISSING = object()
-
-
-class _PrefixGradients(torch.autograd.Function):
-    """Identity on the token embeddings (``[B, L, D]``); its backward, which runs after every
-    checkpointed layer's backward (the token pass starts from its output), returns the gradients the
-    layers accumulated into the prompt cache's leaves (:func:`prompt_pass.prefix_leaves`: detached copies
-    of the cache layers' tensors, batch K) as the gradients of those tensors (``*prefix``, the same
-    shapes)."""
-
-    @staticmethod
-    def forward(ctx, token_embeds, leaves, *prefix):
-        ctx.leaves = leaves
-        return token_embeds.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        leaves, ctx.leaves = ctx.leaves, None
-        missing = [leaf for leaf in leaves if leaf.grad is None]
-        if missing:
-            raise RuntimeError(
-                "share_prompt_prefix with use_reentrant=True gradient checkpointing: the prompt keys/values "
-                "got no gradient (torch.autograd.grad(..., inputs=...) does not accumulate them); use "
-                "loss.backward(), or pass share_prompt_prefix=False."
-            )
-        return (grad, None, *(leaf.grad for leaf in leaves))
 
 
 def shared_forward(peft_model, task: str, input_ids, n: int, rows, kwargs: dict, requested=None):
@@ -254,7 +230,7 @@ def prompt_then_tokens(
     Gradient checkpointing: the prompt pass runs without it (batch K, N positions: small); the token pass
     runs checkpointed with a cache the layers only read (a recomputed layer must see the same keys/values
     and must not append to the cache again); with ``use_reentrant=True`` the layers see the prompt
-    keys/values as leaves and :class:`_PrefixGradients` hands their gradients on.
+    keys/values as leaves and :class:`.prompt_pass.LeafGradients` hands their gradients on.
     """
     layers = checkpointed_layers(base_model) if torch.is_grad_enabled() else []
     mode = checkpointing_mode(layers)[0] if layers else None
@@ -274,7 +250,8 @@ def prompt_then_tokens(
     if mode == "reentrant":  # the recomputed layers see the cache's tensors as leaves
         leaves, originals = prompt_pass.prefix_leaves(cache)
         if leaves:
-            token_embeds = _PrefixGradients.apply(token_embeds, leaves, *originals)
+            what = ("share_prompt_prefix", "pass share_prompt_prefix=False")
+            token_embeds = prompt_pass.LeafGradients.apply(token_embeds, leaves, what, *originals)
     prompt_pass.expand_prefix(cache, index, token_embeds.shape[0])  # batch B, by the layers' own methods
     # a recomputed (checkpointed) layer must see the same cache and not append to it again
     reads = prompt_pass.PrefixReads(cache, read_only=mode is not None)
